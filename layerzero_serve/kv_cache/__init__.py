@@ -1,0 +1,28 @@
+"""Paged KV cache: block pool, prefix cache, KV tensors and block-table metadata."""
+
+from layerzero_serve.kv_cache.block_pool import NULL_BLOCK_ID, Block, BlockPool
+from layerzero_serve.kv_cache.hashing import HASH_ALGORITHMS
+from layerzero_serve.kv_cache.integrity import IntegrityError
+from layerzero_serve.kv_cache.manager import KVCacheManager, PrefixMatch
+from layerzero_serve.kv_cache.storage import (
+    KVCache,
+    KVCacheSpec,
+    build_block_table,
+    build_positions,
+    build_slot_mapping,
+)
+
+__all__ = [
+    "HASH_ALGORITHMS",
+    "NULL_BLOCK_ID",
+    "Block",
+    "BlockPool",
+    "IntegrityError",
+    "KVCache",
+    "KVCacheManager",
+    "KVCacheSpec",
+    "PrefixMatch",
+    "build_block_table",
+    "build_positions",
+    "build_slot_mapping",
+]

@@ -1,0 +1,121 @@
+"""KV tensors and the int32 metadata (block tables, slot mappings) that index them.
+
+Layout per layer: ``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` (K at index 0, V at 1),
+FlashInfer's NHD paged layout, so its kernels read our cache without a copy. A slot is
+``block_id * block_size + offset``; slot -1 means "write nothing" (padding rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from layerzero_serve.errors import ValidationError
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int = 16
+    dtype: torch.dtype = torch.float16
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes across all layers (K and V)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def num_blocks_for_budget(self, budget_bytes: int) -> int:
+        n = int(budget_bytes) // self.bytes_per_block
+        if n < 2:
+            raise ValidationError(
+                "kv_cache_bytes",
+                budget_bytes,
+                f">= {2 * self.bytes_per_block} (two blocks of {self.bytes_per_block} bytes)",
+            )
+        return n
+
+
+class KVCache:
+    """Per-layer KV tensors on one device.
+
+    Give exactly one of ``num_blocks`` or ``budget_bytes``. ``tensors[layer]`` has shape
+    ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``.
+    """
+
+    def __init__(
+        self,
+        spec: KVCacheSpec,
+        num_blocks: int | None = None,
+        budget_bytes: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if (num_blocks is None) == (budget_bytes is None):
+            raise ValidationError(
+                "num_blocks/budget_bytes", (num_blocks, budget_bytes), "exactly one of the two"
+            )
+        if num_blocks is None:
+            num_blocks = spec.num_blocks_for_budget(budget_bytes)
+        if num_blocks < 2:
+            raise ValidationError("num_blocks", num_blocks, ">= 2")
+        self.spec = spec
+        self.num_blocks = num_blocks
+        shape = (num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.tensors = [
+            torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.spec.bytes_per_block
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy whole blocks ``src -> dst`` in every layer (copy-on-write after a fork)."""
+        if not pairs:
+            return
+        dev = self.tensors[0].device
+        src = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=dev)
+        dst = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dev)
+        for t in self.tensors:
+            t.index_copy_(0, dst, t.index_select(0, src))
+
+
+def build_block_table(
+    block_ids: Sequence[Sequence[int]], max_num_blocks: int | None = None
+) -> np.ndarray:
+    """Rows of block ids padded with 0 (the null block) -> int32 ``[num_seqs, max_num_blocks]``."""
+    lens = np.fromiter((len(r) for r in block_ids), dtype=np.int64, count=len(block_ids))
+    width = int(lens.max(initial=0)) if max_num_blocks is None else max_num_blocks
+    if len(block_ids) and lens.max() > width:
+        raise ValidationError("max_num_blocks", width, f">= {int(lens.max())} (longest table)")
+    flat = np.fromiter((b for r in block_ids for b in r), dtype=np.int32, count=int(lens.sum()))
+    table = np.zeros((len(block_ids), width), dtype=np.int32)
+    mask = np.arange(width)[None, :] < lens[:, None]
+    table[mask] = flat
+    return table
+
+
+def build_positions(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated ``arange(start, start+len)`` per sequence without a Python loop.
+
+    Returns ``(seq_index, positions)``, both int64 ``[sum(lens)]``.
+    """
+    total = int(lens.sum())
+    seq_index = np.repeat(np.arange(len(lens)), lens)
+    offsets = np.cumsum(lens) - lens  # first flat index of each sequence
+    positions = np.arange(total) - offsets[seq_index] + starts[seq_index]
+    return seq_index, positions
+
+
+def build_slot_mapping(
+    block_table: np.ndarray, starts: np.ndarray, lens: np.ndarray, block_size: int
+) -> np.ndarray:
+    """int32 ``[sum(lens)]`` slots where token ``start .. start+len-1`` of each sequence lives."""
+    seq_index, positions = build_positions(starts, lens)
+    blocks = block_table[seq_index, positions // block_size].astype(np.int64)
+    return (blocks * block_size + positions % block_size).astype(np.int32)

@@ -1,0 +1,243 @@
+"""Continuous batching in the phase-free model.
+
+Each step, every running request asks for ``num_tokens - num_computed_tokens`` tokens (1 for a
+decode, a chunk for a prefill, k+1 for a verification), decode-like requests first, under a
+token budget and a sequence budget; waiting requests are admitted behind them, prefix hits
+skipping computed tokens. When the pool runs dry the lowest-priority, latest-arrived running
+request is preempted by recompute: its blocks go back (their cached hashes usually make the
+resume cheap) and it waits at the head of its priority class.
+
+Pure CPU: imports only ``layerzero_serve.types`` and the KV cache manager interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from layerzero_serve.scheduler.config import SchedulerConfig
+from layerzero_serve.scheduler.queues import RequestQueue, sort_key_for
+
+from layerzero_serve.kv_cache.manager import KVCacheManager
+from layerzero_serve.types import (
+    Request,
+    RequestOutput,
+    RequestStatus,
+    ScheduledChunk,
+    SchedulerOutput,
+)
+
+# A runner turns a SchedulerOutput into the new token ids of each chunk (empty for a prefill
+# chunk that does not reach the end of the prompt).
+Runner = Callable[[SchedulerOutput], Sequence[Sequence[int]]]
+
+_RUNNING = RequestStatus.RUNNING
+
+
+class Scheduler:
+    """Owns the requests and their lifecycle; the KV manager owns their blocks."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        key = sort_key_for(config.policy)
+        self.waiting = RequestQueue(key)
+        self.running = RequestQueue(key)
+        self.requests: dict[str, Request] = {}
+        self._finished_unreported: list[Request] = []
+        self._step_id = 0
+        self.num_preemptions = 0
+        # Longest sequence a request may reach: the model's limit or the whole pool, whichever
+        # is smaller, so a lone request can always make progress.
+        pool_tokens = kv.num_usable_blocks * kv.block_size - config.num_lookahead_tokens
+        self.max_seq_len = min(config.max_model_len, pool_tokens)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def add_request(self, request: Request) -> bool:
+        """Queue a request. A request that can never fit is finished at once as rejected (its
+        output comes with the next ``update``); returns False then."""
+        if request.request_id in self.requests:
+            from layerzero_serve.errors import ValidationError
+
+            raise ValidationError("request_id", request.request_id, "an id not already in use")
+        self.requests[request.request_id] = request
+        need = request.num_tokens + 1
+        if need > self.max_seq_len:
+            limit = "max_model_len" if self.max_seq_len == self.config.max_model_len else "KV pool"
+            self._finish(
+                request,
+                RequestStatus.FINISHED_REJECTED,
+                f"prompt of {request.num_tokens} tokens + 1 exceeds the {limit} "
+                f"({self.max_seq_len} tokens)",
+            )
+            return False
+        request.status = RequestStatus.WAITING
+        self.waiting.add(request)
+        return True
+
+    def abort(self, request_id: str) -> bool:
+        """Abort in any state; unknown or already finished ids are a no-op (returns False)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status.is_finished:
+            return False
+        if req.status == _RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._finish(req, RequestStatus.FINISHED_ABORTED, "aborted by the caller")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting) or bool(self.running) or bool(self._finished_unreported)
+
+    def _finish(self, req: Request, status: RequestStatus, detail: str = "") -> None:
+        req.status = status
+        req.finish_detail = detail
+        req.spec_token_ids = []
+        self.kv.free(req)
+        self._finished_unreported.append(req)
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.spec_token_ids = []
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add(req)
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Decide this step's work. Running requests first (preempting from the tail of the
+        running queue when blocks run out), then admissions from the head of the waiting queue."""
+        cfg, kv = self.config, self.kv
+        budget = cfg.max_num_batched_tokens
+        chunk_cap = cfg.max_prefill_chunk or budget
+        lookahead = cfg.num_lookahead_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        running = self.running.items
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            start = req.num_computed_tokens
+            want = req.num_tokens + len(req.spec_token_ids) - start
+            n = 1 if want == 1 else min(want, budget, chunk_cap)
+            while True:
+                ids = kv.allocate_slots(req, n, None, lookahead)
+                if ids is not None:
+                    break
+                victim = self.running.pop_back()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if ids is None:
+                break
+            end = start + n
+            chunks.append(ScheduledChunk(req, start, n, ids, end >= req.num_tokens))
+            budget -= n
+            i += 1
+        if not preempted:
+            budget = self._admit(chunks, budget, chunk_cap, lookahead)
+        self._step_id += 1
+        return SchedulerOutput(
+            step_id=self._step_id,
+            chunks=chunks,
+            num_batched_tokens=cfg.max_num_batched_tokens - budget,
+            blocks_to_copy=kv.take_pending_copies(),
+            preempted_ids=preempted,
+            rejected=[],
+        )
+
+    def _admit(self, chunks: list[ScheduledChunk], budget: int, chunk_cap: int, la: int) -> int:
+        kv, waiting, cfg = self.kv, self.waiting, self.config
+        while waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            req = waiting.peek()
+            prefix = kv.match_prefix(req)
+            start = prefix.num_tokens
+            want = req.num_tokens - start
+            if not cfg.enable_chunked_prefill and want > budget:
+                break
+            n = min(want, budget, chunk_cap)
+            ids = kv.allocate_slots(req, n, prefix, la)
+            if ids is None:
+                break
+            waiting.pop_front()
+            req.num_computed_tokens = start
+            req.num_cached_tokens = start
+            req.status = _RUNNING
+            self.running.add(req)
+            chunks.append(ScheduledChunk(req, start, n, ids, start + n >= req.num_tokens))
+            budget -= n
+        return budget
+
+    def update(
+        self, output: SchedulerOutput, new_token_ids: Sequence[Sequence[int]]
+    ) -> list[RequestOutput]:
+        """Apply a step's results: ``new_token_ids[i]`` are the tokens accepted for
+        ``output.chunks[i]`` (empty for a prefill chunk short of the prompt's end). Advances
+        ``num_computed_tokens``, commits full blocks to the prefix cache, appends tokens, checks
+        stop conditions and frees finished requests."""
+        kv = self.kv
+        outs: list[RequestOutput] = []
+        finished: set[str] = set()
+        max_len = self.max_seq_len
+        for chunk, toks in zip(output.chunks, new_token_ids, strict=True):
+            req = chunk.request
+            if req.status != _RUNNING:
+                continue  # aborted or preempted after scheduling
+            req.num_computed_tokens = chunk.start + chunk.num_tokens
+            kv.commit(req)
+            if not toks:
+                continue
+            status, n = self._append(req, toks, max_len)
+            if status is not None:
+                finished.add(req.request_id)
+                req.status = status
+                kv.free(req)
+            new = list(toks) if n == len(toks) else list(toks[:n])
+            outs.append(
+                RequestOutput(
+                    req.request_id,
+                    new,
+                    status is not None,
+                    req.finish_reason,
+                    req.num_output_tokens,
+                )
+            )
+        if finished:
+            self.running.filter_out(finished)
+        for req in self._finished_unreported:
+            outs.append(
+                RequestOutput(
+                    req.request_id,
+                    [],
+                    True,
+                    req.finish_reason,
+                    req.num_output_tokens,
+                    req.finish_detail,
+                )
+            )
+        self._finished_unreported.clear()
+        return outs
+
+    @staticmethod
+    def _append(
+        req: Request, toks: Sequence[int], max_len: int
+    ) -> tuple[RequestStatus | None, int]:
+        """Append accepted tokens one by one, stopping at the first stop condition (tokens after
+        it are dropped). Returns (finish status or None, tokens appended)."""
+        all_ids = req.all_token_ids
+        for n, t in enumerate(toks, 1):
+            all_ids.append(t)
+            if (t == req.eos_token_id and not req.ignore_eos) or t in req.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, n
+            if len(all_ids) - req.num_prompt_tokens >= req.max_tokens or len(all_ids) >= max_len:
+                return RequestStatus.FINISHED_LENGTH, n
+        return None, len(toks)
+
+    def step(self, runner: Runner) -> list[RequestOutput]:
+        """schedule -> runner -> update, the whole loop for one step."""
+        out = self.schedule()
+        toks = runner(out) if out.chunks else []
+        return self.update(out, toks)
