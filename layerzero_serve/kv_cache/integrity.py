@@ -55,9 +55,10 @@ def check_integrity(mgr: KVCacheManager) -> None:
     free_set = set(free_ids)
     num_cached_free = num_plain_free = num_used = 0
     for block in pool.blocks[1:]:
+        num_owners = owners.get(block.block_id, 0)
         _require(
-            block.ref_cnt == owners.get(block.block_id, 0),
-            f"block {block.block_id}: ref_cnt={block.ref_cnt} owners={owners.get(block.block_id, 0)}",
+            block.ref_cnt == num_owners,
+            f"block {block.block_id}: ref_cnt={block.ref_cnt} owners={num_owners}",
         )
         _require((block.ref_cnt == 0) == (block.block_id in free_set), f"{block} free-list state")
         if block.ref_cnt > 0:
