@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -72,6 +73,9 @@ class Request:
     num_preemptions: int = 0
     finish_detail: str = ""
     spec_token_ids: list[int] = field(default_factory=list)
+    # Derived at admission by the scheduler so the per-token stop check is two lookups.
+    stop_set: frozenset[int] = frozenset()
+    stop_len: int = 0  # total length (prompt + output) at which the request ends
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -101,7 +105,8 @@ class Request:
 @dataclass(slots=True)
 class ScheduledChunk:
     """Work for one request in one step: compute KV for tokens
-    ``all_token_ids[start : start + num_tokens]`` (positions ``start ..``)."""
+    ``all_token_ids[start : start + num_tokens]`` (positions ``start ..``). A convenience view
+    of one row of ``SchedulerOutput``; the hot path reads the columns directly."""
 
     request: Request
     start: int
@@ -112,23 +117,41 @@ class ScheduledChunk:
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    """What the scheduler decided for one step; the runner turns it into a ForwardBatch.
+    """What the scheduler decided for one step, column by column (row i = one request).
 
-    ``chunks`` lists decode requests first (one token each, in running order), then prefill
-    chunks. ``blocks_to_copy`` holds (src, dst) block pairs from copy-on-write forks that must be
-    copied in the KV tensors before this step's forward.
+    Rows list running requests first (decodes and continuing prefills, in queue order), then
+    newly admitted ones. Row i computes KV for positions ``starts[i] .. starts[i] +
+    num_scheduled[i] - 1`` of ``requests[i].all_token_ids + spec_token_ids`` and samples when
+    that reaches the end of the known tokens. ``blocks_to_copy`` holds (src, dst) block pairs
+    from copy-on-write forks to copy in the KV tensors before this step's forward.
     """
 
     step_id: int
-    chunks: list[ScheduledChunk]
+    requests: list[Request]
+    starts: list[int]
+    num_scheduled: list[int]
+    block_ids: list[list[int]]  # live block tables (read only)
     num_batched_tokens: int
     blocks_to_copy: list[tuple[int, int]]
     preempted_ids: list[str]
-    rejected: list[Request]
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks
+        return not self.requests
+
+    def samples(self, i: int) -> bool:
+        """Whether row i reaches the end of its request's known tokens (so it samples)."""
+        return self.starts[i] + self.num_scheduled[i] >= len(self.requests[i].all_token_ids)
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        """Row views (allocates; meant for tests, tools and examples, not the hot path)."""
+        return [
+            ScheduledChunk(r, s, n, b, s + n >= len(r.all_token_ids))
+            for r, s, n, b in zip(
+                self.requests, self.starts, self.num_scheduled, self.block_ids, strict=True
+            )
+        ]
 
 
 @dataclass(slots=True)
@@ -141,3 +164,30 @@ class RequestOutput:
     finish_reason: str | None
     num_output_tokens: int
     detail: str = ""
+
+
+class StepOutputs(Sequence[RequestOutput]):
+    """The ``RequestOutput`` of every request that produced tokens or ended in a step.
+
+    Stored as plain tuples and turned into ``RequestOutput`` objects only when read, so a step
+    with hundreds of decodes costs no object construction unless someone looks.
+    """
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: list[tuple]) -> None:
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [RequestOutput(*r) for r in self._rows[i]]
+        return RequestOutput(*self._rows[i])
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        return (RequestOutput(*r) for r in self._rows)
+
+    def __repr__(self) -> str:
+        return f"StepOutputs({list(self)!r})"

@@ -20,10 +20,9 @@ from layerzero_serve.scheduler.queues import RequestQueue, sort_key_for
 from layerzero_serve.kv_cache.manager import KVCacheManager
 from layerzero_serve.types import (
     Request,
-    RequestOutput,
     RequestStatus,
-    ScheduledChunk,
     SchedulerOutput,
+    StepOutputs,
 )
 
 # A runner turns a SchedulerOutput into the new token ids of each chunk (empty for a prefill
@@ -70,6 +69,11 @@ class Scheduler:
                 f"({self.max_seq_len} tokens)",
             )
             return False
+        stops = set(request.stop_token_ids)
+        if request.eos_token_id is not None and not request.ignore_eos:
+            stops.add(request.eos_token_id)
+        request.stop_set = frozenset(stops)
+        request.stop_len = min(request.num_prompt_tokens + request.max_tokens, self.max_seq_len)
         request.status = RequestStatus.WAITING
         self.waiting.add(request)
         return True
@@ -113,14 +117,17 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         chunk_cap = cfg.max_prefill_chunk or budget
         lookahead = cfg.num_lookahead_tokens
-        chunks: list[ScheduledChunk] = []
+        reqs: list[Request] = []
+        starts: list[int] = []
+        counts: list[int] = []
+        tables: list[list[int]] = []
         preempted: list[str] = []
         running = self.running.items
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
             start = req.num_computed_tokens
-            want = req.num_tokens + len(req.spec_token_ids) - start
+            want = len(req.all_token_ids) + len(req.spec_token_ids) - start
             n = 1 if want == 1 else min(want, budget, chunk_cap)
             while True:
                 ids = kv.allocate_slots(req, n, None, lookahead)
@@ -133,23 +140,21 @@ class Scheduler:
                     break
             if ids is None:
                 break
-            end = start + n
-            chunks.append(ScheduledChunk(req, start, n, ids, end >= req.num_tokens))
+            reqs.append(req)
+            starts.append(start)
+            counts.append(n)
+            tables.append(ids)
             budget -= n
             i += 1
+        out = SchedulerOutput(self._step_id, reqs, starts, counts, tables, 0, [], preempted)
         if not preempted:
-            budget = self._admit(chunks, budget, chunk_cap, lookahead)
+            budget = self._admit(out, budget, chunk_cap, lookahead)
+        out.num_batched_tokens = cfg.max_num_batched_tokens - budget
+        out.blocks_to_copy = kv.take_pending_copies()
         self._step_id += 1
-        return SchedulerOutput(
-            step_id=self._step_id,
-            chunks=chunks,
-            num_batched_tokens=cfg.max_num_batched_tokens - budget,
-            blocks_to_copy=kv.take_pending_copies(),
-            preempted_ids=preempted,
-            rejected=[],
-        )
+        return out
 
-    def _admit(self, chunks: list[ScheduledChunk], budget: int, chunk_cap: int, la: int) -> int:
+    def _admit(self, out: SchedulerOutput, budget: int, chunk_cap: int, la: int) -> int:
         kv, waiting, cfg = self.kv, self.waiting, self.config
         while waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = waiting.peek()
@@ -167,77 +172,76 @@ class Scheduler:
             req.num_cached_tokens = start
             req.status = _RUNNING
             self.running.add(req)
-            chunks.append(ScheduledChunk(req, start, n, ids, start + n >= req.num_tokens))
+            out.requests.append(req)
+            out.starts.append(start)
+            out.num_scheduled.append(n)
+            out.block_ids.append(ids)
             budget -= n
         return budget
 
     def update(
         self, output: SchedulerOutput, new_token_ids: Sequence[Sequence[int]]
-    ) -> list[RequestOutput]:
-        """Apply a step's results: ``new_token_ids[i]`` are the tokens accepted for
-        ``output.chunks[i]`` (empty for a prefill chunk short of the prompt's end). Advances
+    ) -> StepOutputs:
+        """Apply a step's results: ``new_token_ids[i]`` are the tokens accepted for row i of
+        ``output`` (empty for a prefill chunk short of the prompt's end). Advances
         ``num_computed_tokens``, commits full blocks to the prefix cache, appends tokens, checks
         stop conditions and frees finished requests."""
         kv = self.kv
-        outs: list[RequestOutput] = []
+        bs = kv.block_size
+        rows: list[tuple] = []
         finished: set[str] = set()
-        max_len = self.max_seq_len
-        for chunk, toks in zip(output.chunks, new_token_ids, strict=True):
-            req = chunk.request
-            if req.status != _RUNNING:
+        for req, start, n, toks in zip(
+            output.requests, output.starts, output.num_scheduled, new_token_ids, strict=True
+        ):
+            if req.status is not _RUNNING:
                 continue  # aborted or preempted after scheduling
-            req.num_computed_tokens = chunk.start + chunk.num_tokens
-            kv.commit(req)
+            end = req.num_computed_tokens = start + n
+            if end // bs > start // bs:  # a block became full: publish it
+                kv.commit(req)
             if not toks:
                 continue
-            status, n = self._append(req, toks, max_len)
+            if len(toks) == 1:  # decode fast path: no stop -> stream the token and move on
+                t = toks[0]
+                all_ids = req.all_token_ids
+                all_ids.append(t)
+                if t not in req.stop_set and len(all_ids) < req.stop_len:
+                    num_out = len(all_ids) - len(req.prompt_token_ids)
+                    rows.append((req.request_id, [t], False, None, num_out))
+                    continue
+                del all_ids[-1]
+            status, new = self._append(req, toks)
             if status is not None:
                 finished.add(req.request_id)
                 req.status = status
                 kv.free(req)
-            new = list(toks) if n == len(toks) else list(toks[:n])
-            outs.append(
-                RequestOutput(
-                    req.request_id,
-                    new,
-                    status is not None,
-                    req.finish_reason,
-                    req.num_output_tokens,
-                )
-            )
+            num_out = len(req.all_token_ids) - len(req.prompt_token_ids)
+            rows.append((req.request_id, new, status is not None, req.finish_reason, num_out))
         if finished:
             self.running.filter_out(finished)
         for req in self._finished_unreported:
-            outs.append(
-                RequestOutput(
-                    req.request_id,
-                    [],
-                    True,
-                    req.finish_reason,
-                    req.num_output_tokens,
-                    req.finish_detail,
-                )
+            rows.append(
+                (req.request_id, [], True, req.finish_reason, req.num_output_tokens,
+                 req.finish_detail)
             )
         self._finished_unreported.clear()
-        return outs
+        return StepOutputs(rows)
 
     @staticmethod
-    def _append(
-        req: Request, toks: Sequence[int], max_len: int
-    ) -> tuple[RequestStatus | None, int]:
+    def _append(req: Request, toks: Sequence[int]) -> tuple[RequestStatus | None, list[int]]:
         """Append accepted tokens one by one, stopping at the first stop condition (tokens after
-        it are dropped). Returns (finish status or None, tokens appended)."""
+        it are dropped). Returns (finish status or None, the tokens appended)."""
         all_ids = req.all_token_ids
+        stop_set, stop_len = req.stop_set, req.stop_len
         for n, t in enumerate(toks, 1):
             all_ids.append(t)
-            if (t == req.eos_token_id and not req.ignore_eos) or t in req.stop_token_ids:
-                return RequestStatus.FINISHED_STOPPED, n
-            if len(all_ids) - req.num_prompt_tokens >= req.max_tokens or len(all_ids) >= max_len:
-                return RequestStatus.FINISHED_LENGTH, n
-        return None, len(toks)
+            if t in stop_set:
+                return RequestStatus.FINISHED_STOPPED, list(toks[:n])
+            if len(all_ids) >= stop_len:
+                return RequestStatus.FINISHED_LENGTH, list(toks[:n])
+        return None, list(toks)
 
-    def step(self, runner: Runner) -> list[RequestOutput]:
+    def step(self, runner: Runner) -> StepOutputs:
         """schedule -> runner -> update, the whole loop for one step."""
         out = self.schedule()
-        toks = runner(out) if out.chunks else []
+        toks = runner(out) if out.requests else []
         return self.update(out, toks)

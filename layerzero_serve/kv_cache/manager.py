@@ -172,13 +172,19 @@ class KVCacheManager:
         """
         rid = request.request_id
         blocks = self._req_blocks.get(rid)
+        bs = self.block_size
+        if blocks is not None and prefix is None:  # fast path: a running request's next tokens
+            computed = request.num_computed_tokens
+            if computed + num_new_tokens + num_lookahead_tokens <= len(blocks) * bs and (
+                computed % bs == 0 or num_new_tokens == 0 or blocks[computed // bs].ref_cnt == 1
+            ):
+                return self._req_block_ids[rid]
         if blocks is None:
             blocks = self._req_blocks[rid] = []
             self._req_block_ids[rid] = []
             self._num_committed[rid] = 0
             self._requests[rid] = request
         hits = prefix.blocks if prefix is not None else ()
-        bs = self.block_size
         computed = request.num_computed_tokens + len(hits) * bs
         total = computed + num_new_tokens + num_lookahead_tokens
         num_new_blocks = -(-total // bs) - len(blocks) - len(hits)
