@@ -429,8 +429,10 @@ def test_failed_admission_registers_nothing():
     request whose very first allocation fails must not be left registered with the manager."""
     mgr = KVCacheManager(num_blocks=3, block_size=2)
     r = req("R", [1, 2, 3, 4, 5])  # 3 blocks > 2 usable
+    m = mgr.match_prefix(r)
+    assert m.num_tokens == 0
     before_pool, before_req = pool_snapshot(mgr), request_snapshot(mgr, [r])
-    assert mgr.allocate_slots(r, 5, mgr.match_prefix(r)) is None
+    assert mgr.allocate_slots(r, 5, m) is None
     assert pool_snapshot(mgr) == before_pool
     assert "R" not in mgr.owned_blocks()
     assert request_snapshot(mgr, [r]) == before_req
