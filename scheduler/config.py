@@ -40,6 +40,14 @@ class SchedulerConfig:
         _int_at_least("max_model_len", self.max_model_len, 2)
         _int_at_least("max_prefill_chunk", self.max_prefill_chunk, 0)
         _int_at_least("num_lookahead_tokens", self.num_lookahead_tokens, 0)
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValidationError("enable_chunked_prefill", self.enable_chunked_prefill, "a bool")
+        if not self.enable_chunked_prefill and self.max_prefill_chunk:
+            raise ValidationError(
+                "max_prefill_chunk",
+                self.max_prefill_chunk,
+                "0 when enable_chunked_prefill is False (prompts are then admitted whole)",
+            )
         if self.policy not in POLICIES:
             raise ValidationError("policy", self.policy, f"one of {POLICIES}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:

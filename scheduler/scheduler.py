@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from layerzero_serve.scheduler.config import SchedulerConfig
 from layerzero_serve.scheduler.queues import RequestQueue, sort_key_for
 
+from layerzero_serve.errors import ValidationError
 from layerzero_serve.kv_cache.manager import KVCacheManager
 from layerzero_serve.types import (
     Request,
@@ -55,9 +56,9 @@ class Scheduler:
         """Queue a request. A request that can never fit is finished at once as rejected (its
         output comes with the next ``update``); returns False then."""
         if request.request_id in self.requests:
-            from layerzero_serve.errors import ValidationError
-
             raise ValidationError("request_id", request.request_id, "an id not already in use")
+        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
+            raise ValidationError("max_tokens", request.max_tokens, "an integer >= 1")
         self.requests[request.request_id] = request
         need = request.num_tokens + 1
         if need > self.max_seq_len:
@@ -111,54 +112,82 @@ class Scheduler:
 
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        """Decide this step's work. Running requests first (preempting from the tail of the
-        running queue when blocks run out), then admissions from the head of the waiting queue."""
+        """Decide this step's work: running decode-like requests first (one token plus their
+        drafts), then running prefills in chunks, then admissions from the head of the waiting
+        queue. When blocks run out, requests are preempted from the tail of the running queue
+        (a victim already scheduled this step is unscheduled); no admissions in that step."""
         cfg, kv = self.config, self.kv
-        budget = cfg.max_num_batched_tokens
-        chunk_cap = cfg.max_prefill_chunk or budget
-        lookahead = cfg.num_lookahead_tokens
-        reqs: list[Request] = []
-        starts: list[int] = []
-        counts: list[int] = []
-        tables: list[list[int]] = []
-        preempted: list[str] = []
+        max_tokens = cfg.max_num_batched_tokens
+        chunk_cap = cfg.max_prefill_chunk or max_tokens
+        la = cfg.num_lookahead_tokens
+        out = SchedulerOutput(self._step_id, [], [], [], [], 0, [], [])
+        reqs, starts, counts, tables = out.requests, out.starts, out.num_scheduled, out.block_ids
+        used = 0
         running = self.running.items
-        i = 0
-        while i < len(running) and budget > 0:
-            req = running[i]
-            start = req.num_computed_tokens
-            want = len(req.all_token_ids) + len(req.spec_token_ids) - start
-            n = 1 if want == 1 else min(want, budget, chunk_cap)
-            while True:
-                ids = kv.allocate_slots(req, n, None, lookahead)
-                if ids is not None:
+        for decode_pass in (True, False):
+            for req in list(running) if decode_pass else list(self.running.items):
+                if used >= max_tokens:
                     break
-                victim = self.running.pop_back()
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is req:
-                    break
-            if ids is None:
-                break
-            reqs.append(req)
-            starts.append(start)
-            counts.append(n)
-            tables.append(ids)
-            budget -= n
-            i += 1
-        out = SchedulerOutput(self._step_id, reqs, starts, counts, tables, 0, [], preempted)
-        if not preempted:
-            budget = self._admit(out, budget, chunk_cap, lookahead)
-        out.num_batched_tokens = cfg.max_num_batched_tokens - budget
+                if req.status is not _RUNNING:
+                    continue  # preempted earlier in this step
+                start = req.num_computed_tokens
+                spec = len(req.spec_token_ids)
+                want = len(req.all_token_ids) + spec - start
+                if (want <= spec + 1) is not decode_pass:
+                    continue
+                n = (
+                    min(want, max_tokens - used)
+                    if decode_pass
+                    else min(want, max_tokens - used, chunk_cap)
+                )
+                ids = kv.allocate_slots(req, n, None, la)
+                if ids is None:
+                    ids, freed = self._make_room(out, req, n)
+                    used -= freed
+                    if ids is None:
+                        continue
+                reqs.append(req)
+                starts.append(start)
+                counts.append(n)
+                tables.append(ids)
+                used += n
+        if not out.preempted_ids:
+            used = self._admit(out, used, chunk_cap, la)
+        out.num_batched_tokens = used
         out.blocks_to_copy = kv.take_pending_copies()
         self._step_id += 1
         return out
 
-    def _admit(self, out: SchedulerOutput, budget: int, chunk_cap: int, la: int) -> int:
+    def _make_room(
+        self, out: SchedulerOutput, req: Request, n: int
+    ) -> tuple[list[int] | None, int]:
+        """Preempt from the tail of the running queue until ``req`` gets its ``n`` slots or is
+        itself the victim. Returns (block table or None, tokens given back by unscheduling
+        victims already scheduled in this step)."""
+        freed = 0
+        la = self.config.num_lookahead_tokens
+        while True:
+            victim = self.running.pop_back()
+            for j in range(len(out.requests) - 1, -1, -1):
+                if out.requests[j] is victim:  # scheduled earlier in this step: take it back
+                    freed += out.num_scheduled[j]
+                    for col in (out.requests, out.starts, out.num_scheduled, out.block_ids):
+                        del col[j]
+                    break
+            self._preempt(victim)
+            out.preempted_ids.append(victim.request_id)
+            if victim is req:
+                return None, freed
+            ids = self.kv.allocate_slots(req, n, None, la)
+            if ids is not None:
+                return ids, freed
+
+    def _admit(self, out: SchedulerOutput, used: int, chunk_cap: int, la: int) -> int:
         kv, waiting, cfg = self.kv, self.waiting, self.config
+        budget = cfg.max_num_batched_tokens - used
         while waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = waiting.peek()
-            prefix = kv.match_prefix(req)
+            prefix = kv.match_prefix(req, record_stats=False)
             start = prefix.num_tokens
             want = req.num_tokens - start
             if not cfg.enable_chunked_prefill and want > budget:
@@ -167,6 +196,7 @@ class Scheduler:
             ids = kv.allocate_slots(req, n, prefix, la)
             if ids is None:
                 break
+            kv.record_prefix_lookup(req.num_tokens, start)
             waiting.pop_front()
             req.num_computed_tokens = start
             req.num_cached_tokens = start
@@ -177,7 +207,7 @@ class Scheduler:
             out.num_scheduled.append(n)
             out.block_ids.append(ids)
             budget -= n
-        return budget
+        return cfg.max_num_batched_tokens - budget
 
     def update(
         self, output: SchedulerOutput, new_token_ids: Sequence[Sequence[int]]
@@ -218,10 +248,19 @@ class Scheduler:
             rows.append((req.request_id, new, status is not None, req.finish_reason, num_out))
         if finished:
             self.running.filter_out(finished)
+            for rid in finished:
+                del self.requests[rid]
         for req in self._finished_unreported:
+            self.requests.pop(req.request_id, None)
             rows.append(
-                (req.request_id, [], True, req.finish_reason, req.num_output_tokens,
-                 req.finish_detail)
+                (
+                    req.request_id,
+                    [],
+                    True,
+                    req.finish_reason,
+                    req.num_output_tokens,
+                    req.finish_detail,
+                )
             )
         self._finished_unreported.clear()
         return StepOutputs(rows)

@@ -117,43 +117,74 @@ class KVCacheManager:
         return ("root", request.cache_salt, request.adapter_id)
 
     # ---- prefix matching -------------------------------------------------------------------
-    def match_prefix(self, request: Request) -> PrefixMatch:
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted lookup in ``stats`` (the scheduler calls it once per admission)."""
+        if not self.enable_prefix_caching:
+            return
+        self.stats.queries += num_tokens
+        self.stats.hits += num_hit_tokens
+
+    def match_prefix(self, request: Request, record_stats: bool = True) -> PrefixMatch:
         """Longest chain of cached blocks equal to the request's leading full blocks.
 
         Never covers the last known token: at least one token is left to compute, so the step
-        produces logits. Takes no references; pass the result to ``allocate_slots``.
+        produces logits. Takes no references; pass the result to ``allocate_slots``. With
+        ``record_stats`` the lookup is counted in ``stats`` (the scheduler counts only the
+        lookups of admissions that succeed, through ``record_prefix_lookup``).
         """
         if not self.enable_prefix_caching:
             return _NO_MATCH
         max_blocks = (request.num_tokens - 1) // self.block_size
-        self.stats.queries += request.num_tokens
+        if record_stats:
+            self.stats.queries += request.num_tokens
         if max_blocks <= 0:
             return _NO_MATCH
         hashes = self._ensure_hashes(request, max_blocks)
-        pool, verify, bs = self.pool, self._verify, self.block_size
-        toks = request.all_token_ids
-        parent_ref = self._root_ref(request)
-        found: list[Block] = []
+        found = (self._match_verified if self._verify else self._match_by_hash)(
+            request, hashes, max_blocks
+        )
+        n = len(found) * self.block_size
+        if record_stats:
+            self.stats.hits += n
+        return PrefixMatch(found, n)
+
+    def _match_by_hash(self, request: Request, hashes: list, max_blocks: int) -> list[Block]:
+        """Collision-free hashes: any block under the hash is the right one."""
+        found = []
+        lookup = self.pool.lookup
         for i in range(max_blocks):
-            bucket = pool.lookup(hashes[i])
+            bucket = lookup(hashes[i])
             if bucket is None:
                 break
-            hit = None
-            if not verify:
-                hit = next(iter(bucket.values()))
-            else:
-                want = tuple(toks[i * bs : (i + 1) * bs])
-                for cand in bucket.values():
-                    if cand.token_ids == want and cand.parent_ref == parent_ref:
-                        hit = cand
-                        break
-            if hit is None:
+            found.append(next(iter(bucket.values())))
+        return found
+
+    def _match_verified(self, request: Request, hashes: list, max_blocks: int) -> list[Block]:
+        """Hashes may collide: a candidate must hold the request's tokens and hang off a block
+        matched one level up (or the request's root). All valid chains are followed level by
+        level, so duplicate copies of a prefix never hide a longer match."""
+        bs, toks = self.block_size, request.all_token_ids
+        frontier: dict[object, Block | None] = {self._root_ref(request): None}
+        levels: list[dict[object, Block | None]] = []
+        for i in range(max_blocks):
+            bucket = self.pool.lookup(hashes[i])
+            if bucket is None:
                 break
-            found.append(hit)
-            parent_ref = (hit.block_id, hit.gen)
-        n = len(found) * bs
-        self.stats.hits += n
-        return PrefixMatch(found, n)
+            want = tuple(toks[i * bs : (i + 1) * bs])
+            nxt: dict[object, Block | None] = {}
+            for cand in bucket.values():
+                if cand.token_ids == want and cand.parent_ref in frontier:
+                    nxt[(cand.block_id, cand.gen)] = cand
+            if not nxt:
+                break
+            levels.append(nxt)
+            frontier = nxt
+        found: list[Block] = []
+        for level in reversed(levels):  # walk back from any deepest block through its parents
+            block = level[found[-1].parent_ref] if found else next(iter(level.values()))
+            found.append(block)
+        found.reverse()
+        return found
 
     # ---- allocation ------------------------------------------------------------------------
     def allocate_slots(
@@ -179,19 +210,23 @@ class KVCacheManager:
                 computed % bs == 0 or num_new_tokens == 0 or blocks[computed // bs].ref_cnt == 1
             ):
                 return self._req_block_ids[rid]
-        if blocks is None:
-            blocks = self._req_blocks[rid] = []
-            self._req_block_ids[rid] = []
-            self._num_committed[rid] = 0
-            self._requests[rid] = request
+        if num_new_tokens < 0 or num_lookahead_tokens < 0:
+            raise ValidationError(
+                "num_new_tokens/num_lookahead_tokens",
+                (num_new_tokens, num_lookahead_tokens),
+                ">= 0",
+            )
         hits = prefix.blocks if prefix is not None else ()
+        if hits and blocks:
+            raise ValidationError("prefix", f"{len(hits)} blocks", "only on a request's admission")
+        num_blocks = len(blocks) if blocks is not None else 0
         computed = request.num_computed_tokens + len(hits) * bs
         total = computed + num_new_tokens + num_lookahead_tokens
-        num_new_blocks = -(-total // bs) - len(blocks) - len(hits)
+        num_new_blocks = -(-total // bs) - num_blocks - len(hits)
         cow = (
             computed % bs != 0
             and num_new_tokens > 0
-            and len(blocks) > computed // bs
+            and num_blocks > computed // bs
             and blocks[computed // bs].ref_cnt > 1
         )
         need = max(num_new_blocks, 0) + cow
@@ -199,7 +234,12 @@ class KVCacheManager:
             need += sum(1 for b in hits if b.ref_cnt == 0)
         pool = self.pool
         if need > pool.num_free:
-            return None
+            return None  # nothing changed, not even a table for a new request
+        if blocks is None:
+            blocks = self._req_blocks[rid] = []
+            self._req_block_ids[rid] = []
+            self._num_committed[rid] = 0
+            self._requests[rid] = request
         ids = self._req_block_ids[rid]
         if hits:
             pool.touch(hits)
@@ -207,14 +247,14 @@ class KVCacheManager:
             ids.extend(b.block_id for b in hits)
             self._num_committed[rid] = len(hits)
         if cow:
-            self._copy_on_write(rid, blocks, ids, computed // bs)
+            self._copy_on_write(blocks, ids, computed // bs)
         if num_new_blocks > 0:
             new = pool.allocate(num_new_blocks)
             blocks.extend(new)
             ids.extend(b.block_id for b in new)
         return ids
 
-    def _copy_on_write(self, rid: str, blocks: list[Block], ids: list[int], idx: int) -> None:
+    def _copy_on_write(self, blocks: list[Block], ids: list[int], idx: int) -> None:
         shared = blocks[idx]
         (private,) = self.pool.allocate(1)
         self.pool.free((shared,))
@@ -287,11 +327,14 @@ class KVCacheManager:
         if child.request_id in self._req_blocks:
             raise ValidationError("child.request_id", child.request_id, "a request with no blocks")
         pid = parent.request_id
-        blocks = self._req_blocks.get(pid, [])
+        # Only blocks holding computed tokens are shared: the parent's lookahead blocks past
+        # them are unwritten and stay its own (sharing them would let both sides write there).
+        keep = self.blocks_needed(parent.num_computed_tokens)
+        blocks = self._req_blocks.get(pid, [])[:keep]
         self.pool.touch(blocks)
         self._req_blocks[child.request_id] = list(blocks)
-        self._req_block_ids[child.request_id] = list(self._req_block_ids.get(pid, []))
-        self._num_committed[child.request_id] = self._num_committed.get(pid, 0)
+        self._req_block_ids[child.request_id] = [b.block_id for b in blocks]
+        self._num_committed[child.request_id] = min(self._num_committed.get(pid, 0), keep)
         self._requests[child.request_id] = child
         child.num_computed_tokens = parent.num_computed_tokens
         child.block_hashes = list(parent.block_hashes)

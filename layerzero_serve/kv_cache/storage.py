@@ -24,6 +24,14 @@ class KVCacheSpec:
     block_size: int = 16
     dtype: torch.dtype = torch.float16
 
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValidationError(name, value, "an integer >= 1")
+        if not isinstance(self.dtype, torch.dtype):
+            raise ValidationError("dtype", self.dtype, "a torch.dtype")
+
     @property
     def bytes_per_block(self) -> int:
         """Bytes one block takes across all layers (K and V)."""

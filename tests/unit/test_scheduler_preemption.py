@@ -6,9 +6,9 @@ import random
 
 import pytest
 from fake_model import FakeModel, reference_output
+from layerzero_serve.scheduler import Scheduler, SchedulerConfig
 
 from layerzero_serve.kv_cache import KVCacheManager
-from layerzero_serve.scheduler import Scheduler, SchedulerConfig
 from layerzero_serve.types import Request, RequestStatus
 
 BLOCK_SIZE = 4
@@ -168,35 +168,12 @@ def test_victim_is_lowest_priority_latest_arrival(policy, order, victim):
     assert kv.num_free_blocks == kv.num_usable_blocks
 
 
-def test_resumed_victim_reuses_its_cached_prefix():
-    sched, kv, model, reqs = _four_decoders("fcfs", prefix_caching=True)
-    out = sched.schedule()
-    sched.update(out, model(out))
-    out = sched.schedule()
-    assert out.preempted_ids == ["D"]
-    sched.update(out, model(out))
-    # A, B, C decode until they finish (3 tokens each); D is re-admitted as soon as blocks
-    # free up, and its full prompt block is still in the prefix cache.
-    resumed = None
-    while sched.has_unfinished():
-        out = sched.schedule()
-        for c in out.chunks:
-            if c.request.request_id == "D" and resumed is None:
-                resumed = (c.start, c.num_tokens)
-        sched.update(out, model(out) if out.chunks else [])
-        kv.check_integrity()
-    # D had 5 tokens (4 prompt + 1 output) when it was preempted: block 0 is a hit, the
-    # remaining token is recomputed.
-    assert resumed == (4, 1)
-    assert reqs["D"].num_cached_tokens == 4
-    assert reqs["D"].output_token_ids == reference_output(model, reqs["D"].prompt_token_ids, 3)
-
-
-def test_requester_preempts_itself_when_it_is_the_tail():
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["noprefix", "prefix"])
+def test_requester_preempts_itself_when_it_is_the_tail(prefix_caching):
     # Two requests, 4 usable blocks: A's prompt fills 2 blocks, B's 1. In the first decode
     # step A needs a third block (gets the last free one) and B, the tail, needs one too: B is
     # both requester and victim, so it is preempted and not scheduled.
-    kv = KVCacheManager(5, BLOCK_SIZE, enable_prefix_caching=False)
+    kv = KVCacheManager(5, BLOCK_SIZE, enable_prefix_caching=prefix_caching)
     model = FakeModel(5, BLOCK_SIZE)
     sched = Scheduler(SchedulerConfig(), kv)
     a = Request("A", list(range(8)), max_tokens=2)
@@ -213,8 +190,11 @@ def test_requester_preempts_itself_when_it_is_the_tail():
     sched.update(out, model(out))
     assert a.status == RequestStatus.FINISHED_LENGTH
     out = sched.schedule()
-    # B recomputes its prompt and its first output token (no prefix caching).
-    assert _spans(out) == [("B", 0, 5)]
+    # B has 5 tokens (4 prompt + 1 output) to recompute. With prefix caching its full prompt
+    # block is still cached (nothing was allocated since it was freed): only 1 token is left.
+    assert _spans(out) == ([("B", 4, 1)] if prefix_caching else [("B", 0, 5)])
+    assert b.num_cached_tokens == (4 if prefix_caching else 0)
+    assert b.num_preemptions == 1 and sched.num_preemptions == 1
     sched.update(out, model(out))
     assert b.output_token_ids == reference_output(model, b.prompt_token_ids, 2)
     assert a.output_token_ids == reference_output(model, a.prompt_token_ids, 2)

@@ -1,0 +1,138 @@
+"""Engine configuration: one frozen dataclass, validated on construction, and ``resolve()``
+that turns every "auto" into a concrete, logged choice."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from layerzero_serve.errors import ValidationError
+from layerzero_serve.kv_cache.hashing import HASH_ALGORITHMS
+
+logger = logging.getLogger("layerzero_serve")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MODEL = "default"
+_CPU_KV_BYTES = 512 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything an Engine needs. Defaults suit a CPU demo and a single GPU alike.
+
+    Attributes:
+        model: a Hugging Face checkpoint directory, a dummy preset (``dummy:tiny``,
+            ``dummy:llama3.2-1b``, ``dummy:llama3-8b``) or ``"default"`` (the embedded demo
+            model, written once under ``LZ_CACHE_DIR``).
+        dtype: ``auto`` (the checkpoint's dtype on GPU, float32 on CPU), float32, bfloat16, float16.
+        device: ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N``.
+        block_size: tokens per KV block (1..256).
+        num_kv_blocks / kv_cache_bytes: size the KV pool by a block count or a byte budget (at
+            most one; default: 512 MiB on CPU, ``gpu_memory_utilization`` of the GPU).
+        gpu_memory_utilization: fraction of GPU memory the engine may use, in (0, 1].
+        max_model_len: longest sequence (prompt + output); None = the model's limit.
+        max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, max_prefill_chunk, policy:
+            scheduler budgets and policy (see SchedulerConfig).
+        enable_prefix_caching, prefix_hash: prefix cache on/off and its hash (sha256 | fast).
+        seed: seed of the sampler's shared generator (unseeded requests).
+    """
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    max_prefill_chunk: int = 0
+    policy: str = "fcfs"
+    enable_prefix_caching: bool = True
+    prefix_hash: str = "sha256"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValidationError("dtype", self.dtype, f"'auto' or one of {tuple(DTYPES)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValidationError("device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 256:
+            raise ValidationError("block_size", self.block_size, "an integer in [1, 256]")
+        if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:
+            raise ValidationError("num_kv_blocks/kv_cache_bytes", "both", "at most one of them")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValidationError("num_kv_blocks", self.num_kv_blocks, ">= 2")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValidationError("kv_cache_bytes", self.kv_cache_bytes, "> 0")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValidationError("gpu_memory_utilization", self.gpu_memory_utilization, "(0, 1]")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValidationError("max_model_len", self.max_model_len, ">= 2 or None")
+        if self.prefix_hash not in HASH_ALGORITHMS:
+            raise ValidationError("prefix_hash", self.prefix_hash, f"one of {HASH_ALGORITHMS}")
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedConfig:
+    """The concrete choices behind an EngineConfig for one model on one device."""
+
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+
+
+def resolve(
+    cfg: EngineConfig, model_max_len: int, checkpoint_dtype: torch.dtype | None
+) -> ResolvedConfig:
+    """Pick device, dtype and max length; log each choice and why."""
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        why = "CUDA available" if device.type == "cuda" else "no CUDA device"
+    else:
+        device = torch.device(cfg.device)
+        why = "requested"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValidationError("device", cfg.device, "'cpu' (no CUDA device is available)")
+    if cfg.dtype != "auto":
+        dtype, dwhy = DTYPES[cfg.dtype], "requested"
+    elif device.type == "cpu":
+        dtype, dwhy = torch.float32, "CPU default"
+    else:
+        dtype = checkpoint_dtype if checkpoint_dtype in DTYPES.values() else torch.bfloat16
+        dwhy = "checkpoint dtype" if checkpoint_dtype in DTYPES.values() else "GPU default"
+    max_len = model_max_len if cfg.max_model_len is None else cfg.max_model_len
+    if max_len > model_max_len:
+        raise ValidationError("max_model_len", cfg.max_model_len, f"<= {model_max_len} (model)")
+    logger.info(
+        "device=%s (%s), dtype=%s (%s), max_model_len=%d",
+        device,
+        why,
+        str(dtype).removeprefix("torch."),
+        dwhy,
+        max_len,
+    )
+    return ResolvedConfig(device=device, dtype=dtype, max_model_len=max_len)
+
+
+def kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> int:
+    """Bytes for the KV pool when no block count is given."""
+    if cfg.kv_cache_bytes is not None:
+        return cfg.kv_cache_bytes
+    if device.type != "cuda":
+        return _CPU_KV_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    # Leave room for activations of the largest batch (a fixed reserve; refined with graphs).
+    budget = int(total * cfg.gpu_memory_utilization) - used - (1 << 30)
+    if budget <= 0:
+        raise ValidationError(
+            "gpu_memory_utilization",
+            cfg.gpu_memory_utilization,
+            f"a larger fraction: {used / 2**30:.1f} GiB already in use",
+        )
+    return budget

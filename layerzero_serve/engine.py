@@ -1,0 +1,199 @@
+"""Engine: the scheduler, the KV cache and the model runner behind ``add_request / step /
+abort``. One step = schedule -> prepare -> forward -> sample -> update."""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from layerzero_serve.config import EngineConfig, kv_budget_bytes
+from layerzero_serve.errors import RequestRejectedError, ValidationError
+from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
+from layerzero_serve.model_source import LoadedModel, load_model_source
+from layerzero_serve.runner.model_runner import ModelRunner
+from layerzero_serve.sampling import Sampler, SamplingParams
+from layerzero_serve.scheduler import Scheduler, SchedulerConfig
+from layerzero_serve.types import Request, RequestOutput
+
+logger = logging.getLogger("layerzero_serve")
+
+
+class Engine:
+    """A complete serving loop over one model.
+
+    ``Engine(model="dummy:tiny", max_num_seqs=8)`` or ``Engine(EngineConfig(...))``.
+    Requests are token ids; ``step()`` returns streaming outputs (new token ids and, at the
+    end, a finish reason). With ``SamplingParams.n > 1`` a request runs as ``n`` sequences
+    ``"{id}#{k}"`` that share the prompt's cached blocks.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, **overrides: object) -> None:
+        if config is None:
+            config = EngineConfig(**overrides)  # type: ignore[arg-type]
+        elif overrides:
+            raise ValidationError("overrides", sorted(overrides), "none when config is given")
+        self.config = cfg = config
+        loaded: LoadedModel = load_model_source(cfg)
+        self.model_config = mc = loaded.config
+        self.model_dir: Path | None = loaded.path
+        self.resolved = loaded.resolved
+        device, dtype = loaded.resolved.device, loaded.resolved.dtype
+        spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, dtype)
+        if cfg.num_kv_blocks is not None:
+            kv_cache = KVCache(spec, num_blocks=cfg.num_kv_blocks, device=device)
+        else:
+            kv_cache = KVCache(spec, budget_bytes=kv_budget_bytes(cfg, device), device=device)
+        logger.info(
+            "KV pool: %d blocks of %d tokens, %.2f GiB",
+            kv_cache.num_blocks,
+            cfg.block_size,
+            kv_cache.nbytes / 2**30,
+        )
+        self.kv_manager = KVCacheManager(
+            kv_cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.prefix_hash
+        )
+        sched_cfg = SchedulerConfig(
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_model_len=loaded.resolved.max_model_len,
+            enable_chunked_prefill=cfg.enable_chunked_prefill,
+            max_prefill_chunk=cfg.max_prefill_chunk,
+            policy=cfg.policy,
+        )
+        self.scheduler = Scheduler(sched_cfg, self.kv_manager)
+        self.runner = ModelRunner(loaded.model, kv_cache, Sampler(seed=cfg.seed), device)
+        eos_ids = list(mc.eos_token_ids)
+        self.eos_token_id: int | None = eos_ids[0] if eos_ids else None
+        self._extra_stop_ids = frozenset(eos_ids[1:])
+        self._ids = itertools.count()
+        self._children: dict[str, list[str]] = {}
+        self.num_generated_tokens = 0
+        # Start-up objects (weights' Python wrappers, the block pool) never die: keep the
+        # cyclic collector off them so its passes stay short on the hot path.
+        gc.collect()
+        gc.freeze()
+        atexit.register(gc.unfreeze)  # let interpreter shutdown free them normally
+
+    # ---- requests ----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.config.max_model_len
+
+    def _validate_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Sequence):
+            raise ValidationError(
+                "prompt_token_ids",
+                type(prompt_token_ids).__name__,
+                "a sequence of token ids (tokenize strings first, or use LLM)",
+            )
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise ValidationError("prompt_token_ids", ids, "at least one token")
+        vocab = self.vocab_size
+        for i, t in enumerate(ids):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValidationError(f"prompt_token_ids[{i}]", t, f"an int in [0, {vocab})")
+        limit = self.scheduler.max_seq_len
+        if len(ids) + 1 > limit:
+            which = "max_model_len" if limit == self.max_model_len else "KV pool capacity"
+            raise RequestRejectedError(
+                "prompt_token_ids",
+                f"{len(ids)} tokens",
+                f"at most {limit - 1} tokens ({which} {limit} minus one)",
+            )
+        return ids
+
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises a ValidationError (a ValueError) for an
+        empty prompt, an id outside the vocabulary, a prompt that can never fit, or bad params."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValidationError("params", type(params).__name__, "a SamplingParams")
+        params.validate_for_vocab(self.vocab_size)
+        ids = self._validate_prompt(prompt_token_ids)
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self.scheduler.requests or rid in self._children:
+            raise ValidationError("request_id", rid, "an id not already in use")
+        names = [rid] if params.n == 1 else [f"{rid}#{k}" for k in range(params.n)]
+        if params.n > 1:
+            self._children[rid] = names
+        for k, name in enumerate(names):
+            req = Request(
+                request_id=name,
+                prompt_token_ids=ids,
+                max_tokens=params.max_tokens,
+                eos_token_id=self.eos_token_id,
+                stop_token_ids=frozenset(params.stop_token_ids) | self._extra_stop_ids,
+                ignore_eos=params.ignore_eos,
+                priority=priority,
+                cache_salt=cache_salt,
+                sampling_params=params,
+            )
+            if params.seed is not None:
+                gen = torch.Generator(device=self.runner.device)
+                gen.manual_seed((params.seed + k * 0x9E3779B97F4A7C15) % (1 << 63))
+                self.runner.generators[name] = gen
+            self.scheduler.add_request(req)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request (all its samples when n > 1). Unknown or finished: no-op, False."""
+        names = self._children.get(request_id, [request_id])
+        done = [self.scheduler.abort(n) for n in names]
+        return any(done)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the outputs of every request that got tokens or ended."""
+        tm = self.runner.timings
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        tokens = self.runner.execute(out) if out.requests else []
+        t2 = time.perf_counter()
+        outputs = list(self.scheduler.update(out, tokens))
+        t3 = time.perf_counter()
+        tm.schedule += t1 - t0
+        tm.update += t3 - t2
+        tm.steps += 1
+        for o in outputs:
+            self.num_generated_tokens += len(o.new_token_ids)
+            if o.finished:
+                self.runner.generators.pop(o.request_id, None)
+        return outputs
+
+    # ---- reporting ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, object]:
+        """Counters for reports: prefix-cache hit rate, preemptions, kernels, timings."""
+        kv = self.kv_manager
+        return {
+            "prefix_cache_hit_rate": kv.stats.hit_rate,
+            "prefix_cache_hit_tokens": kv.stats.hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_generated_tokens": self.num_generated_tokens,
+            "kernels": {"attention": self.runner.attn.name, "sampling": "torch_ref"},
+            "kv_blocks": kv.num_blocks,
+            "timings_s": self.runner.timings.as_dict(),
+            "steps": self.runner.timings.steps,
+        }

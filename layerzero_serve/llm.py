@@ -1,0 +1,169 @@
+"""Offline generation: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from layerzero_serve.config import EngineConfig
+from layerzero_serve.engine import Engine
+from layerzero_serve.errors import ValidationError
+from layerzero_serve.sampling import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+@dataclass(slots=True)
+class Completion:
+    """One sample of a prompt."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """Everything ``generate`` returns for one prompt (``outputs`` has ``n`` samples).
+
+    Timing fields are seconds from ``time.monotonic()``: arrival, first token, finish.
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+    arrival_time: float
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def text(self) -> str | None:
+        return self.outputs[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+
+def load_tokenizer(model_dir: Path | None):
+    """The checkpoint's ``tokenizer.json`` through the ``tokenizers`` library, or None."""
+    if model_dir is None or not (model_dir / "tokenizer.json").exists():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+
+class LLM:
+    """Offline batch generation over an Engine. ``LLM()`` uses the embedded default model.
+
+    Args:
+        model: checkpoint directory, ``dummy:<preset>`` or ``"default"``.
+        **config: any EngineConfig field (``dtype``, ``device``, ``max_num_seqs``...).
+    """
+
+    def __init__(self, model: str | Path = "default", **config: object) -> None:
+        self.engine = Engine(EngineConfig(model=str(model), **config))  # type: ignore[arg-type]
+        self.tokenizer = load_tokenizer(self.engine.model_dir)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValidationError(
+                "prompts", "a string", "token id lists (this model has no tokenizer.json)"
+            )
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, token_ids: Sequence[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def _normalise(self, prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, int) for t in prompts):
+            return [prompts]  # a single token-id prompt
+        return prompts
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[GenerationResult]:
+        """Generate for every prompt (strings or token id lists); results in prompt order.
+
+        A bad prompt or parameter raises before any request is queued.
+        """
+        items = self._normalise(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise ValidationError(
+                    "sampling_params",
+                    f"{len(params)} items",
+                    f"one SamplingParams or {len(items)} (one per prompt)",
+                )
+        encoded = [self.encode(p) if isinstance(p, str) else list(p) for p in items]
+        for i, ids in enumerate(encoded):  # validate all before queueing any
+            try:
+                self.engine._validate_prompt(ids)
+                params[i].validate_for_vocab(self.engine.vocab_size)
+            except ValidationError as e:
+                raise type(e)(f"prompts[{i}]: {e.param}", e.value, e.allowed) from None
+        return self._run(items, encoded, params, use_tqdm)
+
+    def _run(self, items, encoded, params, use_tqdm) -> list[GenerationResult]:
+        eng = self.engine
+        results: dict[str, GenerationResult] = {}
+        sample_slot: dict[str, tuple[str, int]] = {}
+        now = time.monotonic()
+        for prompt, ids, sp in zip(items, encoded, params, strict=True):
+            rid = eng.add_request(ids, sp)
+            results[rid] = GenerationResult(
+                rid,
+                prompt if isinstance(prompt, str) else None,
+                ids,
+                [Completion() for _ in range(sp.n)],
+                now,
+            )
+            names = [rid] if sp.n == 1 else [f"{rid}#{k}" for k in range(sp.n)]
+            for k, name in enumerate(names):
+                sample_slot[name] = (rid, k)
+        remaining = len(sample_slot)
+        bar = tqdm(total=remaining, desc="generate", unit="seq", disable=not use_tqdm)
+        while eng.has_unfinished():
+            for o in eng.step():
+                rid, k = sample_slot[o.request_id]
+                res, comp = results[rid], results[rid].outputs[k]
+                comp.token_ids.extend(o.new_token_ids)
+                t = time.monotonic()
+                if res.first_token_time is None and o.new_token_ids:
+                    res.first_token_time = t
+                if o.finished:
+                    comp.finish_reason = o.finish_reason
+                    comp.text = self.decode(comp.token_ids)
+                    res.finish_time = t
+                    bar.update(1)
+        bar.close()
+        return list(results.values())

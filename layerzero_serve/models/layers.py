@@ -1,0 +1,102 @@
+"""Building blocks shared by the decoder models: RMSNorm, rotary embedding, SiLU-gated MLP.
+
+Numerics follow the Hugging Face reference: RMSNorm normalises in float32 and casts back before
+the weight multiply; RoPE angles, cos and sin are computed in float32 and cast to the activation
+dtype before they are applied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from layerzero_serve.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim, normalised in float32."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 ``[head_dim // 2]`` inverse frequencies, with llama3 scaling when configured."""
+    dim = config.head_dim
+    exps = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32) / dim
+    inv_freq = 1.0 / (config.rope_theta**exps)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between
+    # interpolated smoothly.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style (rotate-half) RoPE. cos/sin are computed per call from the token positions, so
+    no table sized by ``max_position_embeddings`` is kept and packed batches need no gather."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: ModelConfig, device: torch.device | str):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)
+        self.reset_buffers(device)
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        """(Re)compute ``inv_freq`` on ``device`` (after building the model on ``meta``)."""
+        if torch.device(device).type == "meta":
+            self.inv_freq = torch.empty(self.config.head_dim // 2, device="meta")
+        else:
+            self.inv_freq = rope_inv_freq(self.config, device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``positions [T]`` -> ``(cos, sin)``, each ``[T, 1, head_dim]`` in ``dtype``."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [T, H, D]`` rotated by ``cos/sin [T, 1, D]`` (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+class GatedMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        kw = {"bias": False, "dtype": dtype, "device": device}
+        self.gate_proj = nn.Linear(hidden, inter, **kw)
+        self.up_proj = nn.Linear(hidden, inter, **kw)
+        self.down_proj = nn.Linear(inter, hidden, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,1 @@
+"""Model runner: inputs from a schedule, the attention interface, forward and sampling."""
