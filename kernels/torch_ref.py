@@ -23,6 +23,7 @@ CUDA-graph safety (no host sync, no data-dependent shapes, device work only):
 from __future__ import annotations
 
 import torch
+
 from layerzero_serve.kernels.metadata import AttentionMetadata
 
 __all__ = ["dense_causal_attention", "paged_attention", "paged_decode", "write_kv"]

@@ -37,6 +37,8 @@ class EngineConfig:
             scheduler budgets and policy (see SchedulerConfig).
         enable_prefix_caching, prefix_hash: prefix cache on/off and its hash (sha256 | fast).
         seed: seed of the sampler's shared generator (unseeded requests).
+        cpu_threads: torch intra-op threads when running on the CPU; None = measure 1 thread
+            against torch's default on the model's width at start-up and keep the faster.
     """
 
     model: str = DEFAULT_MODEL
@@ -55,6 +57,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_hash: str = "sha256"
     seed: int = 0
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -73,6 +76,10 @@ class EngineConfig:
             raise ValidationError("gpu_memory_utilization", self.gpu_memory_utilization, "(0, 1]")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValidationError("max_model_len", self.max_model_len, ">= 2 or None")
+        if self.cpu_threads is not None and (
+            not isinstance(self.cpu_threads, int) or self.cpu_threads < 1
+        ):
+            raise ValidationError("cpu_threads", self.cpu_threads, "an integer >= 1 or None")
         if self.prefix_hash not in HASH_ALGORITHMS:
             raise ValidationError("prefix_hash", self.prefix_hash, f"one of {HASH_ALGORITHMS}")
 

@@ -17,6 +17,7 @@ from layerzero_serve.config import EngineConfig, kv_budget_bytes
 from layerzero_serve.errors import RequestRejectedError, ValidationError
 from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
 from layerzero_serve.model_source import LoadedModel, load_model_source
+from layerzero_serve.runner.cpu_threads import choose_cpu_threads
 from layerzero_serve.runner.model_runner import ModelRunner
 from layerzero_serve.sampling import Sampler, SamplingParams
 from layerzero_serve.scheduler import Scheduler, SchedulerConfig
@@ -45,6 +46,8 @@ class Engine:
         self.model_dir: Path | None = loaded.path
         self.resolved = loaded.resolved
         device, dtype = loaded.resolved.device, loaded.resolved.dtype
+        if device.type == "cpu":
+            choose_cpu_threads(mc.hidden_size, cfg.cpu_threads)
         spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, dtype)
         if cfg.num_kv_blocks is not None:
             kv_cache = KVCache(spec, num_blocks=cfg.num_kv_blocks, device=device)

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from layerzero_serve.scheduler.config import SchedulerConfig
-from layerzero_serve.scheduler.queues import RequestQueue, sort_key_for
-
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.kv_cache.manager import KVCacheManager
+from layerzero_serve.scheduler.config import SchedulerConfig
+from layerzero_serve.scheduler.queues import RequestQueue, sort_key_for
 from layerzero_serve.types import (
     Request,
     RequestStatus,
@@ -123,34 +122,48 @@ class Scheduler:
         out = SchedulerOutput(self._step_id, [], [], [], [], 0, [], [])
         reqs, starts, counts, tables = out.requests, out.starts, out.num_scheduled, out.block_ids
         used = 0
-        running = self.running.items
-        for decode_pass in (True, False):
-            for req in list(running) if decode_pass else list(self.running.items):
-                if used >= max_tokens:
-                    break
-                if req.status is not _RUNNING:
-                    continue  # preempted earlier in this step
-                start = req.num_computed_tokens
-                spec = len(req.spec_token_ids)
-                want = len(req.all_token_ids) + spec - start
-                if (want <= spec + 1) is not decode_pass:
-                    continue
-                n = (
-                    min(want, max_tokens - used)
-                    if decode_pass
-                    else min(want, max_tokens - used, chunk_cap)
-                )
-                ids = kv.allocate_slots(req, n, None, la)
+        prefills: list[Request] = []
+        for req in list(self.running.items):  # pass 1: decode-like rows, in queue order
+            if used >= max_tokens:
+                break
+            if req.status is not _RUNNING:
+                continue  # preempted earlier in this step
+            start = req.num_computed_tokens
+            spec = len(req.spec_token_ids)
+            want = len(req.all_token_ids) + spec - start
+            if want > spec + 1:
+                prefills.append(req)
+                continue
+            n = min(want, max_tokens - used)
+            ids = kv.allocate_slots(req, n, None, la)
+            if ids is None:
+                ids, freed = self._make_room(out, req, n)
+                used -= freed
                 if ids is None:
-                    ids, freed = self._make_room(out, req, n)
-                    used -= freed
-                    if ids is None:
-                        continue
-                reqs.append(req)
-                starts.append(start)
-                counts.append(n)
-                tables.append(ids)
-                used += n
+                    continue
+            reqs.append(req)
+            starts.append(start)
+            counts.append(n)
+            tables.append(ids)
+            used += n
+        for req in prefills:  # pass 2: continuing prefills, in queue order
+            if used >= max_tokens:
+                break
+            if req.status is not _RUNNING:
+                continue
+            start = req.num_computed_tokens
+            n = min(len(req.all_token_ids) - start, max_tokens - used, chunk_cap)
+            ids = kv.allocate_slots(req, n, None, la)
+            if ids is None:
+                ids, freed = self._make_room(out, req, n)
+                used -= freed
+                if ids is None:
+                    continue
+            reqs.append(req)
+            starts.append(start)
+            counts.append(n)
+            tables.append(ids)
+            used += n
         if not out.preempted_ids:
             used = self._admit(out, used, chunk_cap, la)
         out.num_batched_tokens = used

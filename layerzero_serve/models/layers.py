@@ -15,6 +15,23 @@ from torch import nn
 from layerzero_serve.models.config import ModelConfig
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` that skips its random init on the ``meta`` device: meta-tensor init goes
+    through ``torch._refs`` and imports ``torch._dynamo`` (seconds) for nothing."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` that skips its random init on the ``meta`` device (see ``Linear``)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class RMSNorm(nn.Module):
     """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim, normalised in float32."""
 
@@ -94,9 +111,9 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         kw = {"bias": False, "dtype": dtype, "device": device}
-        self.gate_proj = nn.Linear(hidden, inter, **kw)
-        self.up_proj = nn.Linear(hidden, inter, **kw)
-        self.down_proj = nn.Linear(inter, hidden, **kw)
+        self.gate_proj = Linear(hidden, inter, **kw)
+        self.up_proj = Linear(hidden, inter, **kw)
+        self.down_proj = Linear(inter, hidden, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from layerzero_serve.models.config import ModelConfig
-from layerzero_serve.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
+from layerzero_serve.models.layers import (
+    Embedding,
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rope,
+)
 
 if TYPE_CHECKING:
     from layerzero_serve.kernels.metadata import AttentionMetadata
@@ -44,10 +51,10 @@ class LlamaAttention(nn.Module):
         )
         h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         kw = {"dtype": dtype, "device": device}
-        self.q_proj = nn.Linear(h, q, bias=cfg.attention_bias, **kw)
-        self.k_proj = nn.Linear(h, kv, bias=cfg.attention_bias, **kw)
-        self.v_proj = nn.Linear(h, kv, bias=cfg.attention_bias, **kw)
-        self.o_proj = nn.Linear(q, h, bias=cfg.o_proj_bias, **kw)
+        self.q_proj = Linear(h, q, bias=cfg.attention_bias, **kw)
+        self.k_proj = Linear(h, kv, bias=cfg.attention_bias, **kw)
+        self.v_proj = Linear(h, kv, bias=cfg.attention_bias, **kw)
+        self.o_proj = Linear(q, h, bias=cfg.o_proj_bias, **kw)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
@@ -96,9 +103,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: Device):
         super().__init__()
-        self.embed_tokens = nn.Embedding(
-            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device
-        )
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers)
         )
@@ -123,7 +128,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.dtype = dtype
         self.model = LlamaModel(config, dtype, device)
-        self.lm_head = nn.Linear(
+        self.lm_head = Linear(
             config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device
         )
         self.tie_weights()

@@ -39,18 +39,33 @@ def case(request, tmp_path_factory):
     expected = []
     with torch.no_grad():
         for p in prompts:
-            out = hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False,
-                              pad_token_id=0, eos_token_id=None)
-            expected.append(out[0, len(p):].tolist())
+            out = hf.generate(
+                torch.tensor([p]),
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+            expected.append(out[0, len(p) :].tolist())
     return path, prompts, expected
 
 
 def _run(path, prompts, **cfg) -> list[list[int]]:
     eng = Engine(model=str(path), dtype="float32", device="cpu", block_size=4, **cfg)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
-    ids = [eng.add_request(p, params) for p in prompts]
-    got: dict[str, list[int]] = {i: [] for i in ids}
+    # The longest prompt goes first and is prefilled alone, so the later ones that share its
+    # prefix find it in the cache (requests admitted in the same step cannot share).
+    last = len(prompts) - 1
+    ids = {last: eng.add_request(prompts[last], params)}
+    got: dict[str, list[int]] = {ids[last]: []}
     reasons = {}
+    first = eng.step()
+    for i, p in enumerate(prompts[:last]):
+        ids[i] = eng.add_request(p, params)
+        got[ids[i]] = []
+    ids = [ids[i] for i in range(len(prompts))]
+    for o in first:
+        got[o.request_id].extend(o.new_token_ids)
     while eng.has_unfinished():
         for o in eng.step():
             got[o.request_id].extend(o.new_token_ids)

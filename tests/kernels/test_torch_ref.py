@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.torch_ref import (
     dense_causal_attention,
@@ -24,7 +25,6 @@ from layerzero_serve.kernels.torch_ref import (
     paged_decode,
     write_kv,
 )
-
 from layerzero_serve.kv_cache.storage import build_block_table, build_slot_mapping
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -484,3 +484,43 @@ def test_blocks_needed_is_ceil_division():
             while want * bs < n:
                 want += 1
             assert mgr.blocks_needed(n) == want
+
+
+def test_negative_token_counts_rejected_on_admission():
+    mgr = KVCacheManager(num_blocks=8, block_size=4)
+    r = req("R", [1, 2, 3])
+    before = pool_snapshot(mgr)
+    for n, la in ((-1, 0), (1, -1)):
+        with pytest.raises(ValidationError) as ei:
+            mgr.allocate_slots(r, n, None, la)
+        assert "num_new_tokens" in ei.value.param or "num_lookahead_tokens" in ei.value.param
+    assert pool_snapshot(mgr) == before
+    assert "R" not in mgr.owned_blocks()
+
+
+def test_negative_token_counts_rejected_for_running_request():
+    """The same bad input must be rejected whatever the request's state (a running request
+    whose table already has room must not silently accept ``num_new_tokens=-1``)."""
+    mgr = KVCacheManager(num_blocks=8, block_size=4)
+    r = req("R", [1, 2, 3])
+    assert mgr.allocate_slots(r, 3) == [1]
+    r.num_computed_tokens = 2
+    with pytest.raises(ValidationError):
+        mgr.allocate_slots(r, -1)
+
+
+def test_prefix_only_on_admission():
+    mgr = KVCacheManager(num_blocks=8, block_size=2)
+    a = req("A", [1, 2, 3, 4, 5])
+    prefill(mgr, a)
+    b = req("B", [1, 2, 3, 4, 5])
+    m = mgr.match_prefix(b)
+    assert ids_of(m.blocks) == [1, 2]
+    assert mgr.allocate_slots(b, 1, m) == [1, 2, 4]
+    b.num_computed_tokens = 5
+    before = pool_snapshot(mgr)
+    with pytest.raises(ValidationError) as ei:
+        mgr.allocate_slots(b, 0, m)  # a second prefix for a request that holds blocks
+    assert ei.value.param == "prefix"
+    assert pool_snapshot(mgr) == before
+    mgr.check_integrity()

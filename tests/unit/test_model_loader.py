@@ -393,3 +393,23 @@ def test_model_config_is_frozen():
     with pytest.raises((AttributeError, TypeError)):
         c.hidden_size = 1  # type: ignore[misc]
     assert math.isclose(c.rope_theta, 10000.0)
+
+
+def test_meta_construction_stays_cheap(tmp_path):
+    """Building on ``meta`` must not run nn init (meta init imports torch._dynamo: seconds)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps(DUMMY_PRESETS["dummy:tiny"]))
+    code = (
+        "import sys, torch\n"
+        "if 'torch._dynamo' in sys.modules: print('preloaded'); raise SystemExit\n"
+        "from layerzero_serve.models import LlamaForCausalLM, build_dummy_model, load_config\n"
+        "build_dummy_model('dummy:tiny')\n"
+        f"LlamaForCausalLM(load_config({str(tmp_path)!r}), device='meta')\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    if out.stdout.strip() == "preloaded":
+        pytest.skip("this torch imports torch._dynamo at import time")
+    assert out.stdout.strip() == "False"

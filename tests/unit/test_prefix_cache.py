@@ -204,6 +204,21 @@ def test_stats_count_queried_and_hit_tokens():
     assert mgr.stats.hit_rate == pytest.approx(12 / 24)
 
 
+def test_stats_only_when_recorded():
+    mgr = make("sha256", block_size=4)
+    kv = ShadowKV(mgr)
+    kv.admit(req("A", range(9)))
+    q, h = mgr.stats.queries, mgr.stats.hits
+    m = mgr.match_prefix(req("B", range(9)), record_stats=False)
+    assert m.num_tokens == 8
+    assert (mgr.stats.queries, mgr.stats.hits) == (q, h)
+    mgr.record_prefix_lookup(9, 8)
+    assert (mgr.stats.queries, mgr.stats.hits) == (q + 9, h + 8)
+    off = make("sha256", enable_prefix_caching=False)
+    off.record_prefix_lookup(9, 8)
+    assert (off.stats.queries, off.stats.hits) == (0, 0)
+
+
 # ---- salts, adapters and hash algorithms ----------------------------------------------------
 
 KEY_PAIRS = [
@@ -573,6 +588,20 @@ def test_trim_never_drops_committed_blocks():
     assert free_ids(mgr)[:2] == [3, 4]
     mgr.check_integrity()
     mgr.trim(req("unknown", [1]), 0)  # no-op
+    mgr.check_integrity()
+
+
+def test_trim_never_drops_prefix_hit_blocks():
+    mgr = make("sha256", num_blocks=16, block_size=4)
+    kv = ShadowKV(mgr)
+    kv.admit(req("A", range(9)))  # blocks 1, 2 cached
+    b = req("B", range(10))
+    m, ids = kv.admit(b, n=1, commit=False)  # hits blocks 1, 2; computes token 8 only
+    assert ids_of(m.blocks) == [1, 2] and ids == [1, 2, 4]
+    assert b.num_computed_tokens == 9
+    mgr.trim(b, 0)  # the hit blocks count as committed: only block 4 may go
+    assert mgr.block_ids("B") == [1, 2]
+    assert [mgr.pool.blocks[i].ref_cnt for i in (1, 2, 4)] == [2, 2, 0]  # A holds 1, 2 too
     mgr.check_integrity()
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 from fake_model import FakeModel, reference_output
-from layerzero_serve.scheduler import Scheduler, SchedulerConfig
 
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.kv_cache import KVCacheManager
+from layerzero_serve.scheduler import Scheduler, SchedulerConfig
 from layerzero_serve.types import Request, RequestOutput, RequestStatus
 
 BS = 4

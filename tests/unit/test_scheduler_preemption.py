@@ -6,9 +6,9 @@ import random
 
 import pytest
 from fake_model import FakeModel, reference_output
-from layerzero_serve.scheduler import Scheduler, SchedulerConfig
 
 from layerzero_serve.kv_cache import KVCacheManager
+from layerzero_serve.scheduler import Scheduler, SchedulerConfig
 from layerzero_serve.types import Request, RequestStatus
 
 BLOCK_SIZE = 4

@@ -1,0 +1,20 @@
+"""Shared fixtures for end-to-end tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerzero_serve.default_model import ensure_default_model
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory):
+    """The embedded default model, written once per test session into a temporary cache."""
+    return ensure_default_model(tmp_path_factory.mktemp("lz_cache"))
+
+
+@pytest.fixture
+def lz_cache(monkeypatch, default_model_dir):
+    """Point LZ_CACHE_DIR at the session's cache so 'default' resolves without re-writing."""
+    monkeypatch.setenv("LZ_CACHE_DIR", str(default_model_dir.parent))
+    return default_model_dir
