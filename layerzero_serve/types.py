@@ -73,6 +73,10 @@ class Request:
     num_preemptions: int = 0
     finish_detail: str = ""
     spec_token_ids: list[int] = field(default_factory=list)
+    # Owned by the KV cache manager, mirrored here for the scheduler's decode fast path: the
+    # live block table, and how many token slots it may write without asking for more.
+    kv_block_ids: list[int] = field(default_factory=list)
+    kv_capacity: int = 0
     # Derived at admission by the scheduler so the per-token stop check is two lookups.
     stop_set: frozenset[int] = frozenset()
     stop_len: int = 0  # total length (prompt + output) at which the request ends

@@ -135,7 +135,10 @@ class Scheduler:
                 prefills.append(req)
                 continue
             n = min(want, max_tokens - used)
-            ids = kv.allocate_slots(req, n, None, la)
+            if start + n + la <= req.kv_capacity:  # room already reserved: no KV call
+                ids = req.kv_block_ids
+            else:
+                ids = kv.allocate_slots(req, n, None, la)
             if ids is None:
                 ids, freed = self._make_room(out, req, n)
                 used -= freed

@@ -64,7 +64,8 @@ def root_hash(
         return seed
     salt_ids = list(cache_salt.encode()) if cache_salt is not None else []
     # Lengths and a separator keep (salt, adapter) pairs unambiguous.
-    keys = [len(salt_ids), *salt_ids, -1, -2 if adapter_id is None else adapter_id]
+    has_adapter = adapter_id is not None
+    keys = [len(salt_ids), *salt_ids, -1, int(has_adapter), adapter_id if has_adapter else 0]
     return hash_fn(seed, keys)
 
 

@@ -50,6 +50,15 @@ def check_integrity(mgr: KVCacheManager) -> None:
     for rid, blocks in mgr.owned_blocks().items():
         ids = [b.block_id for b in blocks]
         _require(ids == mgr.block_ids(rid), f"{rid}: block table out of sync with blocks")
+        req = mgr._requests[rid]
+        _require(req.kv_block_ids is mgr.block_ids(rid), f"{rid}: request's table is stale")
+        _require(req.kv_capacity <= len(ids) * mgr.block_size, f"{rid}: capacity too large")
+        comp = req.num_computed_tokens
+        if req.kv_capacity > comp and comp % mgr.block_size and comp // mgr.block_size < len(ids):
+            _require(
+                blocks[comp // mgr.block_size].ref_cnt == 1,
+                f"{rid}: may write into a shared block without copying it",
+            )
         _require(NULL_BLOCK_ID not in ids, f"{rid}: owns the null block")
         owners.update(ids)
     free_set = set(free_ids)

@@ -201,21 +201,24 @@ class KVCacheManager:
         Copy-on-write: writing into a partially filled block shared after ``fork`` first moves
         the writer to a private copy, recorded in ``pending_copies``.
         """
-        rid = request.request_id
-        blocks = self._req_blocks.get(rid)
-        bs = self.block_size
-        if blocks is not None and prefix is None:  # fast path: a running request's next tokens
-            computed = request.num_computed_tokens
-            if computed + num_new_tokens + num_lookahead_tokens <= len(blocks) * bs and (
-                computed % bs == 0 or num_new_tokens == 0 or blocks[computed // bs].ref_cnt == 1
-            ):
-                return self._req_block_ids[rid]
         if num_new_tokens < 0 or num_lookahead_tokens < 0:
             raise ValidationError(
                 "num_new_tokens/num_lookahead_tokens",
                 (num_new_tokens, num_lookahead_tokens),
                 ">= 0",
             )
+        rid = request.request_id
+        blocks = self._req_blocks.get(rid)
+        bs = self.block_size
+        if blocks is not None and prefix is None:  # fast path: a running request's next tokens
+            computed = request.num_computed_tokens
+            reserve = num_new_tokens + num_lookahead_tokens
+            if computed + reserve <= len(blocks) * bs and (
+                computed % bs == 0 or reserve == 0 or blocks[computed // bs].ref_cnt == 1
+            ):
+                if computed % bs == 0 or blocks[computed // bs].ref_cnt == 1:
+                    request.kv_capacity = len(blocks) * bs
+                return self._req_block_ids[rid]
         hits = prefix.blocks if prefix is not None else ()
         if hits and blocks:
             raise ValidationError("prefix", f"{len(hits)} blocks", "only on a request's admission")
@@ -223,9 +226,11 @@ class KVCacheManager:
         computed = request.num_computed_tokens + len(hits) * bs
         total = computed + num_new_tokens + num_lookahead_tokens
         num_new_blocks = -(-total // bs) - num_blocks - len(hits)
+        # Copy-on-write when any slot this call reserves (new or lookahead) lies in a partial
+        # block shared with a fork.
         cow = (
             computed % bs != 0
-            and num_new_tokens > 0
+            and num_new_tokens + num_lookahead_tokens > 0
             and num_blocks > computed // bs
             and blocks[computed // bs].ref_cnt > 1
         )
@@ -252,6 +257,8 @@ class KVCacheManager:
             new = pool.allocate(num_new_blocks)
             blocks.extend(new)
             ids.extend(b.block_id for b in new)
+        request.kv_block_ids = ids
+        request.kv_capacity = len(blocks) * bs
         return ids
 
     def _copy_on_write(self, blocks: list[Block], ids: list[int], idx: int) -> None:
@@ -304,6 +311,8 @@ class KVCacheManager:
         del self._req_block_ids[rid]
         del self._num_committed[rid]
         del self._requests[rid]
+        request.kv_block_ids = []
+        request.kv_capacity = 0
         self.pool.free(reversed(blocks))
 
     def trim(self, request: Request, num_tokens: int) -> None:
@@ -318,6 +327,7 @@ class KVCacheManager:
             extra = blocks[keep:]
             del blocks[keep:]
             del self._req_block_ids[rid][keep:]
+            request.kv_capacity = min(request.kv_capacity, keep * self.block_size)
             self.pool.free(reversed(extra))
 
     def fork(self, parent: Request, child: Request) -> None:
@@ -336,6 +346,13 @@ class KVCacheManager:
         self._req_block_ids[child.request_id] = [b.block_id for b in blocks]
         self._num_committed[child.request_id] = min(self._num_committed.get(pid, 0), keep)
         self._requests[child.request_id] = child
+        # A shared partial block must be copied before either side writes into it: cap both
+        # at their computed tokens so their next write takes the allocating (copying) path.
+        computed = parent.num_computed_tokens
+        child.kv_block_ids = self._req_block_ids[child.request_id]
+        child.kv_capacity = computed
+        if computed % self.block_size:
+            parent.kv_capacity = min(parent.kv_capacity, computed)
         child.num_computed_tokens = parent.num_computed_tokens
         child.block_hashes = list(parent.block_hashes)
 
