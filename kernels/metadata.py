@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -31,6 +32,8 @@ class AttentionMetadata:
         max_seq_len: longest ``seq_lens`` entry.
         query_start_loc_cpu: host copy of ``query_start_loc`` as a list.
         seq_lens_cpu: host copy of ``seq_lens`` as a list.
+        block_tables_cpu: host copy of ``block_tables`` (int32 numpy), for kernels whose
+            planning needs page lists on the host (FlashInfer); None when not provided.
     """
 
     num_seqs: int
@@ -44,6 +47,7 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    block_tables_cpu: np.ndarray | None = None
 
     @property
     def is_decode_only(self) -> bool:

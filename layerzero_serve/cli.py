@@ -1,4 +1,4 @@
-"""``layerzero-serve``: ``demo`` (the README's main job) and ``generate``."""
+"""``layerzero-serve``: ``demo`` (the README's main job), ``generate``, ``doctor``, ``explain``."""
 
 from __future__ import annotations
 
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--quiet", action="store_true")
     gen.set_defaults(func=cmd_generate)
+    from layerzero_serve.cli_doctor import add_parsers
+
+    add_parsers(sub)
     return ap
 
 

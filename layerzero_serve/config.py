@@ -39,6 +39,9 @@ class EngineConfig:
         seed: seed of the sampler's shared generator (unseeded requests).
         cpu_threads: torch intra-op threads when running on the CPU; None = measure 1 thread
             against torch's default on the model's width at start-up and keep the faster.
+        enforce_eager: never capture CUDA graphs (the reference for graph correctness).
+        max_graph_batch: largest captured decode bucket (None = min(max_num_seqs, 256));
+            buckets are 1, 2, 4, 8, then every 8. Larger batches run eagerly.
     """
 
     model: str = DEFAULT_MODEL
@@ -58,6 +61,8 @@ class EngineConfig:
     prefix_hash: str = "sha256"
     seed: int = 0
     cpu_threads: int | None = None
+    enforce_eager: bool = False
+    max_graph_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -80,6 +85,8 @@ class EngineConfig:
             not isinstance(self.cpu_threads, int) or self.cpu_threads < 1
         ):
             raise ValidationError("cpu_threads", self.cpu_threads, "an integer >= 1 or None")
+        if self.max_graph_batch is not None and not 1 <= self.max_graph_batch <= 1024:
+            raise ValidationError("max_graph_batch", self.max_graph_batch, "[1, 1024] or None")
         if self.prefix_hash not in HASH_ALGORITHMS:
             raise ValidationError("prefix_hash", self.prefix_hash, f"one of {HASH_ALGORITHMS}")
 

@@ -18,9 +18,11 @@ from layerzero_serve.errors import RequestRejectedError, ValidationError
 from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
 from layerzero_serve.model_source import LoadedModel, load_model_source
 from layerzero_serve.runner.cpu_threads import choose_cpu_threads
+from layerzero_serve.runner.memory import measure_graph_memory
 from layerzero_serve.runner.model_runner import ModelRunner
 from layerzero_serve.sampling import Sampler, SamplingParams
 from layerzero_serve.scheduler import Scheduler, SchedulerConfig
+from layerzero_serve.selection.plans import ModelShape, batch_buckets
 from layerzero_serve.types import Request, RequestOutput
 
 logger = logging.getLogger("layerzero_serve")
@@ -49,10 +51,25 @@ class Engine:
         if device.type == "cpu":
             choose_cpu_threads(mc.hidden_size, cfg.cpu_threads)
         spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, dtype)
+        shape = ModelShape(
+            str(dtype).removeprefix("torch."),
+            mc.head_dim,
+            mc.num_heads,
+            mc.num_kv_heads,
+            mc.vocab_size,
+        )
+        use_graphs = device.type == "cuda" and not cfg.enforce_eager
+        buckets = batch_buckets(cfg.max_graph_batch or min(cfg.max_num_seqs, 256))
+        max_len = loaded.resolved.max_model_len
         if cfg.num_kv_blocks is not None:
             kv_cache = KVCache(spec, num_blocks=cfg.num_kv_blocks, device=device)
         else:
-            kv_cache = KVCache(spec, budget_bytes=kv_budget_bytes(cfg, device), device=device)
+            budget = kv_budget_bytes(cfg, device)
+            if use_graphs:  # graph memory is measured first and kept out of the KV budget
+                budget -= measure_graph_memory(
+                    loaded.model, spec, shape, buckets[-1], max_len, device, cfg.max_num_seqs
+                )
+            kv_cache = KVCache(spec, budget_bytes=budget, device=device)
         logger.info(
             "KV pool: %d blocks of %d tokens, %.2f GiB",
             kv_cache.num_blocks,
@@ -71,7 +88,11 @@ class Engine:
             policy=cfg.policy,
         )
         self.scheduler = Scheduler(sched_cfg, self.kv_manager)
-        self.runner = ModelRunner(loaded.model, kv_cache, Sampler(seed=cfg.seed), device)
+        self.runner = ModelRunner(
+            loaded.model, shape, kv_cache, Sampler(seed=cfg.seed), device, cfg.max_num_seqs
+        )
+        if use_graphs:
+            self.runner.enable_graphs(buckets, min(max_len, self.scheduler.max_seq_len))
         eos_ids = list(mc.eos_token_ids)
         self.eos_token_id: int | None = eos_ids[0] if eos_ids else None
         self._extra_stop_ids = frozenset(eos_ids[1:])
@@ -195,7 +216,11 @@ class Engine:
             "prefix_cache_hit_tokens": kv.stats.hits,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_generated_tokens": self.num_generated_tokens,
-            "kernels": {"attention": self.runner.attn.name, "sampling": "torch_ref"},
+            "kernels": {
+                "attention_decode": self.runner.attn.decode.choice.name,
+                "attention_prefill": self.runner.attn.prefill.choice.name,
+                "sampling": "torch.sampler",
+            },
             "kv_blocks": kv.num_blocks,
             "timings_s": self.runner.timings.as_dict(),
             "steps": self.runner.timings.steps,

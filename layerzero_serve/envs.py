@@ -17,6 +17,16 @@ def log_level() -> str:
     return os.environ.get("LZ_LOG_LEVEL", "INFO").upper()
 
 
-def policy_env() -> str | None:
-    """``LZ_KERNEL_POLICY``: kernel selection policy overrides (see selection)."""
-    return os.environ.get("LZ_KERNEL_POLICY")
+def kernel_policy() -> str | None:
+    """``LZ_KERNEL_POLICY``: kernel selection policy entries (see selection.policy)."""
+    return os.environ.get("LZ_KERNEL_POLICY") or None
+
+
+def kernel_policy_file() -> str | None:
+    """``LZ_KERNEL_POLICY_FILE``: a YAML kernel selection policy (see selection.policy)."""
+    return os.environ.get("LZ_KERNEL_POLICY_FILE") or None
+
+
+def timing_table() -> str | None:
+    """``LZ_TIMING_TABLE``: JSON of measured kernel timings used to score candidates."""
+    return os.environ.get("LZ_TIMING_TABLE") or None

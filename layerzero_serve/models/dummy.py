@@ -79,6 +79,24 @@ DUMMY_PRESETS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
     },
+    # Small but with head_dim 128 (the head size GPU kernels are prebuilt for): GPU tests.
+    "dummy:small-d128": {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 2048,
+        "hidden_size": 512,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    },
 }
 
 

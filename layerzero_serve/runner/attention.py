@@ -1,31 +1,56 @@
 """The runtime's attention interface: what every model attention layer calls.
 
-``PagedAttention(kv_cache)(layer_idx, q, k, v, meta)`` writes this step's K/V into the paged
-cache through ``meta.slot_mapping`` and attends over the whole sequence through
-``meta.block_tables``. Which kernel does it is decided once per plan (the selection engine);
-until then the torch reference kernels serve every backend.
+``AttentionDispatch(kv_cache, kernels)`` holds one implementation per phase, chosen by the
+selection engine once per plan (decode, prefill/mixed). Each step, ``begin_step(meta)`` picks
+the phase's implementation and runs its host-side ``plan``; each layer then calls
+``dispatch(layer_idx, q, k, v, meta)``, which writes this step's K/V into the paged cache
+through ``meta.slot_mapping`` and attends through ``meta.block_tables``. No selection happens
+per step or per layer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from layerzero_serve.kernels import torch_ref
+from layerzero_serve.kernels.attention_api import PagedAttentionImpl
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kv_cache.storage import KVCache
+from layerzero_serve.selection.selector import KernelChoice
 
 
-class PagedAttention:
-    """Callable attention over a KVCache, with the torch reference kernels.
+@dataclass(slots=True)
+class PhaseKernel:
+    choice: KernelChoice
+    impl: PagedAttentionImpl
+
+
+class AttentionDispatch:
+    """Callable attention over a KVCache with per-phase kernels.
 
     Shapes: q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]`` in q's dtype.
-    Decode-only batches take the vectorised decode path. Not graph-safe (host lists are read).
     """
 
-    name = "torch_ref"
-
-    def __init__(self, kv_cache: KVCache) -> None:
+    def __init__(self, kv_cache: KVCache, decode: PhaseKernel, prefill: PhaseKernel) -> None:
         self.kv_cache = kv_cache
+        self.decode = decode
+        self.prefill = prefill
+        self._active = prefill
+
+    @property
+    def name(self) -> str:
+        return f"decode={self.decode.choice.name}, prefill={self.prefill.choice.name}"
+
+    def begin_step(self, meta: AttentionMetadata) -> PhaseKernel:
+        """Pick the phase's kernel and plan it (host work, once per step, outside graphs)."""
+        self._active = (
+            self.decode
+            if meta.is_decode_only and (meta.num_tokens == meta.num_seqs)
+            else self.prefill
+        )
+        self._active.impl.plan(meta)
+        return self._active
 
     def __call__(
         self,
@@ -35,8 +60,7 @@ class PagedAttention:
         v: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        impl = self._active.impl
         cache = self.kv_cache.tensors[layer_idx]
-        torch_ref.write_kv(k, v, cache, meta.slot_mapping)
-        if meta.is_decode_only and meta.num_tokens == meta.num_seqs:
-            return torch_ref.paged_decode(q, cache, meta.block_tables, meta.seq_lens)
-        return torch_ref.paged_attention(q, cache, meta)
+        impl.write_kv(k, v, cache, meta)
+        return impl.run(q, cache, meta)

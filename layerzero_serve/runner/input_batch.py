@@ -85,6 +85,7 @@ def prepare_batch(out: SchedulerOutput, block_size: int, device: torch.device) -
         max_seq_len=int(ends.max(initial=0)),
         query_start_loc_cpu=qsl.tolist(),
         seq_lens_cpu=ends.tolist(),
+        block_tables_cpu=table,
     )
     return ForwardBatch(
         input_ids=_pin(torch.tensor(tokens, dtype=torch.int64), device),

@@ -1,17 +1,33 @@
-"""Executes one scheduled step: inputs -> forward -> logits of sampling rows -> tokens."""
+"""Executes one scheduled step: inputs -> forward -> logits of sampling rows -> tokens.
+
+Kernels are chosen once per plan at construction (``select`` per phase); each step only reads
+the decisions. An automatically chosen kernel that raises marks its backend unhealthy, the
+plans are re-selected (the next candidate takes over) and the step is retried; a locked
+kernel's failure, or the torch reference's, propagates.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from layerzero_serve.kv_cache.storage import KVCache
-from layerzero_serve.runner.attention import PagedAttention
+from layerzero_serve.kernels.spec import Op
+from layerzero_serve.kv_cache.storage import KVCache, build_block_table
+from layerzero_serve.runner.attention import AttentionDispatch, PhaseKernel
+from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
 from layerzero_serve.runner.input_batch import prepare_batch
 from layerzero_serve.sampling import Sampler
+from layerzero_serve.selection.device import probe_device
+from layerzero_serve.selection.plans import ModelShape, base_context
+from layerzero_serve.selection.selector import Selector, get_selector
 from layerzero_serve.types import SchedulerOutput
+
+logger = logging.getLogger("layerzero_serve")
+REFERENCE_BACKEND = "torch"
 
 
 @dataclass(slots=True)
@@ -32,22 +48,109 @@ class StepTimings:
 
 
 class ModelRunner:
-    """Owns the model, the KV tensors, the attention interface and the sampler."""
+    """Owns the model, the KV tensors, the attention dispatch and the sampler."""
 
     def __init__(
-        self, model: torch.nn.Module, kv_cache: KVCache, sampler: Sampler, device: torch.device
+        self,
+        model: torch.nn.Module,
+        shape: ModelShape,
+        kv_cache: KVCache,
+        sampler: Sampler,
+        device: torch.device,
+        max_num_seqs: int,
+        selector: Selector | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.attn = PagedAttention(kv_cache)
         self.sampler = sampler
         self.device = device
+        self.selector = selector or get_selector()
+        dev = probe_device(device)
+        bs = kv_cache.spec.block_size
+        self.plans = {
+            Op.ATTN_DECODE: base_context(Op.ATTN_DECODE, dev, shape, bs, max_num_seqs, 1, False),
+            Op.ATTN_PREFILL: base_context(Op.ATTN_PREFILL, dev, shape, bs, max_num_seqs, 0, False),
+        }
+        self._dev_info, self._shape = dev, shape
+        self.attn = self._select_kernels()
         self.generators: dict[str, torch.Generator] = {}
         self.timings = StepTimings()
+        self.graphs: DecodeGraphRunner | None = None
+
+    # ---- CUDA graphs -------------------------------------------------------------------------
+    def graph_kernel(self, batch: int) -> PhaseKernel:
+        """The decode kernel for one captured bucket: selected for that bucket's plan."""
+        ctx = base_context(
+            Op.ATTN_DECODE,
+            self._dev_info,
+            self._shape,
+            self.kv_cache.spec.block_size,
+            batch,
+            1,
+            True,
+        )
+        self.plans[(Op.ATTN_DECODE, batch)] = ctx
+        choice = self.selector.select(Op.ATTN_DECODE, ctx)
+        return PhaseKernel(choice, choice.spec.factory(ctx))
+
+    def enable_graphs(self, buckets: list[int], max_model_len: int, progress: bool = True) -> None:
+        """Capture the decode forward for every bucket (needs CUDA)."""
+        width = -(-max_model_len // self.kv_cache.spec.block_size)
+        self.graphs = DecodeGraphRunner(
+            self.model, self.kv_cache, self.graph_kernel, buckets, width, self.device
+        )
+        with torch.inference_mode():
+            self.graphs.capture(progress)
+
+    def _graph_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Logits of a pure decode step through the captured graphs, or None to run eagerly."""
+        g = self.graphs
+        n = len(out.requests)
+        if g is None or n > g.max_batch or any(c != 1 for c in out.num_scheduled):
+            return None
+        if any(
+            s + 1 != len(r.all_token_ids) for r, s in zip(out.requests, out.starts, strict=True)
+        ):
+            return None  # a 1-token prefill chunk short of the prompt's end: no sampling
+        bs = self.kv_cache.spec.block_size
+        starts = np.asarray(out.starts, dtype=np.int64)
+        table = build_block_table(out.block_ids)
+        ids = np.fromiter(
+            (r.all_token_ids[s] for r, s in zip(out.requests, out.starts, strict=True)),
+            dtype=np.int64,
+            count=n,
+        )
+        slots = table[np.arange(n), starts // bs].astype(np.int64) * bs + starts % bs
+        return g.run(ids, starts, slots, starts + 1, table)
+
+    def _select_kernels(self) -> AttentionDispatch:
+        phases = {}
+        for op, ctx in self.plans.items():
+            choice = self.selector.select(op, ctx)
+            phases[op] = PhaseKernel(choice, choice.spec.factory(ctx))
+        logger.info(
+            "attention kernels: decode=%s, prefill=%s",
+            phases[Op.ATTN_DECODE].choice.name,
+            phases[Op.ATTN_PREFILL].choice.name,
+        )
+        return AttentionDispatch(self.kv_cache, phases[Op.ATTN_DECODE], phases[Op.ATTN_PREFILL])
 
     def _sync(self) -> None:
         if self.timings.sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _forward(self, batch) -> torch.Tensor:
+        while True:
+            phase = self.attn.begin_step(batch.meta)
+            try:
+                return self.model(batch.input_ids, batch.positions, self.attn, batch.meta)
+            except Exception as e:
+                backend = phase.choice.spec.backend
+                if phase.choice.locked or backend == REFERENCE_BACKEND:
+                    raise
+                # Re-running the step rewrites the same K/V slots: the retry is idempotent.
+                self.selector.mark_unhealthy(backend, e)
+                self.attn = self._select_kernels()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[list[int]]:
@@ -56,20 +159,27 @@ class ModelRunner:
         tm = self.timings
         t0 = time.perf_counter()
         self.kv_cache.copy_blocks(out.blocks_to_copy)
-        batch = prepare_batch(out, self.kv_cache.spec.block_size, self.device)
-        self._sync()
-        t1 = time.perf_counter()
-        hidden = self.model(batch.input_ids, batch.positions, self.attn, batch.meta)
         results: list[list[int]] = [[] for _ in out.requests]
-        if batch.sample_rows:
-            logits = self.model.compute_logits(hidden[batch.sample_indices])
+        logits = self._graph_logits(out) if self.graphs is not None else None
+        if logits is not None:
+            sample_rows = list(range(len(out.requests)))
+            t1 = time.perf_counter()
+        else:
+            batch = prepare_batch(out, self.kv_cache.spec.block_size, self.device)
+            sample_rows = batch.sample_rows
+            self._sync()
+            t1 = time.perf_counter()
+            hidden = self._forward(batch)
+            if sample_rows:
+                logits = self.model.compute_logits(hidden[batch.sample_indices])
+        if sample_rows:
             self._sync()
             t2 = time.perf_counter()
-            reqs = [out.requests[i] for i in batch.sample_rows]
+            reqs = [out.requests[i] for i in sample_rows]
             params = [r.sampling_params for r in reqs]
             gens = [self.generators.get(r.request_id) for r in reqs]
             tokens = self.sampler(logits, params, gens).tolist()
-            for row, tok in zip(batch.sample_rows, tokens, strict=True):
+            for row, tok in zip(sample_rows, tokens, strict=True):
                 results[row] = [tok]
         else:
             self._sync()

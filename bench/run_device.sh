@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call: unpack the GPU bundle, install the package (regular install: the device
+# image's setuptools does not map package-dir folders in editable mode), run the gpu-marked
+# tests, doctor, and the GPU benchmarks, writing everything under $OUT.
+#   bash bench/run_device.sh [tests|bench|all]
+set -uo pipefail
+what=${1:-all}
+OUT=${OUT:-/tmp/lz_out}
+mkdir -p "$OUT" /root/lz
+if [ ! -d /root/lz/site ]; then tar xJf .device/*.tar.xz -C /root/lz; fi
+export PYTHONPATH=/root/lz/site PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a
+python3 -m pip install -q --no-deps --no-build-isolation . > "$OUT/pip.log" 2>&1 || cat "$OUT/pip.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt"
+python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" \
+  | tee "$OUT/versions.txt"
+cd /tmp  # import the installed package, not the checkout
+REPO=$OLDPWD
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider \
+    -o addopts="" 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
+  layerzero-serve doctor > "$OUT/doctor.txt" 2>&1
+  layerzero-serve doctor --json > "$OUT/doctor.json" 2>/dev/null
+  timeout 120 layerzero-serve demo --quiet > "$OUT/demo_gpu.txt" 2>&1
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  python3 "$REPO/bench/bench_decode_gpu.py" --out "$OUT" 2>&1 | grep -v "^INFO" | tail -20
+fi

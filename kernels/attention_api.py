@@ -1,0 +1,38 @@
+"""The plan/run contract every paged-attention adapter follows.
+
+* ``plan(meta)``: host work once per step (index buffers, wrapper planning), never captured in
+  a CUDA graph. In graph mode an adapter owns fixed-size buffers sized for its batch bucket and
+  ``plan`` only refills them.
+* ``write_kv(key, value, kv_cache, meta)`` and ``run(query, kv_cache, meta)``: per layer;
+  graph-safe when the kernel's spec says ``graph_safe``.
+
+Shapes: query ``[T, Hq, D]``; key/value ``[T, Hkv, D]``; kv_cache one layer's
+``[num_blocks, 2, block_size, Hkv, D]`` (FlashInfer's NHD paged layout); output ``[T, Hq, D]``
+in the query's dtype; softmax scale ``D ** -0.5``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from layerzero_serve.kernels.metadata import AttentionMetadata
+
+
+class PagedAttentionImpl(Protocol):
+    name: str
+
+    def plan(self, meta: AttentionMetadata) -> None: ...
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None: ...
+
+    def run(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor: ...

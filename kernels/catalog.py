@@ -1,0 +1,31 @@
+"""Every kernel the project knows about: the SPECS of each adapter module. Importing an adapter
+module does not import its third-party library (factories import lazily)."""
+
+from __future__ import annotations
+
+import importlib
+
+from layerzero_serve.kernels.spec import KernelSpec
+
+ADAPTER_MODULES = (
+    "layerzero_serve.kernels.torch_backend",
+    "layerzero_serve.kernels.flashinfer_backend",
+    "layerzero_serve.kernels.triton.backend",
+    "layerzero_serve.kernels.liger_backend",
+    "layerzero_serve.kernels.flash_attn_backend",
+    "layerzero_serve.kernels.xformers_backend",
+)
+
+
+def all_specs() -> list[KernelSpec]:
+    """Specs of every adapter module present in this installation."""
+    out: list[KernelSpec] = []
+    for name in ADAPTER_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not name.startswith(e.name):
+                raise
+            continue
+        out.extend(mod.SPECS)
+    return out

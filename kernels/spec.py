@@ -1,0 +1,173 @@
+"""What a kernel declares about itself: the op it implements, its backend, and the contexts it
+can run in. A leaf module (no runtime imports) so every adapter in kernels/ can declare specs
+and the selection engine can read them.
+
+``KernelSpec.supports(ctx)`` returns None when the kernel can run in ``ctx``, else a
+``Rejection`` with a stable reason code and a human-readable message.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class Op(str, enum.Enum):
+    ATTN_PREFILL = "attention_prefill"
+    ATTN_DECODE = "attention_decode"
+    ATTN_VERIFY = "attention_verify"
+    KV_WRITE = "kv_write"
+    SAMPLING = "sampling"
+    REJECTION_SAMPLING = "rejection_sampling"
+    RMSNORM = "rmsnorm"
+    ROPE = "rope"
+    SWIGLU = "swiglu"
+
+
+GENERATIONS = ("cpu", "turing", "ampere", "ada", "hopper", "blackwell", "unknown")
+
+
+class Reason(str, enum.Enum):
+    """Stable reason codes (part of the public contract: tools may match on them)."""
+
+    BACKEND_UNAVAILABLE = "backend_unavailable"
+    BACKEND_UNHEALTHY = "backend_unhealthy"
+    DEVICE_TYPE = "device_type"
+    SM_TOO_OLD = "sm_too_old"
+    GENERATION = "generation"
+    DTYPE = "dtype"
+    HEAD_DIM = "head_dim"
+    BLOCK_SIZE = "block_size"
+    GQA_RATIO = "gqa_ratio"
+    BATCH_TOO_LARGE = "batch_too_large"
+    Q_LEN = "q_len"
+    NOT_GRAPH_SAFE = "not_graph_safe"
+    DENIED_BY_POLICY = "denied_by_policy"
+    NOT_ALLOWED_BY_POLICY = "not_allowed_by_policy"
+    NOT_LOCKED = "not_locked"
+    CUSTOM = "custom"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    code: Reason
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelContext:
+    """One plan: what the op must handle. Hashable; the selection cache key.
+
+    Attributes:
+        op: the operation.
+        device_type: "cuda" or "cpu".
+        sm: compute capability as major*10+minor (90 = Hopper), 0 on CPU.
+        generation: one of GENERATIONS.
+        dtype: "float32" | "bfloat16" | "float16".
+        head_dim, num_q_heads, num_kv_heads: attention shape (0 when not applicable).
+        block_size: KV block (page) size in tokens (0 when not applicable).
+        batch_bucket: the batch size bucket of the plan (padded batch).
+        q_len: tokens per request (1 decode, k+1 verify, 0 = variable, prefill).
+        graph_mode: the kernel will be replayed inside a captured CUDA graph.
+        vocab_size: for sampling ops (0 otherwise).
+    """
+
+    op: Op
+    device_type: str = "cuda"
+    sm: int = 90
+    generation: str = "hopper"
+    dtype: str = "bfloat16"
+    head_dim: int = 128
+    num_q_heads: int = 32
+    num_kv_heads: int = 8
+    block_size: int = 16
+    batch_bucket: int = 1
+    q_len: int = 1
+    graph_mode: bool = False
+    vocab_size: int = 0
+
+    @property
+    def gqa_ratio(self) -> int:
+        return self.num_q_heads // self.num_kv_heads if self.num_kv_heads else 0
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSpec:
+    """A kernel's declaration. ``None`` in a constraint field means "any".
+
+    Attributes:
+        name: unique kernel name (``flashinfer.decode``...).
+        op: the op it implements.
+        backend: the backend (library) it comes from; its availability gates the kernel.
+        priority: base score; higher wins.
+        graph_safe: may run inside a captured CUDA graph.
+        device_types: device types it runs on.
+        dtypes, head_dims, block_sizes, gqa_ratios: allowed values.
+        min_sm: lowest compute capability (major*10+minor).
+        generations: allowed GPU generations.
+        max_batch: largest batch bucket.
+        q_lens: allowed tokens per request (0 = variable-length prefill).
+        check: extra predicate returning a Rejection or None (for rules the fields cannot say).
+        factory: builds the implementation (``factory(ctx) -> object``), imported lazily.
+        doc: where the constraints come from.
+    """
+
+    name: str
+    op: Op
+    backend: str
+    priority: int = 0
+    graph_safe: bool = False
+    device_types: frozenset[str] = frozenset({"cuda"})
+    dtypes: frozenset[str] | None = None
+    head_dims: frozenset[int] | None = None
+    block_sizes: frozenset[int] | None = None
+    gqa_ratios: frozenset[int] | None = None
+    min_sm: int = 0
+    generations: frozenset[str] | None = None
+    max_batch: int | None = None
+    q_lens: frozenset[int] | None = None
+    check: Callable[[KernelContext], Rejection | None] | None = field(default=None, compare=False)
+    factory: Callable[[KernelContext], object] | None = field(default=None, compare=False)
+    doc: str = ""
+
+    def supports(self, ctx: KernelContext) -> Rejection | None:
+        """None if the kernel can run in ``ctx``; else the first reason it cannot."""
+        if ctx.device_type not in self.device_types:
+            return Rejection(
+                Reason.DEVICE_TYPE, f"runs on {sorted(self.device_types)}, not {ctx.device_type}"
+            )
+        if ctx.device_type == "cuda" and ctx.sm < self.min_sm:
+            return Rejection(Reason.SM_TOO_OLD, f"needs sm_{self.min_sm}+, device is sm_{ctx.sm}")
+        if self.generations is not None and ctx.generation not in self.generations:
+            return Rejection(
+                Reason.GENERATION, f"supports {sorted(self.generations)}, not {ctx.generation}"
+            )
+        if self.dtypes is not None and ctx.dtype not in self.dtypes:
+            return Rejection(Reason.DTYPE, f"dtype {ctx.dtype} not in {sorted(self.dtypes)}")
+        if self.head_dims is not None and ctx.head_dim not in self.head_dims:
+            return Rejection(
+                Reason.HEAD_DIM, f"head_dim {ctx.head_dim} not in {sorted(self.head_dims)}"
+            )
+        if self.block_sizes is not None and ctx.block_size not in self.block_sizes:
+            return Rejection(
+                Reason.BLOCK_SIZE, f"block_size {ctx.block_size} not in {sorted(self.block_sizes)}"
+            )
+        if self.gqa_ratios is not None and ctx.gqa_ratio not in self.gqa_ratios:
+            return Rejection(
+                Reason.GQA_RATIO, f"GQA ratio {ctx.gqa_ratio} not in {sorted(self.gqa_ratios)}"
+            )
+        if self.max_batch is not None and ctx.batch_bucket > self.max_batch:
+            return Rejection(
+                Reason.BATCH_TOO_LARGE, f"batch {ctx.batch_bucket} > max {self.max_batch}"
+            )
+        if self.q_lens is not None and ctx.q_len not in self.q_lens:
+            return Rejection(Reason.Q_LEN, f"q_len {ctx.q_len} not in {sorted(self.q_lens)}")
+        if ctx.graph_mode and not self.graph_safe:
+            return Rejection(Reason.NOT_GRAPH_SAFE, "cannot run inside a captured CUDA graph")
+        if self.check is not None:
+            return self.check(ctx)
+        return None

@@ -1,0 +1,114 @@
+"""The torch reference backend: always available, on CPU and GPU. Decode-only batches use
+the vectorised, graph-safe ``paged_decode``; prefill/mixed batches the per-sequence
+``paged_attention`` (host loops: not graph-safe)."""
+
+from __future__ import annotations
+
+import torch
+
+from layerzero_serve.kernels import torch_ref
+from layerzero_serve.kernels.metadata import AttentionMetadata
+from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
+
+ANY_DEVICE = frozenset({"cpu", "cuda"})
+
+
+class TorchPagedAttention:
+    """plan/write_kv/run over the torch reference kernels (see kernels.attention_api)."""
+
+    def __init__(self, ctx: KernelContext | None = None) -> None:
+        self.name = "torch.paged_attention"
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        self._decode = meta.is_decode_only and meta.num_tokens == meta.num_seqs
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        torch_ref.write_kv(key, value, kv_cache, meta.slot_mapping)
+
+    def run(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        if self._decode:
+            return torch_ref.paged_decode(query, kv_cache, meta.block_tables, meta.seq_lens)
+        return torch_ref.paged_attention(query, kv_cache, meta)
+
+
+def _attn(ctx: KernelContext) -> TorchPagedAttention:
+    return TorchPagedAttention(ctx)
+
+
+def _none(ctx: KernelContext) -> None:
+    return None  # the model's own torch ops implement these: nothing to build
+
+
+SPECS = [
+    KernelSpec(
+        "torch.paged_decode",
+        Op.ATTN_DECODE,
+        "torch",
+        priority=0,
+        graph_safe=True,
+        device_types=ANY_DEVICE,
+        factory=_attn,
+        doc="kernels/torch_ref.py: vectorised gather over the block table, no host sync",
+    ),
+    KernelSpec(
+        "torch.paged_prefill",
+        Op.ATTN_PREFILL,
+        "torch",
+        priority=0,
+        graph_safe=False,
+        device_types=ANY_DEVICE,
+        factory=_attn,
+        doc="per-sequence loop over host lengths",
+    ),
+    KernelSpec(
+        "torch.paged_verify",
+        Op.ATTN_VERIFY,
+        "torch",
+        priority=0,
+        graph_safe=False,
+        device_types=ANY_DEVICE,
+        factory=_attn,
+    ),
+    KernelSpec(
+        "torch.kv_write",
+        Op.KV_WRITE,
+        "torch",
+        priority=0,
+        graph_safe=True,
+        device_types=ANY_DEVICE,
+        factory=_none,
+        doc="index_put_ with padding rows redirected: no host sync",
+    ),
+    KernelSpec(
+        "torch.sampler",
+        Op.SAMPLING,
+        "torch",
+        priority=0,
+        graph_safe=False,
+        device_types=ANY_DEVICE,
+        factory=_none,
+        doc="layerzero_serve.sampling.Sampler: per-row generators, host sync",
+    ),
+    KernelSpec(
+        "torch.rmsnorm",
+        Op.RMSNORM,
+        "torch",
+        graph_safe=True,
+        device_types=ANY_DEVICE,
+        factory=_none,
+    ),
+    KernelSpec(
+        "torch.rope", Op.ROPE, "torch", graph_safe=True, device_types=ANY_DEVICE, factory=_none
+    ),
+    KernelSpec(
+        "torch.swiglu", Op.SWIGLU, "torch", graph_safe=True, device_types=ANY_DEVICE, factory=_none
+    ),
+]

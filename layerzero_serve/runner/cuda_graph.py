@@ -1,0 +1,187 @@
+"""CUDA-graph capture of the decode forward (embedding to logits), one graph per batch bucket.
+
+Buckets are captured largest first into one shared memory pool, each after a warm-up run. All
+graphs read the same static input buffers, filled each step by ONE host-to-device copy of a
+pinned staging buffer laid out as ``[input_ids | positions | slot_mapping | seq_lens |
+block_tables]`` (int32). A batch is padded to the smallest bucket that fits: padding rows get
+slot -1 (they write nothing to the KV cache) and length 1 over the null block (finite outputs
+that nobody reads). Each bucket has its own attention implementation, chosen by the selection
+engine for that bucket's plan (graph mode on), whose ``plan()`` runs on the host before replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from layerzero_serve.kernels.metadata import AttentionMetadata
+from layerzero_serve.kv_cache.storage import KVCache
+from layerzero_serve.runner.attention import AttentionDispatch, PhaseKernel
+
+logger = logging.getLogger("layerzero_serve")
+
+
+@dataclass(slots=True)
+class CapturedBucket:
+    batch: int
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [batch, vocab] float32, written by every replay
+    dispatch: AttentionDispatch
+    meta: AttentionMetadata
+
+
+class DecodeGraphRunner:
+    """Static buffers + one captured graph per bucket.
+
+    Args:
+        model: forward(input_ids, positions, attn, meta) -> hidden; compute_logits(hidden).
+        kv_cache: the KV tensors the graphs bake in.
+        kernel_for_bucket: ``batch -> PhaseKernel`` (selection once per bucket, graph mode on).
+        buckets: batch sizes to capture.
+        max_blocks_per_seq: width of the static block table.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        kernel_for_bucket: Callable[[int], PhaseKernel],
+        buckets: list[int],
+        max_blocks_per_seq: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.kernel_for_bucket = kernel_for_bucket
+        self.buckets = sorted(set(buckets))
+        self.max_batch = self.buckets[-1]
+        self.width = max_blocks_per_seq
+        self.device = device
+        self.block_size = kv_cache.spec.block_size
+        b, m = self.max_batch, self.width
+        n = 4 * b + b * m
+        self._host = torch.zeros(n, dtype=torch.int32, pin_memory=True)
+        self._host_np = self._host.numpy()
+        self._dev = torch.zeros(n, dtype=torch.int32, device=device)
+        self.input_ids = self._dev[0:b]
+        self.positions = self._dev[b : 2 * b]
+        self.slot_mapping = self._dev[2 * b : 3 * b]
+        self.seq_lens = self._dev[3 * b : 4 * b]
+        self.block_tables = self._dev[4 * b :].view(b, m)
+        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, CapturedBucket] = {}
+        self._bucket_of = np.searchsorted(np.asarray(self.buckets), np.arange(b + 1))
+        self.capture_seconds = 0.0
+        self.graph_memory_bytes = 0
+
+    # ---- host staging --------------------------------------------------------------------
+    def _fill(self, n: int, batch: int, ids, positions, slots, seq_lens, table) -> None:
+        """Rows ``[0, n)`` real, ``[n, batch)`` padding; then one H2D copy."""
+        b, m = self.max_batch, self.width
+        h = self._host_np
+        h[0:n], h[b : b + n], h[2 * b : 2 * b + n], h[3 * b : 3 * b + n] = (
+            ids,
+            positions,
+            slots,
+            seq_lens,
+        )
+        h[n:batch] = 0
+        h[b + n : b + batch] = 0
+        h[2 * b + n : 2 * b + batch] = -1  # padding writes nothing
+        h[3 * b + n : 3 * b + batch] = 1  # ... and reads one slot of the null block
+        tab = h[4 * b :].reshape(b, m)
+        tab[:n, : table.shape[1]] = table
+        tab[:n, table.shape[1] :] = 0
+        tab[n:batch] = 0
+        self._dev.copy_(self._host, non_blocking=True)
+
+    def _meta(self, batch: int, seq_lens_cpu: list[int], max_seq_len: int) -> AttentionMetadata:
+        b = self.max_batch
+        return AttentionMetadata(
+            num_seqs=batch,
+            num_tokens=batch,
+            block_size=self.block_size,
+            query_start_loc=self.query_start_loc[: batch + 1],
+            seq_lens=self.seq_lens[:batch],
+            block_tables=self.block_tables[:batch],
+            slot_mapping=self.slot_mapping[:batch],
+            max_query_len=1,
+            max_seq_len=max_seq_len,
+            query_start_loc_cpu=list(range(batch + 1)),
+            seq_lens_cpu=seq_lens_cpu,
+            block_tables_cpu=self._host_np[4 * b :].reshape(b, self.width)[:batch],
+        )
+
+    # ---- capture ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self, progress: bool = True) -> None:
+        """Capture every bucket, largest first, into one memory pool."""
+        t0 = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        mem0 = torch.cuda.memory_reserved(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        max_len = self.width * self.block_size
+        for batch in tqdm(
+            sorted(self.buckets, reverse=True),
+            desc="capture CUDA graphs",
+            unit="bucket",
+            disable=not progress,
+        ):
+            kernel = self.kernel_for_bucket(batch)
+            dispatch = AttentionDispatch(self.kv_cache, kernel, kernel)
+            self._fill(0, batch, [], [], [], [], np.zeros((0, 0), np.int32))
+            meta = self._meta(batch, [1] * batch, max_len)
+            dispatch.begin_step(meta)
+            ids, pos = self.input_ids[:batch], self.positions[:batch]
+            for _ in range(2):  # warm-up: autotuning, lazy inits, allocator
+                self.model.compute_logits(self.model(ids, pos, dispatch, meta))
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.compute_logits(self.model(ids, pos, dispatch, meta))
+            self.graphs[batch] = CapturedBucket(batch, graph, logits, dispatch, meta)
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - t0
+        self.graph_memory_bytes = torch.cuda.memory_reserved(self.device) - mem0
+        logger.info(
+            "captured %d CUDA graphs (buckets %s) in %.2f s, graph memory %.1f MiB",
+            len(self.graphs),
+            self.buckets,
+            self.capture_seconds,
+            self.graph_memory_bytes / 2**20,
+        )
+
+    # ---- replay ----------------------------------------------------------------------------
+    def bucket_for(self, n: int) -> int | None:
+        """Smallest captured bucket >= n, or None above the largest."""
+        if n > self.max_batch:
+            return None
+        return self.buckets[int(self._bucket_of[n])]
+
+    def run(
+        self,
+        ids: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        seq_lens: np.ndarray,
+        table: np.ndarray,
+    ) -> torch.Tensor:
+        """Replay the decode of ``n = len(ids)`` sequences; returns logits ``[n, vocab]`` (a
+        view into the bucket's static output: consume before the next replay)."""
+        n = len(ids)
+        batch = self.bucket_for(n)
+        if batch is None:
+            raise ValueError(f"batch {n} above the largest captured bucket {self.max_batch}")
+        cap = self.graphs[batch]
+        self._fill(n, batch, ids, positions, slots, seq_lens, table)
+        lens = seq_lens.tolist() + [1] * (batch - n)
+        meta = self._meta(batch, lens, int(max(lens)))
+        cap.dispatch.begin_step(meta)  # host-side plan (FlashInfer) for this step's lengths
+        cap.graph.replay()
+        return cap.logits[:n]
