@@ -208,6 +208,7 @@ def main() -> None:
         res["host_batch256"]["host_us_per_step"],
     )
     del eng
+    gc.unfreeze()  # the engine froze its start-up objects; let them be collected now
     gc.collect()
     torch.cuda.empty_cache()
     if not args.skip_hf:

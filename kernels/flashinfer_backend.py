@@ -43,13 +43,29 @@ def _page_lists(meta: AttentionMetadata) -> tuple[np.ndarray, np.ndarray, np.nda
     return indptr, indices, last
 
 
+_workspaces: dict[int, torch.Tensor] = {}
+
+
+def shared_workspace(device: torch.device | None = None) -> torch.Tensor:
+    """One FlashInfer workspace per device, shared by every wrapper: wrappers plan and run one
+    after another (one step, one bucket at a time), never concurrently. Allocated as a normal
+    (non-inference) tensor so planning works inside and outside ``torch.inference_mode``."""
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    ws = _workspaces.get(index)
+    if ws is None:
+        with torch.inference_mode(False):
+            ws = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=f"cuda:{index}")
+        _workspaces[index] = ws
+    return ws
+
+
 class _Base:
     def __init__(self, ctx: KernelContext) -> None:
         import flashinfer  # noqa: F401  (lazy: only when the kernel is built)
 
         self.ctx = ctx
         self.dtype = _DTYPES[ctx.dtype]
-        self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+        self.workspace = shared_workspace()
 
     def write_kv(
         self,
@@ -70,26 +86,26 @@ class FlashInferDecode(_Base):
 
         self.name = "flashinfer.decode"
         self._flashinfer = flashinfer
-        self._wrapper = (
-            None
-            if ctx.graph_mode
-            else flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
-        )
+        self._wrapper = None
+        if not ctx.graph_mode:
+            with torch.inference_mode(False):  # its buffers are refilled by every plan()
+                self._wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
 
     def _graph_wrapper(self, meta: AttentionMetadata):
         b = self.ctx.batch_bucket
         width = meta.block_tables.shape[1]
-        self._indptr = torch.zeros(b + 1, dtype=torch.int32, device="cuda")
-        self._indices = torch.zeros(b * width, dtype=torch.int32, device="cuda")
-        self._last = torch.zeros(b, dtype=torch.int32, device="cuda")
-        return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace,
-            "NHD",
-            use_cuda_graph=True,
-            paged_kv_indptr_buffer=self._indptr,
-            paged_kv_indices_buffer=self._indices,
-            paged_kv_last_page_len_buffer=self._last,
-        )
+        with torch.inference_mode(False):  # refilled by plan() inside and outside inference
+            self._indptr = torch.zeros(b + 1, dtype=torch.int32, device="cuda")
+            self._indices = torch.zeros(b * width, dtype=torch.int32, device="cuda")
+            self._last = torch.zeros(b, dtype=torch.int32, device="cuda")
+            return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace,
+                "NHD",
+                use_cuda_graph=True,
+                paged_kv_indptr_buffer=self._indptr,
+                paged_kv_indices_buffer=self._indices,
+                paged_kv_last_page_len_buffer=self._last,
+            )
 
     def plan(self, meta: AttentionMetadata) -> None:
         if self._wrapper is None:
@@ -124,7 +140,8 @@ class FlashInferPrefill(_Base):
         import flashinfer
 
         self.name = "flashinfer.prefill"
-        self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        with torch.inference_mode(False):
+            self._wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
 
     def plan(self, meta: AttentionMetadata) -> None:
         indptr, indices, last = _page_lists(meta)

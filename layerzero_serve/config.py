@@ -141,8 +141,9 @@ def kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> int:
         return _CPU_KV_BYTES
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
-    # Leave room for activations of the largest batch (a fixed reserve; refined with graphs).
-    budget = int(total * cfg.gpu_memory_utilization) - used - (1 << 30)
+    # Leave room for the activations of the largest prefill batch (a fixed reserve; CUDA-graph
+    # memory is measured and subtracted separately by the engine).
+    budget = int(total * cfg.gpu_memory_utilization) - used - (2 << 30)
     if budget <= 0:
         raise ValidationError(
             "gpu_memory_utilization",
