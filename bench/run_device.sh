@@ -23,5 +23,6 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout 120 layerzero-serve demo --quiet > "$OUT/demo_gpu.txt" 2>&1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 "$REPO/bench/bench_decode_gpu.py" --out "$OUT" 2>&1 | grep -v "^INFO" | tail -20
+  python3 "$REPO/bench/bench_decode_gpu.py" --out "$OUT" > "$OUT/bench_decode.log" 2>&1
+  grep -v "^INFO\|capture CUDA" "$OUT/bench_decode.log" | tail -20
 fi

@@ -74,7 +74,17 @@ class _Base:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None:
-        torch_ref.write_kv(key, value, kv_cache, meta.slot_mapping)
+        _write_kv()(key, value, kv_cache, meta.slot_mapping)
+
+
+def _write_kv():
+    """The project's Triton KV write (one kernel, graph-safe) when present, else the torch
+    scatter; both skip slot -1."""
+    try:
+        from layerzero_serve.kernels.triton.kv_write import triton_write_kv
+    except ImportError:
+        return torch_ref.write_kv
+    return triton_write_kv
 
 
 class FlashInferDecode(_Base):

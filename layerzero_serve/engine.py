@@ -19,7 +19,7 @@ from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
 from layerzero_serve.model_source import LoadedModel, load_model_source
 from layerzero_serve.runner.cpu_threads import choose_cpu_threads
 from layerzero_serve.runner.memory import measure_graph_memory
-from layerzero_serve.runner.model_runner import ModelRunner
+from layerzero_serve.runner.model_runner import ModelRunner, optimize_model
 from layerzero_serve.sampling import Sampler, SamplingParams
 from layerzero_serve.scheduler import Scheduler, SchedulerConfig
 from layerzero_serve.selection.plans import ModelShape, batch_buckets
@@ -59,6 +59,8 @@ class Engine:
             mc.vocab_size,
         )
         use_graphs = device.type == "cuda" and not cfg.enforce_eager
+        if device.type == "cuda":
+            optimize_model(loaded.model, shape, device, cfg.block_size, cfg.max_num_seqs)
         buckets = batch_buckets(cfg.max_graph_batch or min(cfg.max_num_seqs, 256))
         max_len = loaded.resolved.max_model_len
         if cfg.num_kv_blocks is not None:

@@ -39,8 +39,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
+        # Optional fused kernel ``impl(x, weight, eps)`` chosen by the selection engine.
+        self.impl = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl is not None:
+            return self.impl(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -114,6 +118,20 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(hidden, inter, **kw)
         self.up_proj = Linear(hidden, inter, **kw)
         self.down_proj = Linear(inter, hidden, **kw)
+        self.gate_up: torch.Tensor | None = None  # [2 * inter, hidden] after fuse()
+        self.act = None  # optional fused ``act(gate, up) -> silu(gate) * up``
+
+    def fuse(self) -> None:
+        """One GEMM for gate and up: concatenate the weights, and re-point the separate
+        parameters at views of the fused tensor (no extra memory)."""
+        g, u = self.gate_proj.weight, self.up_proj.weight
+        self.gate_up = fused = torch.cat([g.data, u.data])
+        g.data, u.data = fused[: g.shape[0]], fused[g.shape[0] :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = nn.functional.linear(x, self.gate_up).chunk(2, dim=-1)
+        act = nn.functional.silu(gate) * up if self.act is None else self.act(gate, up)
+        return self.down_proj(act)

@@ -60,6 +60,22 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # after fuse()
+
+    def fuse(self) -> None:
+        """One GEMM for q, k and v (weights concatenated; the separate parameters become views
+        of the fused tensor, so no memory is added)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        w = torch.cat([p.weight.data for p in projs])
+        b = torch.cat([p.bias.data for p in projs]) if self.q_proj.bias is not None else None
+        start = 0
+        for p in projs:
+            n = p.weight.shape[0]
+            p.weight.data = w[start : start + n]
+            if b is not None:
+                p.bias.data = b[start : start + n]
+            start += n
+        self.qkv = (w, b)
 
     def forward(
         self,
@@ -70,9 +86,14 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = nn.functional.linear(x, *self.qkv).split([nq, nkv, nkv], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -137,6 +158,25 @@ class LlamaForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
+
+    def optimize(self, fuse: bool = True, rmsnorm=None, swiglu=None) -> None:
+        """GPU fast path: fuse q/k/v and gate/up GEMMs, and install fused kernels chosen by the
+        selection engine (``rmsnorm(x, weight, eps)``, ``swiglu(gate, up)``). Numerics stay
+        within the dtype's rounding of the reference but are not bitwise HF's."""
+        for layer in self.model.layers:
+            if fuse and layer.self_attn.qkv is None:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+            layer.mlp.act = swiglu
+            for norm in (
+                layer.input_layernorm,
+                layer.post_attention_layernorm,
+                layer.self_attn.q_norm,
+                layer.self_attn.k_norm,
+            ):
+                if norm is not None:
+                    norm.impl = rmsnorm
+        self.model.norm.impl = rmsnorm
 
     def tie_weights(self) -> None:
         """Share ``lm_head.weight`` with ``model.embed_tokens.weight`` when the config ties."""

@@ -127,6 +127,12 @@ class DecodeGraphRunner:
         mem0 = torch.cuda.memory_reserved(self.device)
         pool = torch.cuda.graph_pool_handle()
         max_len = self.width * self.block_size
+        # One logits buffer shared by every bucket (outside the graph pool): a per-graph output
+        # would keep sum(buckets) x vocab floats alive in the pool.
+        vocab = self.model.config.vocab_size
+        self.logits_out = torch.empty(
+            self.max_batch, vocab, dtype=torch.float32, device=self.device
+        )
         for batch in tqdm(
             sorted(self.buckets, reverse=True),
             desc="capture CUDA graphs",
@@ -136,15 +142,19 @@ class DecodeGraphRunner:
             kernel = self.kernel_for_bucket(batch)
             dispatch = AttentionDispatch(self.kv_cache, kernel, kernel)
             self._fill(0, batch, [], [], [], [], np.zeros((0, 0), np.int32))
-            meta = self._meta(batch, [1] * batch, max_len)
+            # Plan for the longest sequences while capturing, so kernels whose launch shape
+            # depends on the plan (FlashInfer's split-KV decode) are captured in the variant
+            # that covers every later plan. The padding rows' table points at the null block.
+            meta = self._meta(batch, [max_len] * batch, max_len)
             dispatch.begin_step(meta)
             ids, pos = self.input_ids[:batch], self.positions[:batch]
             for _ in range(2):  # warm-up: autotuning, lazy inits, allocator
                 self.model.compute_logits(self.model(ids, pos, dispatch, meta))
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
+            logits = self.logits_out[:batch]
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.model.compute_logits(self.model(ids, pos, dispatch, meta))
+                logits.copy_(self.model.compute_logits(self.model(ids, pos, dispatch, meta)))
             self.graphs[batch] = CapturedBucket(batch, graph, logits, dispatch, meta)
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0

@@ -1,0 +1,49 @@
+"""The GPU fast path's model changes (fused q/k/v and gate/up GEMMs, pluggable norm and
+activation kernels) keep the model's function: same logits within fp32 rounding, same params."""
+
+from __future__ import annotations
+
+import torch
+
+from layerzero_serve.kernels import torch_ref
+from layerzero_serve.kernels.metadata import AttentionMetadata
+from layerzero_serve.models import build_dummy_model
+
+
+def _dense_attn(layer, q, k, v, meta: AttentionMetadata):
+    return torch_ref.dense_causal_attention(q, k, v)
+
+
+def _forward(model, ids):
+    t = len(ids)
+    meta = AttentionMetadata(1, t, 16, torch.tensor([0, t]), torch.tensor([t]),
+                             torch.zeros(1, 1, dtype=torch.int32), torch.full((t,), -1),
+                             t, t, [0, t], [t])
+    with torch.no_grad():
+        h = model(torch.tensor(ids), torch.arange(t), _dense_attn, meta)
+        return model.compute_logits(h)
+
+
+def test_fused_projections_and_plugged_kernels_match():
+    model = build_dummy_model("dummy:tiny", torch.float32, "cpu", seed=3)
+    ids = [5, 17, 200, 3, 99, 42, 7]
+    ref = _forward(model, ids)
+    n_params = sum(p.numel() for p in model.parameters())
+    calls = {"norm": 0, "act": 0}
+
+    def norm(x, w, eps):
+        calls["norm"] += 1
+        x32 = x.float()
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def act(g, u):
+        calls["act"] += 1
+        return torch.nn.functional.silu(g) * u
+
+    model.optimize(fuse=True, rmsnorm=norm, swiglu=act)
+    out = _forward(model, ids)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in model.parameters()) == n_params  # views, no new memory
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj.weight.data_ptr() == layer.self_attn.qkv[0].data_ptr()
+    assert calls == {"norm": 2 * 2 + 1, "act": 2}
