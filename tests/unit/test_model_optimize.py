@@ -16,9 +16,19 @@ def _dense_attn(layer, q, k, v, meta: AttentionMetadata):
 
 def _forward(model, ids):
     t = len(ids)
-    meta = AttentionMetadata(1, t, 16, torch.tensor([0, t]), torch.tensor([t]),
-                             torch.zeros(1, 1, dtype=torch.int32), torch.full((t,), -1),
-                             t, t, [0, t], [t])
+    meta = AttentionMetadata(
+        1,
+        t,
+        16,
+        torch.tensor([0, t]),
+        torch.tensor([t]),
+        torch.zeros(1, 1, dtype=torch.int32),
+        torch.full((t,), -1),
+        t,
+        t,
+        [0, t],
+        [t],
+    )
     with torch.no_grad():
         h = model(torch.tensor(ids), torch.arange(t), _dense_attn, meta)
         return model.compute_logits(h)
