@@ -36,3 +36,24 @@ class PagedAttentionImpl(Protocol):
     def run(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor: ...
+
+
+class ScatterKVWrite:
+    """Shared ``plan``/``write_kv`` for adapters that write K/V with the torch scatter
+    (graph-safe, skips slot -1) and branch on whether the step is decode-only."""
+
+    _decode: bool = False
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        self._decode = meta.is_decode_only and meta.num_tokens == meta.num_seqs
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        from layerzero_serve.kernels import torch_ref
+
+        torch_ref.write_kv(key, value, kv_cache, meta.slot_mapping)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from layerzero_serve.kernels import torch_ref
+from layerzero_serve.kernels.attention_api import ScatterKVWrite
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op, Reason, Rejection
 
 
-class FlashAttnPaged:
+class FlashAttnPaged(ScatterKVWrite):
     """plan/write_kv/run over ``flash_attn_with_kvcache`` / ``flash_attn_varlen_func``."""
 
     def __init__(self, ctx: KernelContext, module: str = "flash_attn") -> None:
@@ -31,18 +31,6 @@ class FlashAttnPaged:
         self._fa = importlib.import_module(module)
         self.ctx = ctx
         self.name = f"{module}.paged"
-
-    def plan(self, meta: AttentionMetadata) -> None:
-        self._decode = meta.is_decode_only and meta.num_tokens == meta.num_seqs
-
-    def write_kv(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> None:
-        torch_ref.write_kv(key, value, kv_cache, meta.slot_mapping)
 
     def run(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata

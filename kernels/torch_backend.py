@@ -7,29 +7,18 @@ from __future__ import annotations
 import torch
 
 from layerzero_serve.kernels import torch_ref
+from layerzero_serve.kernels.attention_api import ScatterKVWrite
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
 
 ANY_DEVICE = frozenset({"cpu", "cuda"})
 
 
-class TorchPagedAttention:
+class TorchPagedAttention(ScatterKVWrite):
     """plan/write_kv/run over the torch reference kernels (see kernels.attention_api)."""
 
     def __init__(self, ctx: KernelContext | None = None) -> None:
         self.name = "torch.paged_attention"
-
-    def plan(self, meta: AttentionMetadata) -> None:
-        self._decode = meta.is_decode_only and meta.num_tokens == meta.num_seqs
-
-    def write_kv(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> None:
-        torch_ref.write_kv(key, value, kv_cache, meta.slot_mapping)
 
     def run(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from layerzero_serve.kernels import torch_ref
+from layerzero_serve.kernels.attention_api import ScatterKVWrite
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
 
 
-class XFormersPaged:
+class XFormersPaged(ScatterKVWrite):
     def __init__(self, ctx: KernelContext) -> None:
         import xformers.ops as xops
         from xformers.ops.fmha import attn_bias
@@ -37,15 +37,6 @@ class XFormersPaged:
             block_tables=meta.block_tables,
             page_size=meta.block_size,
         )
-
-    def write_kv(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> None:
-        torch_ref.write_kv(key, value, kv_cache, meta.slot_mapping)
 
     def run(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
