@@ -11,6 +11,7 @@ ADAPTER_MODULES = (
     "layerzero_serve.kernels.torch_backend",
     "layerzero_serve.kernels.flashinfer_backend",
     "layerzero_serve.kernels.triton.backend",
+    "layerzero_serve.kernels.triton.layer_ops",
     "layerzero_serve.kernels.liger_backend",
     "layerzero_serve.kernels.flash_attn_backend",
     "layerzero_serve.kernels.xformers_backend",

@@ -61,6 +61,7 @@ class LlamaAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # after fuse()
+        self.rope_impl = None  # optional fused ``rope(q, k, cos [T, D], sin [T, D]) -> (q, k)``
 
     def fuse(self) -> None:
         """One GEMM for q, k and v (weights concatenated; the separate parameters become views
@@ -96,7 +97,10 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope_impl is None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:
+            q, k = self.rope_impl(q, k, cos[:, 0], sin[:, 0])
         out = attn(self.layer_idx, q, k, v, meta)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -159,15 +163,17 @@ class LlamaForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def optimize(self, fuse: bool = True, rmsnorm=None, swiglu=None) -> None:
+    def optimize(self, fuse: bool = True, rmsnorm=None, swiglu=None, rope=None) -> None:
         """GPU fast path: fuse q/k/v and gate/up GEMMs, and install fused kernels chosen by the
-        selection engine (``rmsnorm(x, weight, eps)``, ``swiglu(gate, up)``). Numerics stay
+        selection engine (``rmsnorm(x, weight, eps)``, ``swiglu(gate, up)``,
+        ``rope(q, k, cos, sin)``). Numerics stay
         within the dtype's rounding of the reference but are not bitwise HF's."""
         for layer in self.model.layers:
             if fuse and layer.self_attn.qkv is None:
                 layer.self_attn.fuse()
                 layer.mlp.fuse()
             layer.mlp.act = swiglu
+            layer.self_attn.rope_impl = rope
             for norm in (
                 layer.input_layernorm,
                 layer.post_attention_layernorm,

@@ -8,6 +8,7 @@ import torch
 from layerzero_serve.kernels import torch_ref
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.models import build_dummy_model
+from layerzero_serve.models.layers import apply_rope
 
 
 def _dense_attn(layer, q, k, v, meta: AttentionMetadata):
@@ -50,10 +51,15 @@ def test_fused_projections_and_plugged_kernels_match():
         calls["act"] += 1
         return torch.nn.functional.silu(g) * u
 
-    model.optimize(fuse=True, rmsnorm=norm, swiglu=act)
+    def rope(q, k, cos, sin):
+        calls["rope"] += 1
+        return apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+
+    calls["rope"] = 0
+    model.optimize(fuse=True, rmsnorm=norm, swiglu=act, rope=rope)
     out = _forward(model, ids)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert sum(p.numel() for p in model.parameters()) == n_params  # views, no new memory
     layer = model.model.layers[0]
     assert layer.self_attn.q_proj.weight.data_ptr() == layer.self_attn.qkv[0].data_ptr()
-    assert calls == {"norm": 2 * 2 + 1, "act": 2}
+    assert calls == {"norm": 2 * 2 + 1, "act": 2, "rope": 2}

@@ -93,10 +93,13 @@ def test_flashinfer_wins_when_flash_attention_is_absent(device):
     assert name == "flashinfer.prefill"
 
 
-def test_liger_wins_layer_ops_on_gpu_only():
+def test_layer_op_kernels_on_gpu_only():
     sel = _selector()
+    assert _choose(sel, "h100", LLAMA_BF16, Op.RMSNORM, q_len=0)[0] == "liger.rmsnorm"
+    assert _choose(sel, "h100", LLAMA_BF16, Op.SWIGLU, q_len=0)[0] == "liger.swiglu"
+    name, why = _choose(sel, "h100", LLAMA_BF16, Op.ROPE, q_len=0)
+    assert name == "triton.rope" and why["liger.rope"] is None  # runnable, lower priority
     for op in (Op.RMSNORM, Op.ROPE, Op.SWIGLU):
-        assert _choose(sel, "h100", LLAMA_BF16, op, q_len=0)[0].startswith("liger.")
         name, why = _choose(sel, "cpu", LLAMA_FP32, op, graph=False, q_len=0)
         assert name.startswith("torch.") and why[f"liger.{op.value}"] == Reason.DEVICE_TYPE
 
