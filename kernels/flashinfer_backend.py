@@ -225,13 +225,6 @@ SPECS = [
         factory=FlashInferPrefill,
         doc=DOC + "; q_len k+1 through the prefill wrapper",
     ),
-    KernelSpec(
-        "flashinfer.sampling",
-        Op.SAMPLING,
-        "flashinfer",
-        priority=50,
-        graph_safe=False,
-        min_sm=75,
-        doc="flashinfer.sampling *_from_probs (wired by the sampling issue)",
-    ),
 ]
+# FlashInfer sampling (flashinfer.sampling *_from_probs) is declared when the sampler can run
+# it (sampling issue); declaring it earlier would make doctor report a kernel nobody calls.
