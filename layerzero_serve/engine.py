@@ -26,6 +26,7 @@ from layerzero_serve.selection.plans import ModelShape, batch_buckets
 from layerzero_serve.types import Request, RequestOutput
 
 logger = logging.getLogger("layerzero_serve")
+_UNFREEZE_AT_EXIT: list[bool] = []
 
 
 class Engine:
@@ -105,7 +106,9 @@ class Engine:
         # cyclic collector off them so its passes stay short on the hot path.
         gc.collect()
         gc.freeze()
-        atexit.register(gc.unfreeze)  # let interpreter shutdown free them normally
+        if not _UNFREEZE_AT_EXIT:  # let interpreter shutdown free them normally (once)
+            atexit.register(gc.unfreeze)
+            _UNFREEZE_AT_EXIT.append(True)
 
     # ---- requests ----------------------------------------------------------------------------
     @property
