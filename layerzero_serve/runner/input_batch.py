@@ -39,9 +39,12 @@ class ForwardBatch:
 
 
 def _pin(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device. Small metadata goes straight from pageable memory: pinning a
+    fresh buffer every step costs more than the copy (the graph path keeps one pinned
+    staging buffer instead)."""
     if device.type == "cpu":
         return t
-    return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def prepare_batch(out: SchedulerOutput, block_size: int, device: torch.device) -> ForwardBatch:
