@@ -44,16 +44,12 @@ def _probe_xformers(mod) -> BackendStatus:
     """xformers imports even when its C++/CUDA extension does not load (built for another
     torch): then memory_efficient_attention has no CUDA operator. Check the extension."""
     ver = _version(mod)
-    if not torch.cuda.is_available():
-        return BackendStatus("xformers", False, ver, "installed, but no CUDA device")
-    try:
-        from xformers import _has_cpp_library  # type: ignore[attr-defined]
-    except Exception:
-        _has_cpp_library = None
-    if _has_cpp_library is False:
+    if getattr(mod, "_has_cpp_library", None) is False:
         return BackendStatus(
             "xformers", False, ver, "its C++/CUDA extension did not load (built for another torch)"
         )
+    if not torch.cuda.is_available():
+        return BackendStatus("xformers", False, ver, "installed, but no CUDA device")
     try:
         import xformers.ops as xops
 
@@ -72,7 +68,14 @@ def _probe_xformers(mod) -> BackendStatus:
 
 @functools.cache
 def probe_backend(name: str) -> BackendStatus:
-    """Availability of one backend (cached; see ``clear_probe_cache``)."""
+    """Availability of one backend (cached; see ``clear_probe_cache``). Never raises."""
+    try:
+        return _probe(name)
+    except Exception as e:  # a probe must not take the server down
+        return BackendStatus(name, False, None, f"probe failed: {type(e).__name__}: {e}"[:300])
+
+
+def _probe(name: str) -> BackendStatus:
     if name == "torch":
         return BackendStatus("torch", True, torch.__version__, "")
     module = {"flash_attn": "flash_attn", "liger_kernel": "liger_kernel"}.get(name, name)
