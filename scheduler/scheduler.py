@@ -13,6 +13,7 @@ Pure CPU: imports only ``layerzero_serve.types`` and the KV cache manager interf
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import chain
 
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.kv_cache.manager import KVCacheManager
@@ -123,7 +124,11 @@ class Scheduler:
         reqs, starts, counts, tables = out.requests, out.starts, out.num_scheduled, out.block_ids
         used = 0
         prefills: list[Request] = []
-        for req in list(self.running.items):  # pass 1: decode-like rows, in queue order
+        deferring = True  # first pass: decode-like rows; prefills wait behind the None marker
+        for req in chain(list(self.running.items), (None,), prefills):
+            if req is None:
+                deferring = False
+                continue
             if used >= max_tokens:
                 break
             if req.status is not _RUNNING:
@@ -131,32 +136,17 @@ class Scheduler:
             start = req.num_computed_tokens
             spec = len(req.spec_token_ids)
             want = len(req.all_token_ids) + spec - start
-            if want > spec + 1:
+            if want <= spec + 1:
+                n = min(want, max_tokens - used)
+            elif deferring:
                 prefills.append(req)
                 continue
-            n = min(want, max_tokens - used)
+            else:
+                n = min(want, max_tokens - used, chunk_cap)
             if start + n + la <= req.kv_capacity:  # room already reserved: no KV call
                 ids = req.kv_block_ids
             else:
                 ids = kv.allocate_slots(req, n, None, la)
-            if ids is None:
-                ids, freed = self._make_room(out, req, n)
-                used -= freed
-                if ids is None:
-                    continue
-            reqs.append(req)
-            starts.append(start)
-            counts.append(n)
-            tables.append(ids)
-            used += n
-        for req in prefills:  # pass 2: continuing prefills, in queue order
-            if used >= max_tokens:
-                break
-            if req.status is not _RUNNING:
-                continue
-            start = req.num_computed_tokens
-            n = min(len(req.all_token_ids) - start, max_tokens - used, chunk_cap)
-            ids = kv.allocate_slots(req, n, None, la)
             if ids is None:
                 ids, freed = self._make_room(out, req, n)
                 used -= freed
