@@ -22,6 +22,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   layerzero-serve doctor --json > "$OUT/doctor.json" 2>/dev/null
   timeout 120 layerzero-serve demo --quiet > "$OUT/demo_gpu.txt" 2>&1
 fi
+if [ "$what" = kernels ] || [ "$what" = bench ] || [ "$what" = all ]; then
+  python3 "$REPO/bench/bench_decode_kernels_gpu.py" --out "$OUT" > "$OUT/bench_decode_kernels.log" 2>&1
+  tail -3 "$OUT/bench_decode_kernels.log"
+fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 "$REPO/bench/bench_decode_gpu.py" --out "$OUT" > "$OUT/bench_decode.log" 2>&1
   grep -v "^INFO\|capture CUDA" "$OUT/bench_decode.log" | tail -20

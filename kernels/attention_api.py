@@ -38,6 +38,29 @@ class PagedAttentionImpl(Protocol):
     ) -> torch.Tensor: ...
 
 
+class KVWriter(Protocol):
+    """The ``Op.KV_WRITE`` contract: write this step's K/V through the slot mapping.
+
+    * ``plan(meta)``: host work once per step (may be a no-op); never inside a graph.
+    * ``write(key, value, kv_cache, meta)``: per layer. ``key``/``value`` ``[T, Hkv, D]`` in the
+      cache's dtype; ``kv_cache`` one layer's ``[num_blocks, 2, block_size, Hkv, D]``; token
+      ``t`` goes to slot ``meta.slot_mapping[t]`` and slot -1 (padding) writes nothing.
+      Graph-safe when the kernel's spec says ``graph_safe``.
+    """
+
+    name: str
+
+    def plan(self, meta: AttentionMetadata) -> None: ...
+
+    def write(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None: ...
+
+
 class ScatterKVWrite:
     """Shared ``plan``/``write_kv`` for adapters that write K/V with the torch scatter
     (graph-safe, skips slot -1) and branch on whether the step is decode-only."""

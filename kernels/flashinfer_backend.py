@@ -1,11 +1,15 @@
-"""FlashInfer adapters: paged decode and paged prefill/extend through FlashInfer's plan/run.
+"""FlashInfer adapters: paged decode and paged prefill/extend through FlashInfer's plan/run,
+paged KV append (``flashinfer.page.append_paged_kv_cache``) and sampling
+(``flashinfer.sampling``).
 
 Our KV layout ``[num_blocks, 2, block_size, Hkv, D]`` is FlashInfer's paged "NHD" layout, so
 the cache is passed as is. ``plan`` turns the block tables into FlashInfer's CSR page lists
 (indptr, indices, last_page_len) on the host (``meta.block_tables_cpu``) and plans the wrapper
 once per step; ``run`` is per layer. In graph mode the decode wrapper is built with
 ``use_cuda_graph=True`` over fixed index buffers sized for its bucket; ``plan`` refills them.
-KV writes use the graph-safe torch scatter (``torch_ref.write_kv``).
+The attention adapters' own ``write_kv`` uses the project's Triton KV write; the runner
+normally writes K/V through the ``Op.KV_WRITE`` kernel it selected, which may be
+:class:`FlashInferKVAppend`.
 
 Constraints (FlashInfer documentation, 0.7.x): fp16/bf16 query and KV; head_dim 64/128/256
 (only 128 is prebuilt in this project's GPU bundle, others JIT-compile on first use: a
@@ -184,6 +188,102 @@ class FlashInferPrefill(_Base):
         return out
 
 
+class FlashInferKVAppend:
+    """``Op.KV_WRITE`` through ``flashinfer.page.append_paged_kv_cache``.
+
+    ``plan`` builds, on the host, the page lists and each real token's (batch index, position)
+    and copies them to the device in one transfer; ``write`` appends the first ``nnz`` tokens
+    (those inside ``query_start_loc``; trailing padding tokens are never written). Not
+    graph-safe: the token count is a host value of the step.
+    """
+
+    name = "flashinfer.append_kv"
+
+    def __init__(self, ctx: KernelContext | None = None) -> None:
+        from flashinfer.page import append_paged_kv_cache
+
+        self._append = append_paged_kv_cache
+        self._nnz = 0
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        indptr, indices, last = _page_lists(meta)
+        qsl = np.asarray(meta.query_start_loc_cpu, dtype=np.int64)
+        q_lens = np.diff(qsl)
+        lens = np.asarray(meta.seq_lens_cpu, dtype=np.int64)
+        nnz = int(qsl[-1])
+        batch_idx = np.repeat(np.arange(len(q_lens)), q_lens)
+        # token j of sequence i sits at position seq_len_i - q_len_i + j
+        positions = np.arange(nnz) + np.repeat(lens - q_lens - qsl[:-1], q_lens)
+        parts = (indptr, last, indices, batch_idx, positions)
+        packed = torch.from_numpy(np.concatenate(parts).astype(np.int32))
+        dev = packed.to(meta.slot_mapping.device, non_blocking=True)
+        views, at = [], 0
+        for part in parts:
+            views.append(dev[at : at + len(part)])
+            at += len(part)
+        self._indptr, self._last, self._indices, self._batch, self._pos = views
+        self._nnz = nnz
+
+    def write(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        n = self._nnz
+        if n == 0:
+            return
+        self._append(
+            key[:n],
+            value[:n],
+            self._batch,
+            self._pos,
+            kv_cache,
+            self._indices,
+            self._indptr,
+            self._last,
+            "NHD",
+        )
+
+
+class FlashInferSampling:
+    """``Op.SAMPLING`` through ``flashinfer.sampling`` (see ``kernels.sampling_api``): top-k
+    renormalisation, then top-p renormalisation over the kept tokens, then min-p sampling,
+    i.e. the reference order top-k -> top-p -> min-p. Rejection-based, no sort, no host sync;
+    random state from the ``seed``/``offset`` tensors (graph-safe).
+
+    ``position_invariant`` is False: FlashInfer feeds the row index into its Philox stream, so
+    a seeded row's draw depends on its batch position. The sampler routes batches holding
+    seeded rows to a position-invariant kernel.
+    """
+
+    name = "flashinfer.sampling"
+    position_invariant = False
+
+    def __init__(self, ctx: KernelContext | None = None) -> None:
+        import flashinfer.sampling as fs
+
+        self._fs = fs
+
+    def sample(
+        self,
+        probs: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        min_p: torch.Tensor,
+        seed: torch.Tensor,
+        offset: torch.Tensor,
+    ) -> torch.Tensor:
+        """probs float32 ``[B, V]``; top_k int32 ``[B]``; top_p/min_p float32 ``[B]``;
+        seed/offset int64 ``[B]`` -> int64 ``[B]``."""
+        fs = self._fs
+        kept = fs.top_k_renorm_probs(probs, top_k)
+        kept = fs.top_p_renorm_probs(kept, top_p)
+        out = fs.min_p_sampling_from_probs(kept, min_p, seed=seed, offset=offset)
+        return out.long()
+
+
 _FP = frozenset(_DTYPES)
 _HEADS = frozenset({64, 128, 256})
 DOC = "FlashInfer 0.7 docs: BatchDecode/BatchPrefillWithPagedKVCacheWrapper (NHD, fp16/bf16)"
@@ -225,6 +325,26 @@ SPECS = [
         factory=FlashInferPrefill,
         doc=DOC + "; q_len k+1 through the prefill wrapper",
     ),
+    KernelSpec(
+        "flashinfer.append_kv",
+        Op.KV_WRITE,
+        "flashinfer",
+        priority=40,  # below triton.kv_write (50): one launch and no host plan per step
+        graph_safe=False,
+        dtypes=_FP,
+        min_sm=75,
+        factory=FlashInferKVAppend,
+        doc="FlashInfer 0.7 docs: flashinfer.page.append_paged_kv_cache (NHD, ragged append)",
+    ),
+    KernelSpec(
+        "flashinfer.sampling",
+        Op.SAMPLING,
+        "flashinfer",
+        priority=100,
+        graph_safe=True,
+        min_sm=75,
+        factory=FlashInferSampling,
+        doc="FlashInfer 0.7 docs: top_k/top_p_renorm_probs + min_p_sampling_from_probs "
+        "(seed/offset tensors for CUDA graphs; not position-invariant)",
+    ),
 ]
-# FlashInfer sampling (flashinfer.sampling *_from_probs) is declared when the sampler can run
-# it (sampling issue); declaring it earlier would make doctor report a kernel nobody calls.

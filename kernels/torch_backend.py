@@ -28,6 +28,27 @@ class TorchPagedAttention(ScatterKVWrite):
         return torch_ref.paged_attention(query, kv_cache, meta)
 
 
+class TorchKVWrite:
+    """``Op.KV_WRITE`` through ``torch_ref.write_kv`` (index_put_, slot -1 skipped; graph-safe)."""
+
+    name = "torch.kv_write"
+
+    def __init__(self, ctx: KernelContext | None = None) -> None:
+        pass
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        pass
+
+    def write(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        torch_ref.write_kv(key, value, kv_cache, meta.slot_mapping)
+
+
 def _attn(ctx: KernelContext) -> TorchPagedAttention:
     return TorchPagedAttention(ctx)
 
@@ -73,7 +94,7 @@ SPECS = [
         priority=0,
         graph_safe=True,
         device_types=ANY_DEVICE,
-        factory=_none,
+        factory=TorchKVWrite,
         doc="index_put_ with padding rows redirected: no host sync",
     ),
     KernelSpec(

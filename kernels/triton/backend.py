@@ -71,6 +71,30 @@ class TritonPagedAttention:
         return self._prefill_fn(query, kv_cache, meta, max_query_len=bound)
 
 
+class TritonKVWrite:
+    """``Op.KV_WRITE`` through the Triton kernel (one launch per layer, slot -1 writes nothing;
+    graph-safe)."""
+
+    name = "triton.kv_write"
+
+    def __init__(self, ctx: KernelContext | None = None) -> None:
+        from layerzero_serve.kernels.triton.kv_write import triton_write_kv
+
+        self._write = triton_write_kv
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        pass
+
+    def write(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        self._write(key, value, kv_cache, meta.slot_mapping)
+
+
 def _factory(ctx: KernelContext) -> TritonPagedAttention:
     return TritonPagedAttention(ctx)
 
@@ -115,6 +139,6 @@ SPECS = [
         Op.KV_WRITE,
         graph_safe=True,
         doc=_DOC + "; kv_write: masked stores, negative slots write nothing",
-        **_COMMON,
+        **{**_COMMON, "factory": TritonKVWrite},
     ),
 ]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kv_cache.storage import KVCache
-from layerzero_serve.runner.attention import AttentionDispatch, PhaseKernel
+from layerzero_serve.runner.attention import AttentionDispatch
 
 logger = logging.getLogger("layerzero_serve")
 
@@ -42,7 +42,8 @@ class DecodeGraphRunner:
     Args:
         model: forward(input_ids, positions, attn, meta) -> hidden; compute_logits(hidden).
         kv_cache: the KV tensors the graphs bake in.
-        kernel_for_bucket: ``batch -> PhaseKernel`` (selection once per bucket, graph mode on).
+        dispatch_for_bucket: ``batch -> AttentionDispatch`` with that bucket's decode and
+            KV-write kernels (selection once per bucket, graph mode on).
         buckets: batch sizes to capture.
         max_blocks_per_seq: width of the static block table.
     """
@@ -51,14 +52,14 @@ class DecodeGraphRunner:
         self,
         model: torch.nn.Module,
         kv_cache: KVCache,
-        kernel_for_bucket: Callable[[int], PhaseKernel],
+        dispatch_for_bucket: Callable[[int], AttentionDispatch],
         buckets: list[int],
         max_blocks_per_seq: int,
         device: torch.device,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.kernel_for_bucket = kernel_for_bucket
+        self.dispatch_for_bucket = dispatch_for_bucket
         self.buckets = sorted(set(buckets))
         self.max_batch = self.buckets[-1]
         self.width = max_blocks_per_seq
@@ -139,8 +140,7 @@ class DecodeGraphRunner:
             unit="bucket",
             disable=not progress,
         ):
-            kernel = self.kernel_for_bucket(batch)
-            dispatch = AttentionDispatch(self.kv_cache, kernel, kernel)
+            dispatch = self.dispatch_for_bucket(batch)
             self._fill(0, batch, [], [], [], [], np.zeros((0, 0), np.int32))
             # Plan for the longest sequences while capturing, so kernels whose launch shape
             # depends on the plan (FlashInfer's split-KV decode) are captured in the variant

@@ -17,7 +17,7 @@ import torch
 
 from layerzero_serve.kernels.spec import Op
 from layerzero_serve.kv_cache.storage import KVCache, build_block_table
-from layerzero_serve.runner.attention import AttentionDispatch, PhaseKernel
+from layerzero_serve.runner.attention import AttentionDispatch, PhaseKernel, WriterKernel
 from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
 from layerzero_serve.runner.input_batch import prepare_batch
 from layerzero_serve.sampling import Sampler
@@ -96,34 +96,35 @@ class ModelRunner:
         self.plans = {
             Op.ATTN_DECODE: base_context(Op.ATTN_DECODE, dev, shape, bs, max_num_seqs, 1, False),
             Op.ATTN_PREFILL: base_context(Op.ATTN_PREFILL, dev, shape, bs, max_num_seqs, 0, False),
+            Op.KV_WRITE: base_context(Op.KV_WRITE, dev, shape, bs, max_num_seqs, 0, False),
         }
         self._dev_info, self._shape = dev, shape
+        self.graph_plans: dict[tuple[Op, int], object] = {}  # (op, bucket) -> context
         self.attn = self._select_kernels()
         self.generators: dict[str, torch.Generator] = {}
         self.timings = StepTimings()
         self.graphs: DecodeGraphRunner | None = None
 
     # ---- CUDA graphs -------------------------------------------------------------------------
-    def graph_kernel(self, batch: int) -> PhaseKernel:
-        """The decode kernel for one captured bucket: selected for that bucket's plan."""
-        ctx = base_context(
-            Op.ATTN_DECODE,
-            self._dev_info,
-            self._shape,
-            self.kv_cache.spec.block_size,
-            batch,
-            1,
-            True,
-        )
-        self.plans[(Op.ATTN_DECODE, batch)] = ctx
-        choice = self.selector.select(Op.ATTN_DECODE, ctx)
-        return PhaseKernel(choice, choice.spec.factory(ctx))
+    def graph_dispatch(self, batch: int) -> AttentionDispatch:
+        """The decode attention and KV-write kernels of one captured bucket, each selected
+        once for that bucket's plan (graph mode on)."""
+        chosen = {}
+        for op in (Op.ATTN_DECODE, Op.KV_WRITE):
+            ctx = base_context(
+                op, self._dev_info, self._shape, self.kv_cache.spec.block_size, batch, 1, True
+            )
+            self.graph_plans[(op, batch)] = ctx
+            choice = self.selector.select(op, ctx)
+            chosen[op] = (choice, choice.spec.factory(ctx))
+        decode = PhaseKernel(*chosen[Op.ATTN_DECODE])
+        return AttentionDispatch(self.kv_cache, decode, decode, WriterKernel(*chosen[Op.KV_WRITE]))
 
     def enable_graphs(self, buckets: list[int], max_model_len: int, progress: bool = True) -> None:
         """Capture the decode forward for every bucket (needs CUDA)."""
         width = -(-max_model_len // self.kv_cache.spec.block_size)
         self.graphs = DecodeGraphRunner(
-            self.model, self.kv_cache, self.graph_kernel, buckets, width, self.device
+            self.model, self.kv_cache, self.graph_dispatch, buckets, width, self.device
         )
         with torch.inference_mode():
             self.graphs.capture(progress)
@@ -150,16 +151,18 @@ class ModelRunner:
         return g.run(ids, starts, slots, starts + 1, table)
 
     def _select_kernels(self) -> AttentionDispatch:
-        phases = {}
+        chosen = {}
         for op, ctx in self.plans.items():
             choice = self.selector.select(op, ctx)
-            phases[op] = PhaseKernel(choice, choice.spec.factory(ctx))
-        logger.info(
-            "attention kernels: decode=%s, prefill=%s",
-            phases[Op.ATTN_DECODE].choice.name,
-            phases[Op.ATTN_PREFILL].choice.name,
+            chosen[op] = (choice, choice.spec.factory(ctx))
+        attn = AttentionDispatch(
+            self.kv_cache,
+            PhaseKernel(*chosen[Op.ATTN_DECODE]),
+            PhaseKernel(*chosen[Op.ATTN_PREFILL]),
+            WriterKernel(*chosen[Op.KV_WRITE]),
         )
-        return AttentionDispatch(self.kv_cache, phases[Op.ATTN_DECODE], phases[Op.ATTN_PREFILL])
+        logger.info("eager kernels: %s", attn.name)
+        return attn
 
     def _sync(self) -> None:
         if self.timings.sync and self.device.type == "cuda":
@@ -171,8 +174,10 @@ class ModelRunner:
             try:
                 return self.model(batch.input_ids, batch.positions, self.attn, batch.meta)
             except Exception as e:
-                backend = phase.choice.spec.backend
-                if phase.choice.locked or backend == REFERENCE_BACKEND:
+                # Blame the KV writer when it raised, else the phase's attention kernel.
+                culprit = self.attn.writer.choice if self.attn.failed_write else phase.choice
+                backend = culprit.spec.backend
+                if culprit.locked or backend == REFERENCE_BACKEND:
                     raise
                 # Re-running the step rewrites the same K/V slots: the retry is idempotent.
                 self.selector.mark_unhealthy(backend, e)

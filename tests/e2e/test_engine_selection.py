@@ -118,3 +118,42 @@ def test_locked_kernel_failure_reraises():
     eng.step()  # prefill: another kernel
     with pytest.raises(RuntimeError, match="injected kernel fault"):
         eng.step()
+
+
+class _FlakyWriter:
+    """A KV writer that fails at run time (an injected fault)."""
+
+    name = "flaky.kv_write"
+
+    def __init__(self, ctx):
+        pass
+
+    def plan(self, meta):
+        pass
+
+    def write(self, k, v, cache, meta):
+        raise RuntimeError("injected kv-write fault")
+
+
+def test_kv_writer_failure_falls_back_and_blames_the_writer():
+    expected = _generate(Engine(model="dummy:tiny", device="cpu"))
+    sel = _selector_with_flaky()
+    sel.register(
+        KernelSpec(
+            "flaky.kv_write",
+            Op.KV_WRITE,
+            "flakyw",
+            priority=1000,
+            graph_safe=True,
+            device_types=frozenset({"cpu", "cuda"}),
+            factory=_FlakyWriter,
+        )
+    )
+    sel.backends["flakyw"] = BackendState(True, "0", "")
+    configure(deny=["flaky.decode"])
+    set_selector(sel)
+    eng = Engine(model="dummy:tiny", device="cpu")
+    assert eng.runner.attn.writer.choice.name == "flaky.kv_write"
+    assert _generate(eng) == expected
+    assert set(sel.unhealthy()) == {"flakyw"}
+    assert eng.runner.attn.writer.choice.name == "torch.kv_write"

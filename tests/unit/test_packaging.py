@@ -56,6 +56,14 @@ def test_regular_install_into_fresh_venv(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     py = venv / "bin" / "python"
+    # The base interpreter may lack torch (it lives in the test's own environment): expose this
+    # environment's site-packages after the venv's own, as a plain path (its .pth files, such as
+    # an editable install's finder, are not run), so the wheel's copy is the one imported.
+    import torch
+
+    deps = Path(torch.__file__).resolve().parent.parent
+    (site_dir,) = (venv / "lib").glob("python3*/site-packages")
+    (site_dir / "_test_deps.pth").write_text(f"{deps}\n")
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
     code = (
         "import importlib.util as u, layerzero_serve, layerzero_serve.kernels as k, "
