@@ -65,6 +65,54 @@ def test_replay_equals_eager_for_every_bucket(engine):
             assert torch.equal(got, ref), f"bucket {batch}, n={n}: max |replay - eager| {err}"
 
 
+def test_graph_decode_kernels_are_selected_per_bucket(engine):
+    """The default graph decode is the Triton kernel (graph_priority: no host plan per step)."""
+    g = engine.runner.graphs
+    names = {cap.dispatch.decode.choice.name for cap in g.graphs.values()}
+    assert names == {"triton.paged_decode"}, names
+    assert {cap.dispatch.writer.choice.name for cap in g.graphs.values()} == {"triton.kv_write"}
+
+
+def test_flashinfer_graph_decode_replay_vs_eager():
+    """FlashInfer's decode locked for the graphs: replay vs eager of the same padded batch.
+    The message carries the diagnostics (re-planned eager, the non-graph eager wrapper)."""
+    from layerzero_serve.kernels.backends import probe_backend
+    from layerzero_serve.selection import configure
+
+    if not probe_backend("flashinfer").available:
+        pytest.skip("flashinfer unavailable")
+    configure(lock={"attention_decode": "flashinfer.decode"})
+    try:
+        eng = Engine(
+            model=MODEL, dtype="bfloat16", max_num_seqs=8, max_model_len=1024, num_kv_blocks=2048
+        )
+    finally:
+        configure(reset=True)
+    g = eng.runner.graphs
+    kv = eng.runner.kv_cache
+    rng = np.random.default_rng(0)
+    report = []
+    for batch in g.buckets:
+        for n in sorted({1, batch}):
+            args = _random_batch(rng, n, kv, g.width, kv.spec.block_size)
+            got = g.run(*args).clone()
+            ref = _eager_same_padded_batch(g, batch)[:n]
+            cap = g.graphs[batch]
+            lens = list(args[3]) + [1] * (batch - n)
+            meta = g._meta(batch, lens, int(max(lens)))
+            cap.dispatch.begin_step(meta)  # re-plan, then eager again
+            with torch.inference_mode():
+                h = g.model(g.input_ids[:batch], g.positions[:batch], cap.dispatch, meta)
+                replanned = g.model.compute_logits(h)[:n]
+            report.append(
+                f"bucket {batch} n={n}: replay-eager {(got - ref).abs().max().item():.4g}, "
+                f"replay-replanned {(got - replanned).abs().max().item():.4g}, "
+                f"eager-replanned {(ref - replanned).abs().max().item():.4g}"
+            )
+    bad = [r for r in report if "replay-eager 0," not in r]
+    assert not bad, "\n".join(report)
+
+
 def test_hundred_replays_with_changing_batches(engine):
     g = engine.runner.graphs
     kv = engine.runner.kv_cache
