@@ -104,9 +104,6 @@ class KernelSpec:
         op: the op it implements.
         backend: the backend (library) it comes from; its availability gates the kernel.
         priority: base score; higher wins.
-        graph_priority: base score in graph-mode plans (``None``: same as ``priority``), for
-            kernels whose per-step cost outside the graph (host planning) or replay speed
-            differs from eager execution.
         graph_safe: may run inside a captured CUDA graph.
         device_types: device types it runs on.
         dtypes, head_dims, block_sizes, gqa_ratios: allowed values.
@@ -124,7 +121,6 @@ class KernelSpec:
     backend: str
     priority: int = 0
     graph_safe: bool = False
-    graph_priority: int | None = None
     device_types: frozenset[str] = frozenset({"cuda"})
     dtypes: frozenset[str] | None = None
     head_dims: frozenset[int] | None = None
@@ -137,12 +133,6 @@ class KernelSpec:
     check: Callable[[KernelContext], Rejection | None] | None = field(default=None, compare=False)
     factory: Callable[[KernelContext], object] | None = field(default=None, compare=False)
     doc: str = ""
-
-    def base_score(self, ctx: KernelContext) -> int:
-        """``graph_priority`` in graph-mode plans when set, else ``priority``."""
-        if ctx.graph_mode and self.graph_priority is not None:
-            return self.graph_priority
-        return self.priority
 
     def supports(self, ctx: KernelContext) -> Rejection | None:
         """None if the kernel can run in ``ctx``; else the first reason it cannot."""

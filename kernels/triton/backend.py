@@ -117,12 +117,13 @@ SPECS = [
         "triton.paged_decode",
         Op.ATTN_DECODE,
         graph_safe=True,
-        # Inside a graph: no host planning per step (FlashInfer's decode plan costs ~0.3-0.5 ms
-        # of host time every step) and, measured on H200 (bench/bench_decode_kernels_gpu.py),
-        # replay as fast as or faster than FlashInfer's decode at batch 1-256, context 128-2048.
-        graph_priority=102,  # above FlashInfer (100); FA3/FA4 (unmeasured here) stay above
         doc=_DOC + "; decode: split count from the table width, no host sync",
-        **_COMMON,
+        # Above FlashInfer's decode (100), in eager and graph plans alike so that greedy output
+        # is identical with graphs on and off: no host planning per step (FlashInfer's decode
+        # plan costs ~0.3-0.5 ms of host time every step), and a replay as fast or faster at
+        # batch 1-256, context 128-2048 on H200 (bench/results/decode_kernels_gpu_h200.json).
+        # FA3/FA4 (unmeasured here) stay above.
+        **{**_COMMON, "priority": 102},
     ),
     KernelSpec(
         "triton.paged_prefill",

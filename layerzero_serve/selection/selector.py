@@ -214,7 +214,7 @@ class Selector:
         rejections = {s.name: self._reject(s, ctx, pol, lock) for s in specs}
         ok = [s for s in specs if rejections[s.name] is None]
         bonus = self._timing_bonus(ok, ctx)
-        scores = {s.name: s.base_score(ctx) + pol.boost(s) + bonus.get(s.name, 0.0) for s in ok}
+        scores = {s.name: s.priority + pol.boost(s) + bonus.get(s.name, 0.0) for s in ok}
         if not ok:
             if lock is not None:
                 raise SelectionError(

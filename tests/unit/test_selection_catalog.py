@@ -63,7 +63,7 @@ def test_every_spec_is_well_formed():
     [
         ("h100", "flash_attn.fa3_decode", "flash_attn.fa3_prefill"),
         ("b200", "flash_attn.fa4_decode", "flash_attn.fa4_prefill"),
-        ("a100", "triton.paged_decode", "flashinfer.prefill"),  # graph plan: no host planning
+        ("a100", "triton.paged_decode", "flashinfer.prefill"),  # no per-step host plan
         ("rtx4090", "triton.paged_decode", "flashinfer.prefill"),
     ],
 )
@@ -83,12 +83,12 @@ def test_winners_with_every_backend_installed(device, decode, prefill):
 
 
 @pytest.mark.parametrize("device", ["h100", "a100", "rtx4090", "b200"])
-def test_flashinfer_wins_when_flash_attention_is_absent(device):
+def test_triton_decode_and_flashinfer_prefill_win_without_flash_attention(device):
     sel = _selector(("torch", "triton", "flashinfer", "liger_kernel"))
-    name, why = _choose(sel, device, LLAMA_BF16, Op.ATTN_DECODE, graph=False)
-    assert name == "flashinfer.decode"
-    # In graph plans the Triton decode's graph_priority puts it first (no per-step host plan).
-    assert _choose(sel, device, LLAMA_BF16, Op.ATTN_DECODE)[0] == "triton.paged_decode"
+    for graph in (False, True):  # the same decode kernel with graphs on and off
+        name, why = _choose(sel, device, LLAMA_BF16, Op.ATTN_DECODE, graph=graph)
+        assert name == "triton.paged_decode"
+        assert why["flashinfer.decode"] is None  # runnable, lower score
     assert why["flash_attn.fa3_decode"] in (Reason.BACKEND_UNAVAILABLE,)
     assert why["xformers.decode"] == Reason.BACKEND_UNAVAILABLE
     name, _ = _choose(sel, device, LLAMA_BF16, Op.ATTN_PREFILL, graph=False, q_len=0)
