@@ -36,8 +36,15 @@ def select(op: Op, ctx: KernelContext) -> KernelChoice:
 
 
 def register_kernel(spec: KernelSpec, replace: bool = False) -> None:
-    """Register a kernel with the process-wide selector."""
+    """Register a kernel with the process-wide selector. A backend the probe does not know
+    (your own) must also be declared with :func:`register_backend`."""
     get_selector().register(spec, replace=replace)
+
+
+def register_backend(name: str, available: bool = True, version: str | None = None) -> None:
+    """Declare a backend (for example ``"user"`` for your own kernels) available to the
+    process-wide selector."""
+    get_selector().register_backend(name, available, version)
 
 
 __all__ = [
@@ -68,6 +75,7 @@ __all__ = [
     "model_plans",
     "prefer",
     "probe_device",
+    "register_backend",
     "register_kernel",
     "reload_policy",
     "select",

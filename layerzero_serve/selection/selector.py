@@ -101,6 +101,7 @@ class Selector:
         self._cache: dict[KernelContext, KernelChoice] = {}
         self._cache_epoch = -1
         self._backend_cache: dict[str, BackendState] = {}
+        self._backend_overrides: dict[str, BackendState] = {}
         for s in self.specs if self.specs is not None else _default_specs():
             self.register(s)
         if self.timings is None and envs.timing_table():
@@ -128,7 +129,20 @@ class Selector:
         self._cache.clear()
 
     # ---- backends and health -----------------------------------------------------------------
+    def register_backend(
+        self, name: str, available: bool = True, version: str | None = None, reason: str = ""
+    ) -> None:
+        """Declare a backend the probe does not know (a user's own kernels, for example), or
+        override the probe's verdict for one it does. Takes precedence over ``backends``."""
+        if not isinstance(name, str) or not name:
+            raise ValidationError("name", name, "a non-empty backend name")
+        self._backend_overrides[name] = BackendState(bool(available), version, reason)
+        self._bump()
+
     def backend_state(self, name: str) -> BackendState:
+        override = self._backend_overrides.get(name)
+        if override is not None:
+            return override
         if isinstance(self.backends, Mapping):
             return self.backends.get(name, BackendState(False, None, "not in the availability set"))
         st = self._backend_cache.get(name)

@@ -287,3 +287,24 @@ def test_cached_lookups_make_no_new_decisions():
     first = sel.select(Op.ATTN_DECODE, CTX)
     assert all(sel.select(Op.ATTN_DECODE, CTX) is first for _ in range(100))
     assert sel.stats.cold_selections == 1 and sel.stats.select_calls == 101
+
+
+def test_register_backend_makes_a_user_kernel_selectable():
+    from layerzero_serve.kernels.catalog import all_specs
+
+    sel = Selector(specs=list(all_specs()))
+    spec = KernelSpec(
+        "user.decode", Op.ATTN_DECODE, "user", priority=500, device_types=frozenset({"cpu"})
+    )
+    sel.register(spec)
+    ctx = KernelContext(Op.ATTN_DECODE, device_type="cpu", sm=0, generation="cpu", dtype="float32")
+    choice = sel.select(Op.ATTN_DECODE, ctx)
+    lost = {c.name: c.rejection for c in choice.candidates}
+    assert choice.spec.name != "user.decode"
+    assert lost["user.decode"].code == Reason.BACKEND_UNAVAILABLE
+    sel.register_backend("user", version="1.0")
+    assert sel.select(Op.ATTN_DECODE, ctx).spec.name == "user.decode"  # cache invalidated
+    sel.register_backend("user", available=False, reason="switched off")
+    assert sel.select(Op.ATTN_DECODE, ctx).spec.name != "user.decode"
+    with pytest.raises(ValueError, match="name"):
+        sel.register_backend("")
