@@ -8,6 +8,7 @@ import pytest
 from layerzero_serve.default_model import ensure_default_model
 from layerzero_serve.selection import configure, set_selector
 
+
 @pytest.fixture(scope="session")
 def default_model_dir(tmp_path_factory):
     return ensure_default_model(tmp_path_factory.mktemp("lz_cache"))
