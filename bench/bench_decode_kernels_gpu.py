@@ -73,7 +73,6 @@ def run_case(batch: int, ctx: int, cap_len: int, ws: torch.Tensor) -> dict:
     blocks = batch * width + 1
     cache = torch.randn(blocks, 2, BS, HKV, D, dtype=DTYPE, device="cuda")
     table = (np.arange(batch * width, dtype=np.int32) + 1).reshape(batch, width)
-    rng = np.random.default_rng(batch)
     lens = np.full(batch, ctx, dtype=np.int64)
     if batch > 1:  # one short row and one padding-like row: uneven splits
         lens[0] = max(1, ctx // 3)
