@@ -12,9 +12,12 @@ ADAPTER_MODULES = (
     "layerzero_serve.kernels.flashinfer_backend",
     "layerzero_serve.kernels.triton.backend",
     "layerzero_serve.kernels.triton.layer_ops",
+    "layerzero_serve.kernels.triton.sampling",
     "layerzero_serve.kernels.liger_backend",
     "layerzero_serve.kernels.flash_attn_backend",
     "layerzero_serve.kernels.xformers_backend",
+    "layerzero_serve.kernels.triton.rejection_sampling",
+    "layerzero_serve.spec_decode.rejection",
 )
 
 
