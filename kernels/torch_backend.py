@@ -9,6 +9,7 @@ import torch
 from layerzero_serve.kernels import torch_ref
 from layerzero_serve.kernels.attention_api import ScatterKVWrite
 from layerzero_serve.kernels.metadata import AttentionMetadata
+from layerzero_serve.kernels.sampling_api import TorchSamplingKernel
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
 
 ANY_DEVICE = frozenset({"cpu", "cuda"})
@@ -51,6 +52,10 @@ class TorchKVWrite:
 
 def _attn(ctx: KernelContext) -> TorchPagedAttention:
     return TorchPagedAttention(ctx)
+
+
+def _sampler(ctx: KernelContext) -> TorchSamplingKernel:
+    return TorchSamplingKernel()
 
 
 def _none(ctx: KernelContext) -> None:
@@ -102,10 +107,12 @@ SPECS = [
         Op.SAMPLING,
         "torch",
         priority=0,
-        graph_safe=False,
+        graph_safe=True,
         device_types=ANY_DEVICE,
-        factory=_none,
-        doc="layerzero_serve.sampling.Sampler: per-row generators, host sync",
+        factory=_sampler,
+        doc="kernels/sampling_api.py: stable sort, top-k/top-p/min-p masks, inverse-CDF draw "
+        "from counter-based random numbers (seed, offset) on the device; no host sync, "
+        "position-invariant",
     ),
     KernelSpec(
         "torch.rmsnorm",

@@ -11,8 +11,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from layerzero_serve.config import EngineConfig, kv_budget_bytes
 from layerzero_serve.errors import RequestRejectedError, ValidationError
 from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
@@ -21,9 +19,10 @@ from layerzero_serve.runner.cpu_threads import choose_cpu_threads
 from layerzero_serve.runner.memory import measure_graph_memory
 from layerzero_serve.runner.model_runner import ModelRunner, optimize_model
 from layerzero_serve.sampling import Sampler, SamplingParams
+from layerzero_serve.sampling.prompt_logprobs import StepTokens
 from layerzero_serve.scheduler import Scheduler, SchedulerConfig
 from layerzero_serve.selection.plans import ModelShape, batch_buckets
-from layerzero_serve.types import Request, RequestOutput
+from layerzero_serve.types import Request, RequestOutput, TokenLogprob
 
 logger = logging.getLogger("layerzero_serve")
 _UNFREEZE_AT_EXIT: list[bool] = []
@@ -92,15 +91,24 @@ class Engine:
         )
         self.scheduler = Scheduler(sched_cfg, self.kv_manager)
         self.runner = ModelRunner(
-            loaded.model, shape, kv_cache, Sampler(seed=cfg.seed), device, cfg.max_num_seqs
+            loaded.model,
+            shape,
+            kv_cache,
+            Sampler(seed=cfg.seed, max_num_seqs=cfg.max_num_seqs),
+            device,
+            cfg.max_num_seqs,
         )
+        graph_len = min(max_len, self.scheduler.max_seq_len)
+        self.runner.set_decode_buckets(buckets, graph_len)  # graphs on or off: same splits
         if use_graphs:
-            self.runner.enable_graphs(buckets, min(max_len, self.scheduler.max_seq_len))
+            self.runner.enable_graphs(buckets, graph_len)
         eos_ids = list(mc.eos_token_ids)
         self.eos_token_id: int | None = eos_ids[0] if eos_ids else None
         self._extra_stop_ids = frozenset(eos_ids[1:])
         self._ids = itertools.count()
         self._children: dict[str, list[str]] = {}
+        # prompt logprobs collected over prefill chunks, until the first output token
+        self._prompt_lp: dict[str, list[TokenLogprob | None]] = {}
         self.num_generated_tokens = 0
         # Start-up objects (weights' Python wrappers, the block pool) never die: keep the
         # cyclic collector off them so its passes stay short on the hot path.
@@ -165,6 +173,11 @@ class Engine:
         if params.n > 1:
             self._children[rid] = names
         for k, name in enumerate(names):
+            salt = cache_salt
+            if params.prompt_logprobs is not None:
+                # every prompt position must be computed (no prefix-cache hits), so this
+                # sequence gets a prefix cache of its own
+                salt = f"{cache_salt or ''}\x00prompt-logprobs:{name}"
             req = Request(
                 request_id=name,
                 prompt_token_ids=ids,
@@ -173,13 +186,13 @@ class Engine:
                 stop_token_ids=frozenset(params.stop_token_ids) | self._extra_stop_ids,
                 ignore_eos=params.ignore_eos,
                 priority=priority,
-                cache_salt=cache_salt,
+                cache_salt=salt,
                 sampling_params=params,
             )
-            if params.seed is not None:
-                gen = torch.Generator(device=self.runner.device)
-                gen.manual_seed((params.seed + k * 0x9E3779B97F4A7C15) % (1 << 63))
-                self.runner.generators[name] = gen
+            if params.seed is not None and params.n > 1:  # siblings draw distinct streams
+                req.seed = (params.seed + k * 0x9E3779B97F4A7C15) % (1 << 63)
+            if params.prompt_logprobs is not None:
+                self._prompt_lp[name] = [None] * len(ids)
             self.scheduler.add_request(req)
         return rid
 
@@ -199,18 +212,43 @@ class Engine:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         t1 = time.perf_counter()
-        tokens = self.runner.execute(out) if out.requests else []
+        tokens = self.runner.execute(out) if out.requests else StepTokens()
         t2 = time.perf_counter()
+        for row, detail in tokens.failed.items():  # only that request fails; others go on
+            self.scheduler.fail(out.requests[row].request_id, detail)
         outputs = list(self.scheduler.update(out, tokens))
         t3 = time.perf_counter()
         tm.schedule += t1 - t0
         tm.update += t3 - t2
         tm.steps += 1
+        if tokens.logprobs or tokens.prompt_logprobs or self._prompt_lp:
+            self._attach_logprobs(out, tokens, outputs)
         for o in outputs:
             self.num_generated_tokens += len(o.new_token_ids)
             if o.finished:
-                self.runner.generators.pop(o.request_id, None)
+                self.runner.sampler.release(o.request_id)
+                self._prompt_lp.pop(o.request_id, None)
         return outputs
+
+    def _attach_logprobs(self, out, tokens: StepTokens, outputs: list[RequestOutput]) -> None:
+        """Per-token logprobs onto this step's outputs; prompt logprobs collected per position
+        over the prefill chunks and attached once, with the request's first output token."""
+        reqs = out.requests
+        for row, entries in tokens.prompt_logprobs.items():
+            slots = self._prompt_lp.get(reqs[row].request_id)
+            if slots is not None:
+                for pos, lp in entries:
+                    slots[pos] = lp
+        token_lp = {reqs[row].request_id: lp for row, lp in tokens.logprobs.items()}
+        for o in outputs:
+            if not o.new_token_ids:
+                continue
+            lp = token_lp.get(o.request_id)
+            if lp is not None:
+                o.logprobs = [lp]
+            pending = self._prompt_lp.pop(o.request_id, None)
+            if pending is not None:
+                o.prompt_logprobs = pending
 
     # ---- reporting ---------------------------------------------------------------------------
     def stats(self) -> dict[str, object]:
@@ -224,7 +262,7 @@ class Engine:
             "kernels": {
                 "attention_decode": self.runner.attn.decode.choice.name,
                 "attention_prefill": self.runner.attn.prefill.choice.name,
-                "sampling": "torch.sampler",
+                "sampling": self.runner.sampler.kernel_name,
             },
             "kv_blocks": kv.num_blocks,
             "timings_s": self.runner.timings.as_dict(),

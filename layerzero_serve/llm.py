@@ -13,17 +13,19 @@ from layerzero_serve.config import EngineConfig
 from layerzero_serve.engine import Engine
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.sampling import SamplingParams
+from layerzero_serve.types import TokenLogprob
 
 Prompt = str | Sequence[int]
 
 
 @dataclass(slots=True)
 class Completion:
-    """One sample of a prompt."""
+    """One sample of a prompt (``logprobs``: one entry per token when requested)."""
 
     token_ids: list[int] = field(default_factory=list)
     text: str | None = None
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -40,6 +42,7 @@ class GenerationResult:
     arrival_time: float
     first_token_time: float | None = None
     finish_time: float | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when requested
 
     @property
     def token_ids(self) -> list[int]:
@@ -157,6 +160,12 @@ class LLM:
                 rid, k = sample_slot[o.request_id]
                 res, comp = results[rid], results[rid].outputs[k]
                 comp.token_ids.extend(o.new_token_ids)
+                if o.logprobs is not None:
+                    if comp.logprobs is None:
+                        comp.logprobs = []
+                    comp.logprobs.extend(o.logprobs)
+                if o.prompt_logprobs is not None and res.prompt_logprobs is None:
+                    res.prompt_logprobs = o.prompt_logprobs
                 t = time.monotonic()
                 if res.first_token_time is None and o.new_token_ids:
                     res.first_token_time = t

@@ -80,6 +80,9 @@ class Request:
     # Derived at admission by the scheduler so the per-token stop check is two lookups.
     stop_set: frozenset[int] = frozenset()
     stop_len: int = 0  # total length (prompt + output) at which the request ends
+    # The sampling seed of this sequence (n > 1 siblings get distinct ones); None = the
+    # params' seed, or one drawn by the sampler when that is None too.
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -159,8 +162,25 @@ class SchedulerOutput:
 
 
 @dataclass(slots=True)
+class TokenLogprob:
+    """The logprob of one chosen token (sampled or prompt) and the ``n`` most likely tokens of
+    the same distribution (``SamplingParams.logprobs`` / ``prompt_logprobs`` = n)."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 + the number of tokens strictly more likely than ``token_id``
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass(slots=True)
 class RequestOutput:
-    """Streaming-friendly result of one step for one request."""
+    """Streaming-friendly result of one step for one request.
+
+    ``logprobs`` (when the request asked for them): one entry per token of ``new_token_ids``.
+    ``prompt_logprobs``: once, with the first output token: one entry per prompt token, the
+    first ``None`` (nothing predicts it).
+    """
 
     request_id: str
     new_token_ids: list[int]
@@ -168,6 +188,8 @@ class RequestOutput:
     finish_reason: str | None
     num_output_tokens: int
     detail: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class StepOutputs(Sequence[RequestOutput]):

@@ -91,6 +91,21 @@ class Scheduler:
         self._finish(req, RequestStatus.FINISHED_ABORTED, "aborted by the caller")
         return True
 
+    def fail(self, request_id: str, detail: str) -> bool:
+        """End a request in error (``FINISHED_ERROR``): its own computation failed, e.g. its
+        logits were NaN. Its blocks go back now and its output (finish reason "error",
+        ``detail``) comes with the next ``update``; no other request is affected. Unknown or
+        finished ids are a no-op (returns False)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status.is_finished:
+            return False
+        if req.status == _RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._finish(req, RequestStatus.FINISHED_ERROR, detail)
+        return True
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting) or bool(self.running) or bool(self._finished_unreported)
 

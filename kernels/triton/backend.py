@@ -45,9 +45,16 @@ class TritonPagedAttention:
         # Verification plans fix the tokens per row: size the prefill grid for it.
         self._min_query_len = ctx.q_len if ctx is not None and ctx.op == Op.ATTN_VERIFY else 0
         self._decode = False
+        # ``num_seqs -> split count`` for decode, set by the runner so that an eager batch and
+        # the captured bucket it would pad to split every sequence identically (greedy output
+        # is then the same with graphs on and off). None: derived from the table width.
+        self.split_rule = None
+        self._num_splits = None
 
     def plan(self, meta: AttentionMetadata) -> None:
         self._decode = self._is_decode(meta)
+        rule = self.split_rule
+        self._num_splits = rule(meta.num_seqs) if rule is not None and self._decode else None
 
     @staticmethod
     def _is_decode(meta: AttentionMetadata) -> bool:
@@ -66,7 +73,9 @@ class TritonPagedAttention:
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         if self._is_decode(meta):  # host ints only; same answer as plan()
-            return self._decode_fn(query, kv_cache, meta.block_tables, meta.seq_lens)
+            return self._decode_fn(
+                query, kv_cache, meta.block_tables, meta.seq_lens, num_splits=self._num_splits
+            )
         bound = max(meta.max_query_len, self._min_query_len)
         return self._prefill_fn(query, kv_cache, meta, max_query_len=bound)
 

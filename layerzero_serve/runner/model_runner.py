@@ -21,6 +21,11 @@ from layerzero_serve.runner.attention import AttentionDispatch, PhaseKernel, Wri
 from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
 from layerzero_serve.runner.input_batch import prepare_batch
 from layerzero_serve.sampling import Sampler
+from layerzero_serve.sampling.prompt_logprobs import (
+    StepTokens,
+    any_prompt_logprobs,
+    prompt_logprobs,
+)
 from layerzero_serve.selection.device import probe_device
 from layerzero_serve.selection.plans import ModelShape, base_context
 from layerzero_serve.selection.selector import Selector, get_selector
@@ -101,11 +106,37 @@ class ModelRunner:
         self._dev_info, self._shape = dev, shape
         self.graph_plans: dict[tuple[Op, int], object] = {}  # (op, bucket) -> context
         self.attn = self._select_kernels()
-        self.generators: dict[str, torch.Generator] = {}
+        # the sampling plan: the sampler selects its kernels from it, once
+        self.plans[Op.SAMPLING] = base_context(Op.SAMPLING, dev, shape, bs, max_num_seqs, 1, False)
+        sampler.bind(device, shape.vocab_size, max_num_seqs, self.selector, self.plans[Op.SAMPLING])
         self.timings = StepTimings()
         self.graphs: DecodeGraphRunner | None = None
 
     # ---- CUDA graphs -------------------------------------------------------------------------
+    def set_decode_buckets(self, buckets: list[int], max_model_len: int) -> None:
+        """Make eager decode split each sequence's KV exactly as the captured bucket it would
+        pad to (same split count, hence the same numerics): with this, greedy output is the same
+        with graphs on and off. Called with the graph buckets even when graphs are off."""
+        width = -(-max_model_len // self.kv_cache.spec.block_size)
+        self._split_cfg = (sorted(buckets), width * self.kv_cache.spec.block_size)
+        self._apply_split_rule(self.attn.decode.impl)
+
+    def _apply_split_rule(self, impl: object) -> None:
+        cfg = getattr(self, "_split_cfg", None)
+        if cfg is None or not hasattr(impl, "split_rule") or self.device.type != "cuda":
+            return
+        from layerzero_serve.kernels.triton.paged_decode import choose_num_splits, num_sms
+
+        buckets, bound = cfg
+        heads, sms = self._shape.num_kv_heads, num_sms(self.device)
+        ceiling = np.asarray(buckets)
+
+        def rule(n: int) -> int:
+            i = int(np.searchsorted(ceiling, n))
+            return choose_num_splits(int(ceiling[i]) if i < len(ceiling) else n, heads, bound, sms)
+
+        impl.split_rule = rule
+
     def graph_dispatch(self, batch: int) -> AttentionDispatch:
         """The decode attention and KV-write kernels of one captured bucket, each selected
         once for that bucket's plan (graph mode on)."""
@@ -118,6 +149,7 @@ class ModelRunner:
             choice = self.selector.select(op, ctx)
             chosen[op] = (choice, choice.spec.factory(ctx))
         decode = PhaseKernel(*chosen[Op.ATTN_DECODE])
+        self._apply_split_rule(decode.impl)
         return AttentionDispatch(self.kv_cache, decode, decode, WriterKernel(*chosen[Op.KV_WRITE]))
 
     def enable_graphs(self, buckets: list[int], max_model_len: int, progress: bool = True) -> None:
@@ -161,6 +193,7 @@ class ModelRunner:
             PhaseKernel(*chosen[Op.ATTN_PREFILL]),
             WriterKernel(*chosen[Op.KV_WRITE]),
         )
+        self._apply_split_rule(attn.decode.impl)
         logger.info("eager kernels: %s", attn.name)
         return attn
 
@@ -184,13 +217,14 @@ class ModelRunner:
                 self.attn = self._select_kernels()
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[list[int]]:
+    def execute(self, out: SchedulerOutput) -> StepTokens:
         """Run the step; returns the sampled token ids of each row (empty when a row does not
-        sample: a prefill chunk short of the prompt's end)."""
+        sample, a prefill chunk short of the prompt's end, or when its sampling failed), with
+        the failures, logprobs and prompt logprobs of the step attached (``StepTokens``)."""
         tm = self.timings
         t0 = time.perf_counter()
         self.kv_cache.copy_blocks(out.blocks_to_copy)
-        results: list[list[int]] = [[] for _ in out.requests]
+        results = StepTokens([] for _ in out.requests)
         logits = self._graph_logits(out) if self.graphs is not None else None
         if logits is not None:
             sample_rows = list(range(len(out.requests)))
@@ -203,15 +237,21 @@ class ModelRunner:
             hidden = self._forward(batch)
             if sample_rows:
                 logits = self.model.compute_logits(hidden[batch.sample_indices])
+            if any_prompt_logprobs(out.requests):
+                qsl = batch.meta.query_start_loc_cpu
+                results.prompt_logprobs = prompt_logprobs(self.model, hidden, out, qsl)
         if sample_rows:
             self._sync()
             t2 = time.perf_counter()
             reqs = [out.requests[i] for i in sample_rows]
-            params = [r.sampling_params for r in reqs]
-            gens = [self.generators.get(r.request_id) for r in reqs]
-            tokens = self.sampler(logits, params, gens).tolist()
-            for row, tok in zip(sample_rows, tokens, strict=True):
-                results[row] = [tok]
+            res = self.sampler.sample(logits, self.sampler.prepare(reqs)).to_host()
+            for row, tok, lp in zip(sample_rows, res.tokens, res.logprobs, strict=True):
+                results[row].append(tok)
+                if lp is not None:
+                    results.logprobs[row] = lp
+            for k, detail in res.failed.items():
+                results[sample_rows[k]].clear()
+                results.failed[sample_rows[k]] = detail
         else:
             self._sync()
             t2 = time.perf_counter()

@@ -1,6 +1,20 @@
-"""Token sampling: per-request parameters and the reference sampler."""
+"""Token sampling: per-request parameters, the graph-safe sampler and its step inputs/outputs.
 
+``Sampler.prepare(requests)`` (host, once per step) -> ``SamplingBatch``;
+``Sampler.sample(logits, batch)`` (device, graph-safe) -> ``DeviceSample``;
+``DeviceSample.to_host()`` (the step's one device-to-host copy) -> ``HostSample``.
+"""
+
+from layerzero_serve.sampling.batch import SamplingBatch, SamplingPlan
+from layerzero_serve.sampling.outputs import DeviceSample, HostSample
 from layerzero_serve.sampling.params import SamplingParams
 from layerzero_serve.sampling.sampler import Sampler
 
-__all__ = ["Sampler", "SamplingParams"]
+__all__ = [
+    "DeviceSample",
+    "HostSample",
+    "Sampler",
+    "SamplingBatch",
+    "SamplingParams",
+    "SamplingPlan",
+]

@@ -1,296 +1,327 @@
-"""Reference (PyTorch) token sampler.
+"""The sampler: ``prepare()`` once per step on the host, ``sample()`` on the device.
 
-Processing of one sampled row, in this order:
+* ``prepare(requests)`` turns the rows' parameters into device tensors: a host gather from the
+  per-request table, one copy of a packed pinned buffer (see ``batch``), the step's table
+  updates (``slot_ops``) and the plan, i.e. which stages ``sample()`` runs and whether the batch
+  needs a position-invariant kernel (any seeded row), decided on the host.
+* ``sample(logits, batch)`` runs without host synchronisation (CUDA-graph safe): processors,
+  one row reduction for the max and the failure flags, then greedy argmax (all-greedy batches
+  stop there) or temperature -> softmax -> the sampling kernel, then logprobs, packed for one
+  device-to-host copy (``DeviceSample.to_host()``). It advances every row's device ``offset``,
+  so a replayed graph draws fresh numbers even without a new ``prepare``.
 
-1. **temperature**: logits are divided by ``temperature`` (after subtracting the row max, which
-   leaves the distribution unchanged and keeps tiny temperatures from overflowing);
-2. **top-k**: keep the ``k`` most likely tokens (``k = vocab`` when top-k is off or larger than
-   the vocabulary);
-3. **top-p**: on the distribution renormalised over the kept tokens, keep the smallest prefix of
-   the sorted tokens whose probability sums to at least ``top_p`` (token ``j`` is kept iff the
-   mass of the tokens strictly before it is ``< top_p``; the most likely token is always kept;
-   ``top_p == 1`` keeps everything);
-4. **min-p**: keep tokens whose probability is ``>= min_p * p_max``, ``p_max`` being the largest
-   probability after steps 1-3 (the ratio does not depend on renormalisation);
-5. renormalise over the kept tokens and draw one token.
+**Randomness.** Each row draws from ``counter_uniform(seed, offset)`` (kernels.sampling_api):
+``offset`` is the request's output length, ``seed`` the request's seed, or for an unseeded
+request one drawn from the sampler's own generator at admission. A seeded request therefore
+gives the same tokens at any batch position and with any batch mates.
 
-Greedy rows (``temperature == 0`` or ``top_k == 1``) take the argmax of the *raw* logits; ties
-go to the lowest token id. Greedy rows draw no random numbers.
-
-**Tie rule.** Tokens are ranked by a stable sort of the raw logits in descending order, so among
-equal logits the lower token id ranks first. Every boundary (top-k cut, top-p cut) is a cut in
-this ranking: of several tokens tied at the boundary the lower ids are kept. (min-p compares
-probabilities, so tied tokens are kept or dropped together.)
-
-**Randomness.** Each sampled row draws exactly one uniform number in [0, 1) and inverts the CDF
-of its filtered distribution (in ranked order). A row whose generator is given draws it with
-``torch.rand(1, generator=g)`` from that generator alone, so a seeded request produces the same
-tokens whatever its batch position and batch companions. Rows whose generator is ``None`` share
-the sampler's own generator (one batched draw for all of them, in row order).
-
-This is the reference implementation: it builds per-row parameter tensors on the host, loops
-over seeded rows in Python and uses data-dependent indexing, so it synchronises with the host
-and is **not CUDA-graph safe**. A graph-safe sampler comes later; this one defines the semantics
-it must match. Logits containing NaN yield an unspecified (but in-range) token: detecting
-non-finite logits is the caller's job.
+**Failures.** A row whose processed logits contain NaN / ``+inf`` or are all ``-inf`` is
+flagged (``HostSample.failed``); its token is 0 and it is sanitised before the softmax, so the
+other rows are bitwise what they would be without it.
 """
 
 from __future__ import annotations
 
-import numbers
+import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from layerzero_serve.errors import ValidationError
-from layerzero_serve.sampling.params import INT64_MAX, INT64_MIN, SamplingParams
+from layerzero_serve.kernels.sampling_api import (
+    SamplingKernel,
+    TorchSamplingKernel,
+    draw_unfiltered,
+)
+from layerzero_serve.kernels.spec import KernelContext
+from layerzero_serve.sampling import slot_ops
+from layerzero_serve.sampling import state as st
+from layerzero_serve.sampling.batch import (
+    P_FLAGS,
+    P_OFFSET,
+    P_SEED,
+    P_SLOT,
+    P_TOP_K,
+    PackedStaging,
+    SamplingBatch,
+    SamplingPlan,
+)
+from layerzero_serve.sampling.kernels import select_sampling_kernels
+from layerzero_serve.sampling.outputs import DeviceSample, HostSample, pack
+from layerzero_serve.sampling.params import SamplingParams
+from layerzero_serve.sampling.processors import process_logits, row_max_and_flags
+from layerzero_serve.sampling.rows import admit_row, assign_slot, call_rows, top_up_counts
+from layerzero_serve.sampling.validate import INT64_MAX, INT64_MIN, as_int
+from layerzero_serve.selection.selector import Selector
+
+logger = logging.getLogger("layerzero_serve")
+_EMPTY = np.empty(0, np.int64)
 
 
 class Sampler:
-    """Samples one token per row from float32 logits ``[S, V]``.
+    """Samples one token per row from float logits ``[B, V]``.
 
     Args:
-        seed: seeds the sampler's own generator (one per device, created lazily), used by the
-            rows whose generator is ``None``. ``None`` seeds it non-deterministically.
+        seed: seeds the generator that gives unseeded requests their seeds (None: from the OS).
+        max_num_seqs: rows per step (the capacity of the persistent buffers and slot tables).
+        kernel: force a sampling kernel (default: the selection engine's choice at ``bind``,
+            or the torch kernel).
     """
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        seed: int | None = None,
+        *,
+        max_num_seqs: int = 256,
+        kernel: SamplingKernel | None = None,
+    ) -> None:
         if seed is not None:
             allowed = f"None or int in [{INT64_MIN}, {INT64_MAX}]"
-            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-                raise ValidationError("seed", seed, allowed)
+            seed = as_int("seed", seed, allowed)
             if not INT64_MIN <= seed <= INT64_MAX:
                 raise ValidationError("seed", seed, allowed)
-            seed = int(seed)
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._rng = np.random.default_rng(None if seed is None else seed % 2**64)
+        self.max_rows = as_int("max_num_seqs", max_num_seqs, "int >= 1")
+        if self.max_rows < 1:
+            raise ValidationError("max_num_seqs", max_num_seqs, "int >= 1")
+        self._forced = kernel
+        self._kernel: SamplingKernel = kernel or TorchSamplingKernel()
+        self._invariant: SamplingKernel = (
+            kernel if kernel is not None and kernel.position_invariant else TorchSamplingKernel()
+        )
+        self._locked = kernel is not None
+        self._selector = self._ctx = None
+        self.device: torch.device | None = None
+        self.vocab_size = 0
+        self._step = 0
+        self._states: dict[object, st.RowState] = {}
+        self._slot_owner: dict[int, st.RowState] = {}
 
-    # ---- generators ------------------------------------------------------------------------
+    # ---- set-up ----------------------------------------------------------------------------
 
-    @staticmethod
-    def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-        """The generator a seeded request keeps for its lifetime:
-        ``torch.Generator(device=device).manual_seed(seed)``."""
-        return torch.Generator(device=device).manual_seed(seed)
-
-    def generator(self, device: torch.device | str) -> torch.Generator:
-        """The sampler's own generator for ``device`` (created on first use)."""
+    def bind(
+        self,
+        device: torch.device | str,
+        vocab_size: int,
+        max_rows: int | None = None,
+        selector: Selector | None = None,
+        ctx: KernelContext | None = None,
+    ) -> Sampler:
+        """Allocate the buffers for ``device`` and a vocabulary of ``vocab_size``, and pick the
+        kernels (through ``selector.select(Op.SAMPLING, ctx)`` when both are given). Forgets
+        every request's state. Called once (the model runner's constructor)."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            if self.seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(self.seed)
-            self._generators[device] = gen
-        return gen
+        self.device, self.vocab_size = device, as_int("vocab_size", vocab_size, "int >= 1")
+        self.max_rows = max_rows or self.max_rows
+        self._staging = PackedStaging(self.max_rows, device)
+        self.tables = st.DeviceTables(self.max_rows, self.vocab_size, device)
+        self._host = st.HostTable()
+        self._states.clear()
+        self._slot_owner.clear()
+        if self._forced is None and selector is not None and ctx is not None:
+            self._selector, self._ctx = selector, ctx
+            self._kernel, self._invariant, self._locked = select_sampling_kernels(selector, ctx)
+        return self
 
-    # ---- public API ------------------------------------------------------------------------
+    @property
+    def kernel_name(self) -> str:
+        return self._kernel.name
+
+    def _ensure_bound(self, device: torch.device, vocab: int) -> None:
+        if self.device is None or self.device != device or self.vocab_size != vocab:
+            self.bind(device, vocab)
+
+    # ---- per step (host) -------------------------------------------------------------------
+
+    def prepare(
+        self,
+        requests: Sequence,
+        plan_floor: SamplingPlan | None = None,
+        pad_to: int | None = None,
+    ) -> SamplingBatch:
+        """The device inputs of one step for ``requests`` (``types.Request`` or any object with
+        its sampling attributes), in row order. One host-to-device copy; not graph-captured.
+
+        For a captured graph: ``plan_floor`` makes the batch run at least that plan (the one
+        the graph was captured with); ``pad_to`` (>= len(requests)) adds neutral greedy rows up
+        to the graph's bucket size (their outputs are meaningless; read the first rows only).
+        """
+        if self.device is None:
+            raise ValidationError("sampler", "unbound", "call bind(device, vocab_size) first")
+        self._step += 1
+        b = len(requests)
+        rows = b if pad_to is None else pad_to
+        if rows < b:
+            raise ValidationError("pad_to", pad_to, f"None or >= the number of requests ({b})")
+        get = self._states.get
+        states = [get(r.request_id) or self._admit(r) for r in requests]
+        idx = np.fromiter((s.hidx for s in states), np.intp, b)
+        host = self._host
+        static_flags = host.i64[st.I_FLAGS, idx]
+        tail, where = _EMPTY, {}
+        if b and int(np.bitwise_or.reduce(static_flags)) & st.SLOT_FEATURES:
+            tail, where = self._slot_work(requests, states, static_flags).pack()
+        if rows > self._staging.rows:  # eager use beyond the capacity (never in graph mode)
+            self._staging = PackedStaging(max(rows, 2 * self._staging.rows), self.device)
+        stg = self._staging
+        stg.begin(len(tail))
+        stg.h_f32[:, :b] = host.f32[:, idx]
+        cols = host.i64[:, idx]
+        lens = np.fromiter((len(r.all_token_ids) for r in requests), np.int64, b)
+        num_out = lens - cols[st.I_PROMPT_LEN]
+        active = np.where(num_out < cols[st.I_MIN_TOKENS], st.ACTIVE_MIN_TOKENS, 0)
+        hi = stg.h_i64
+        hi[P_TOP_K, :b], hi[P_SEED, :b] = cols[st.I_TOP_K], cols[st.I_SEED]
+        hi[P_OFFSET, :b], hi[P_SLOT, :b] = num_out, cols[st.I_SLOT]
+        hi[P_FLAGS, :b] = cols[st.I_FLAGS] | active
+        num_lp = cols[st.I_NUM_LOGPROBS]
+        if rows > b:
+            self._pad(b, rows)
+            num_lp = np.concatenate([num_lp, np.full(rows - b, -1, np.int64)])
+        stg.h_tail[: len(tail)] = tail
+        dev_tail = stg.upload(len(tail))
+        if where:
+            slot_ops.apply(self.tables, dev_tail, where)
+        plan = SamplingPlan.from_flags(hi[P_FLAGS, :rows], num_lp)
+        if plan_floor is not None:
+            plan = plan.union(plan_floor)
+            self.tables.ensure(
+                st.PENALTIES * plan.penalties
+                | st.TOKEN_MASK * plan.token_mask
+                | st.MIN_TOKENS * plan.min_tokens
+            )
+        return stg.batch(rows, plan, num_lp)
+
+    def _pad(self, start: int, stop: int) -> None:
+        """Neutral greedy rows (no filters, no penalties, neutral slot 0) in ``[start, stop)``."""
+        f, i = self._staging.h_f32, self._staging.h_i64
+        f[:, start:stop] = np.array([1.0, 1.0, 0.0, 1.0, 0.0, 0.0], np.float32)[:, None]
+        i[:, start:stop] = 0
+        i[P_TOP_K, start:stop] = self.vocab_size
+        i[P_FLAGS, start:stop] = st.GREEDY
+
+    def _admit(self, req) -> st.RowState:
+        state = admit_row(req, self._host, self.vocab_size, self._rng)
+        self._states[req.request_id] = state
+        return state
+
+    def _slot_work(self, requests, states, static_flags) -> slot_ops.SlotOps:
+        ops = slot_ops.SlotOps()
+        for i in np.flatnonzero(static_flags & st.SLOT_FEATURES).tolist():
+            s, r = states[i], requests[i]
+            s.last_step = self._step
+            num_out = len(r.all_token_ids) - len(r.prompt_token_ids)
+            if s.slot == 0 or num_out < s.counted:
+                if s.slot == 0:
+                    self._give_slot(s)
+                assign_slot(s, r, ops, self.tables, num_out)
+            elif s.flags & st.PENALTIES and num_out > s.counted:
+                top_up_counts(s, r, ops, num_out)
+        return ops
+
+    def _give_slot(self, s: st.RowState) -> None:
+        slot = self.tables.take()
+        if slot is None:  # evict the least recently used slot not in this batch
+            idle = [o for o in self._slot_owner.values() if o.last_step < self._step]
+            if idle:
+                victim = min(idle, key=lambda o: o.last_step)
+                slot, victim.slot, victim.counted = victim.slot, 0, 0
+                self._host.i64[st.I_SLOT, victim.hidx] = 0
+            else:
+                self.tables.grow(2 * self.tables.num_slots)
+                slot = self.tables.take()
+        s.slot = slot
+        self._slot_owner[slot] = s
+        self._host.i64[st.I_SLOT, s.hidx] = slot
+
+    def release(self, request_id) -> None:
+        """Forget a finished request (its seed, its table slot). Unknown ids are a no-op."""
+        s = self._states.pop(request_id, None)
+        if s is None:
+            return
+        self._host.remove(s.hidx)
+        if s.slot:
+            self._slot_owner.pop(s.slot, None)
+            self.tables.give(s.slot)
+
+    # ---- one-shot convenience ---------------------------------------------------------------
 
     def __call__(
         self,
         logits: torch.Tensor,
-        params: Sequence[SamplingParams],
-        generators: Sequence[torch.Generator | None] | None = None,
-    ) -> torch.Tensor:
-        """Sample one token per row.
+        params: SamplingParams | Sequence[SamplingParams],
+        *,
+        seeds: Sequence[int | None] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        output_token_ids: Sequence[Sequence[int]] | None = None,
+        eos_token_id: int | None = None,
+    ) -> HostSample:
+        """prepare + sample + to_host for rows that live one call (tests, tools).
 
-        Args:
-            logits: ``[S, V]`` floating tensor on any device (float32 expected; other float
-                dtypes are upcast to float32).
-            params: ``S`` SamplingParams, row ``i`` uses ``params[i]``.
-            generators: ``S`` entries, ``torch.Generator`` on ``logits.device`` for a seeded
-                request (the caller creates it once per request with
-                ``torch.Generator(device=logits.device).manual_seed(seed)`` and keeps it), or
-                ``None`` to draw from the sampler's own generator. ``None`` for the whole
-                argument = all rows ``None``.
+        ``logits`` float ``[B, V]``; ``params`` one SamplingParams or B; ``seeds`` per row
+        (None: the sampler's generator); the prompt / output token ids per row feed penalties,
+        min-tokens and the row's offset (its output length)."""
+        rows = call_rows(logits, params, seeds, prompt_token_ids, output_token_ids, eos_token_id)
+        self._ensure_bound(logits.device, logits.shape[1])
+        try:
+            return self.sample(logits, self.prepare(rows)).to_host()
+        finally:
+            for r in rows:
+                self.release(r.request_id)
 
-        Returns:
-            ``torch.long`` tensor ``[S]`` on ``logits.device``: the sampled token ids.
-        """
-        logits, params, generators = self._check(logits, params, generators)
-        num_rows = logits.shape[0]
-        device = logits.device
-        tokens = torch.empty(num_rows, dtype=torch.long, device=device)
-        if num_rows == 0:
-            return tokens
+    # ---- per step (device) -----------------------------------------------------------------
 
-        greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
-        sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-
-        if greedy_rows:
-            if not sampled_rows:
-                return torch.argmax(logits, dim=-1)
-            g_idx = torch.tensor(greedy_rows, dtype=torch.long, device=device)
-            tokens[g_idx] = torch.argmax(logits[g_idx], dim=-1)
-        if not sampled_rows:
-            return tokens
-
-        if greedy_rows:
-            s_idx = torch.tensor(sampled_rows, dtype=torch.long, device=device)
-            s_logits = logits[s_idx]
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSample:
+        """Sample one token per row of ``logits`` (float ``[>= B, V]`` on the bound device; the
+        first ``batch.num_rows`` rows are used). Graph-safe: no host synchronisation; the work
+        depends only on ``batch.plan`` and shapes."""
+        plan = batch.plan
+        raw = logits[: batch.num_rows]
+        if raw.dtype != torch.float32:
+            raw = raw.float()
+        x = process_logits(raw, batch, self.tables)
+        row_max, flags = row_max_and_flags(x)
+        probs = None
+        greedy_tokens = x.argmax(dim=-1) if plan.any_greedy or plan.all_greedy else None
+        if plan.all_greedy:
+            tokens = greedy_tokens
         else:
-            s_idx = None
-            s_logits = logits
-        s_params = [params[i] for i in sampled_rows]
+            bad = (flags != 0).unsqueeze(-1)
+            z = (x - row_max.unsqueeze(-1)) / batch.temperature.unsqueeze(-1)
+            probs = torch.softmax(torch.where(bad, 0.0, z), dim=-1)
+            tokens = self._draw(probs, batch)
+            if plan.any_greedy:
+                tokens = torch.where((batch.flags & st.GREEDY) != 0, greedy_tokens, tokens)
+        tokens = torch.where(flags != 0, 0, tokens)
+        batch.offset.add_(1)  # fresh numbers if a graph replays without a new prepare()
+        packed = pack(tokens, flags, raw, x, probs, batch)
+        return DeviceSample(tokens, flags, packed, batch.num_logprobs)
 
-        order, weights, num_kept = self._filter(s_logits, s_params)
-        u = self._uniforms([generators[i] for i in sampled_rows], device)
+    def _draw(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        plan = batch.plan
+        kernel = self._invariant if plan.invariant else self._kernel
+        if not plan.filters and isinstance(kernel, TorchSamplingKernel):
+            return draw_unfiltered(probs, batch.min_p, batch.seed, batch.offset)
+        top_k = batch.top_k.to(torch.int32)
+        try:
+            return kernel.sample(probs, top_k, batch.top_p, batch.min_p, batch.seed, batch.offset)
+        except Exception as e:
+            if isinstance(kernel, TorchSamplingKernel) or self._locked:
+                raise
+            self._fall_back(kernel, e)
+            return self._draw(probs, batch)
 
-        # Inverse CDF in ranked order: the first position whose cumulative weight exceeds
-        # u * total. The kept tokens form a prefix of the ranking; clamping to the last kept
-        # position guards against u * total rounding up to the total.
-        cdf = torch.cumsum(weights, dim=-1)
-        target = (u * cdf[:, -1]).unsqueeze(-1)
-        pos = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-        pos = torch.minimum(pos, num_kept - 1)
-        s_tokens = torch.gather(order, 1, pos.unsqueeze(-1)).squeeze(-1)
-
-        if s_idx is None:
-            return s_tokens
-        tokens[s_idx] = s_tokens
-        return tokens
-
-    def compute_probs(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-        """The distribution each row is sampled from.
-
-        Args:
-            logits: ``[S, V]`` floating tensor (upcast to float32).
-            params: ``S`` SamplingParams.
-
-        Returns:
-            float32 ``[S, V]`` on ``logits.device``: the processed and renormalised distribution
-            (temperature -> top-k -> top-p -> min-p) in token-id order; greedy rows are one-hot
-            at the argmax of the raw logits (lowest id on ties).
-        """
-        logits, params, _ = self._check(logits, params, None)
-        num_rows, vocab = logits.shape
-        device = logits.device
-        probs = torch.zeros(num_rows, vocab, dtype=torch.float32, device=device)
-        if num_rows == 0:
-            return probs
-        greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
-        sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if greedy_rows:
-            g_idx = torch.tensor(greedy_rows, dtype=torch.long, device=device)
-            best = torch.argmax(logits[g_idx], dim=-1, keepdim=True)
-            probs[g_idx] = torch.zeros_like(probs[g_idx]).scatter_(1, best, 1.0)
-        if sampled_rows:
-            s_idx = torch.tensor(sampled_rows, dtype=torch.long, device=device)
-            order, weights, _ = self._filter(logits[s_idx], [params[i] for i in sampled_rows])
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-            probs[s_idx] = torch.zeros_like(weights).scatter_(1, order, weights)
-        return probs
-
-    # ---- internals -------------------------------------------------------------------------
-
-    @staticmethod
-    def _check(logits, params, generators):
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
-            raise ValidationError("logits", shape, "a 2-D tensor [S, V]")
-        if not logits.is_floating_point():
-            raise ValidationError("logits", logits.dtype, "a floating-point tensor (float32)")
-        num_rows, vocab = logits.shape
-        if vocab < 1:
-            raise ValidationError("logits", tuple(logits.shape), "V >= 1")
-        if logits.dtype != torch.float32:
-            logits = logits.float()
-        params = list(params)
-        if len(params) != num_rows:
-            raise ValidationError("params", len(params), f"exactly {num_rows} (one per row)")
-        for i, p in enumerate(params):
-            if not isinstance(p, SamplingParams):
-                raise ValidationError(f"params[{i}]", p, "a SamplingParams")
-        if generators is None:
-            generators = [None] * num_rows
+    def _fall_back(self, kernel: SamplingKernel, error: Exception) -> None:
+        """An automatically chosen kernel raised: mark its backend unhealthy, choose again."""
+        logger.warning("sampling kernel %s failed (%s); choosing another", kernel.name, error)
+        if self._selector is not None:
+            self._selector.mark_unhealthy(kernel.name.split(".")[0], error)
+            self._kernel, self._invariant, self._locked = select_sampling_kernels(
+                self._selector, self._ctx
+            )
         else:
-            generators = list(generators)
-            if len(generators) != num_rows:
-                raise ValidationError(
-                    "generators", len(generators), f"exactly {num_rows} (one per row)"
-                )
-            for i, g in enumerate(generators):
-                if g is None:
-                    continue
-                if not isinstance(g, torch.Generator):
-                    raise ValidationError(f"generators[{i}]", g, "torch.Generator or None")
-                if g.device.type != logits.device.type:
-                    raise ValidationError(
-                        f"generators[{i}]",
-                        g.device,
-                        f"a generator on {logits.device} (the logits' device)",
-                    )
-        return logits, params, generators
-
-    @staticmethod
-    def _filter(
-        logits: torch.Tensor, params: Sequence[SamplingParams]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Apply temperature, top-k, top-p and min-p to non-greedy rows, vectorised.
-
-        Args:
-            logits: float32 ``[R, V]``.
-            params: ``R`` non-greedy SamplingParams.
-
-        Returns:
-            ``order``: long ``[R, V]``, token ids ranked by descending logit (stable: lower id
-            first among equal logits);
-            ``weights``: float32 ``[R, V]``, unnormalised probabilities in ranked order, zero
-            outside the kept set (a prefix of the ranking, never empty);
-            ``num_kept``: long ``[R]``, the size of that prefix.
-        """
-        num_rows, vocab = logits.shape
-        device = logits.device
-        temperature = torch.tensor(
-            [p.temperature for p in params], dtype=torch.float32, device=device
-        )
-        top_k = torch.tensor(
-            [vocab if p.top_k <= 0 else min(p.top_k, vocab) for p in params],
-            dtype=torch.long,
-            device=device,
-        )
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
-
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-        scaled = (sorted_logits - sorted_logits[:, :1]) / temperature.unsqueeze(-1)
-        probs = torch.softmax(scaled, dim=-1)  # non-increasing along the ranking
-
-        rank = torch.arange(vocab, device=device)
-        keep = rank.unsqueeze(0) < top_k.unsqueeze(-1)
-
-        # top-p on the distribution renormalised after top-k: keep j iff mass before j < top_p.
-        masked = probs * keep
-        masked = masked / masked.sum(dim=-1, keepdim=True)
-        cum = torch.cumsum(masked, dim=-1)
-        mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)
-        keep &= (mass_before < top_p.unsqueeze(-1)) | (top_p.unsqueeze(-1) >= 1.0)
-
-        # min-p relative to the most likely token, which is always kept (rank 0).
-        keep &= probs >= min_p.unsqueeze(-1) * probs[:, :1]
-        keep &= probs > 0  # underflowed tokens can never be drawn
-
-        weights = probs * keep
-        # >= 1 even for a NaN row (whose token is then unspecified but in range).
-        num_kept = keep.sum(dim=-1).clamp_(min=1)
-        return order, weights, num_kept
-
-    def _uniforms(self, generators: list[torch.Generator | None], device: torch.device):
-        """One float32 uniform in [0, 1) per row: seeded rows from their own generator only,
-        the others from one batched draw of the sampler's generator."""
-        num_rows = len(generators)
-        own_rows = [i for i, g in enumerate(generators) if g is None]
-        if len(own_rows) == num_rows:
-            return torch.rand(num_rows, generator=self.generator(device), device=device)
-        u = torch.empty(num_rows, dtype=torch.float32, device=device)
-        seeded_rows = [i for i, g in enumerate(generators) if g is not None]
-        draws = [torch.rand(1, generator=generators[i], device=device) for i in seeded_rows]
-        u[torch.tensor(seeded_rows, dtype=torch.long, device=device)] = torch.cat(draws)
-        if own_rows:
-            own = torch.rand(len(own_rows), generator=self.generator(device), device=device)
-            u[torch.tensor(own_rows, dtype=torch.long, device=device)] = own
-        return u
+            self._kernel = self._invariant = TorchSamplingKernel()

@@ -84,6 +84,50 @@ BAD = [
     ("ignore_eos", 0),
     ("ignore_eos", "yes"),
     ("ignore_eos", None),
+    # repetition_penalty: finite > 0
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", -1.0),
+    ("repetition_penalty", math.inf),
+    ("repetition_penalty", math.nan),
+    ("repetition_penalty", True),
+    ("repetition_penalty", None),
+    # presence / frequency penalties: [-2, 2]
+    ("presence_penalty", 2.0001),
+    ("presence_penalty", -3),
+    ("presence_penalty", math.nan),
+    ("presence_penalty", "0"),
+    ("frequency_penalty", -2.5),
+    ("frequency_penalty", math.inf),
+    ("frequency_penalty", None),
+    # logit_bias: dict id >= 0 -> float in [-100, 100]
+    ("logit_bias", {1: 101.0}),
+    ("logit_bias", {1: math.nan}),
+    ("logit_bias", {-1: 1.0}),
+    ("logit_bias", {"1": 1.0}),
+    ("logit_bias", {True: 1.0}),
+    ("logit_bias", {1: "big"}),
+    ("logit_bias", 5),
+    ("logit_bias", [1, 2]),
+    # min_tokens: [0, max_tokens]
+    ("min_tokens", -1),
+    ("min_tokens", 17),  # > max_tokens (16)
+    ("min_tokens", 1.0),
+    ("min_tokens", None),
+    # allowed / bad token ids
+    ("allowed_token_ids", ()),
+    ("allowed_token_ids", (-1,)),
+    ("allowed_token_ids", "12"),
+    ("bad_token_ids", (1.5,)),
+    ("bad_token_ids", None),
+    # logprobs / prompt_logprobs: None or [0, 20]; mode raw | processed
+    ("logprobs", -1),
+    ("logprobs", 21),
+    ("logprobs", True),
+    ("logprobs", 2.0),
+    ("prompt_logprobs", 21),
+    ("prompt_logprobs", -1),
+    ("logprobs_mode", "logits"),
+    ("logprobs_mode", None),
 ]
 
 
@@ -202,3 +246,73 @@ def test_validate_for_vocab():
         with pytest.raises(ValidationError) as info:
             SamplingParams().validate_for_vocab(vocab)
         assert info.value.param == "vocab_size"
+
+
+NEW_GOOD = [
+    ("repetition_penalty", 1e-6, 1e-6),
+    ("repetition_penalty", 5, 5.0),
+    ("presence_penalty", -2, -2.0),
+    ("frequency_penalty", 2.0, 2.0),
+    ("logit_bias", {5: 1, 2: -100.0}, ((2, -100.0), (5, 1.0))),
+    ("logit_bias", None, ()),
+    ("logit_bias", [(3, 0.5)], ((3, 0.5),)),
+    ("min_tokens", 16, 16),
+    ("min_tokens", np.int64(0), 0),
+    ("allowed_token_ids", [4, 2], (4, 2)),
+    ("allowed_token_ids", None, None),
+    ("bad_token_ids", (np.int32(7),), (7,)),
+    ("logprobs", 0, 0),
+    ("logprobs", 20, 20),
+    ("prompt_logprobs", None, None),
+    ("prompt_logprobs", 5, 5),
+    ("logprobs_mode", "processed", "processed"),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "stored"), NEW_GOOD, ids=[f"{f}={v!r}" for f, v, _ in NEW_GOOD]
+)
+def test_new_fields_accepted_and_normalised(field, value, stored):
+    p = SamplingParams(**{field: value})
+    assert getattr(p, field) == stored
+    assert type(getattr(p, field)) is type(stored)
+    hash(p)  # stays hashable (dicts and lists are stored as tuples)
+
+
+def test_new_defaults_and_derived_flags():
+    p = SamplingParams()
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0)
+    assert (p.logit_bias, p.min_tokens, p.allowed_token_ids, p.bad_token_ids) == ((), 0, None, ())
+    assert (p.logprobs, p.prompt_logprobs, p.logprobs_mode) == (None, None, "raw")
+    assert not p.has_penalties and not p.has_token_mask
+    assert SamplingParams(frequency_penalty=0.1).has_penalties
+    assert SamplingParams(bad_token_ids=[1]).has_token_mask
+
+
+def test_min_tokens_bound_names_max_tokens():
+    with pytest.raises(ValidationError) as info:
+        SamplingParams(max_tokens=4, min_tokens=5)
+    assert info.value.param == "min_tokens" and "max_tokens=4" in info.value.allowed
+    SamplingParams(max_tokens=4, min_tokens=4)
+
+
+@pytest.mark.parametrize(
+    ("kw", "param"),
+    [
+        ({"logit_bias": {32: 1.0}}, "logit_bias"),
+        ({"allowed_token_ids": [0, 32]}, "allowed_token_ids"),
+        ({"bad_token_ids": [31, 40]}, "bad_token_ids"),
+        ({"allowed_token_ids": [3, 4], "bad_token_ids": [4, 3]}, "bad_token_ids"),
+    ],
+)
+def test_validate_for_vocab_new_fields(kw, param):
+    with pytest.raises(ValidationError) as info:
+        SamplingParams(**kw).validate_for_vocab(32)
+    assert info.value.param == param and info.value.allowed
+
+
+def test_validate_for_vocab_all_bad_ids():
+    with pytest.raises(ValidationError) as info:
+        SamplingParams(bad_token_ids=range(4)).validate_for_vocab(4)
+    assert info.value.param == "bad_token_ids"
+    SamplingParams(bad_token_ids=range(3), logit_bias={3: 1.0}).validate_for_vocab(4)

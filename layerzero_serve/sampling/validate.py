@@ -1,0 +1,96 @@
+"""Field checks shared by SamplingParams: each raises ``ValidationError(param, value, allowed)``
+and returns the value normalised to a plain Python type (``int``, ``float``, tuples)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+
+from layerzero_serve.errors import ValidationError
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+def as_int(param: str, value: object, allowed: str) -> int:
+    """An integral number (not ``bool``) as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValidationError(param, value, allowed, f"expected an int, got {type(value).__name__}")
+    return int(value)
+
+
+def as_float(param: str, value: object, allowed: str) -> float:
+    """A finite real number (not ``bool``) as ``float``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValidationError(
+            param, value, allowed, f"expected a float, got {type(value).__name__}"
+        )
+    f = float(value)
+    if not math.isfinite(f):
+        raise ValidationError(param, value, allowed, "must be finite")
+    return f
+
+
+def float_in(param: str, value: object, lo: float, hi: float, allowed: str) -> float:
+    f = as_float(param, value, allowed)
+    if not lo <= f <= hi:
+        raise ValidationError(param, value, allowed)
+    return f
+
+
+def optional_count(param: str, value: object, hi: int) -> int | None:
+    """``None`` or an int in ``[0, hi]``."""
+    if value is None:
+        return None
+    allowed = f"None or int in [0, {hi}]"
+    n = as_int(param, value, allowed)
+    if not 0 <= n <= hi:
+        raise ValidationError(param, value, allowed)
+    return n
+
+
+def token_ids(param: str, value: object) -> tuple[int, ...]:
+    """Any iterable of non-negative ints (not a string) as a tuple."""
+    allowed = "iterable of ints >= 0"
+    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Iterable):
+        raise ValidationError(param, value, allowed)
+    ids = tuple(value)
+    out = []
+    for i, tok in enumerate(ids):
+        if isinstance(tok, bool) or not isinstance(tok, numbers.Integral):
+            raise ValidationError(param, ids, allowed, f"index {i} is {type(tok).__name__}")
+        if tok < 0:
+            raise ValidationError(param, ids, allowed, f"id {tok} at index {i}")
+        out.append(int(tok))
+    return tuple(out)
+
+
+def logit_bias(value: object, limit: float) -> tuple[tuple[int, float], ...]:
+    """A mapping (or iterable of pairs) token id -> finite bias in ``[-limit, limit]``, as pairs
+    sorted by token id (hashable, so SamplingParams stays hashable)."""
+    allowed = f"None or a dict token id (int >= 0) -> float in [-{limit:g}, {limit:g}]"
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, Iterable) and not isinstance(value, (str, bytes, bytearray)):
+        items = list(value)
+    else:
+        raise ValidationError("logit_bias", value, allowed)
+    out: dict[int, float] = {}
+    for item in items:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise ValidationError("logit_bias", value, allowed, f"entry {item!r}")
+        tok, bias = item
+        if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or tok < 0:
+            raise ValidationError("logit_bias", value, allowed, f"key {tok!r}")
+        out[int(tok)] = float_in("logit_bias", bias, -limit, limit, allowed)
+    return tuple(sorted(out.items()))
+
+
+def ids_in_vocab(param: str, ids: Iterable[int], vocab: int, shown: object) -> None:
+    allowed = f"token ids in [0, {vocab})"
+    for i, tok in enumerate(ids):
+        if not 0 <= tok < vocab:
+            raise ValidationError(param, shown, allowed, f"id {tok} at index {i}")
