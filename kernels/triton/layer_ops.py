@@ -11,7 +11,27 @@ def _rope(ctx: KernelContext):
     return triton_rope_
 
 
+def _rmsnorm(ctx: KernelContext):
+    from layerzero_serve.kernels.triton.norm import TritonRMSNorm
+
+    return TritonRMSNorm(ctx)
+
+
 SPECS = [
+    KernelSpec(
+        "triton.rmsnorm",
+        Op.RMSNORM,
+        "triton",
+        # Above Liger's RMSNorm (50): it also fuses the decoder's residual add into the norm
+        # (one launch instead of two, twice per layer).
+        priority=70,
+        graph_safe=True,
+        device_types=frozenset({"cuda"}),
+        dtypes=frozenset({"float16", "bfloat16", "float32"}),
+        min_sm=70,
+        factory=_rmsnorm,
+        doc="kernels/triton/norm.py: RMSNorm and fused residual-add + RMSNorm, one program/token",
+    ),
     KernelSpec(
         "triton.rope",
         Op.ROPE,

@@ -158,6 +158,9 @@ class LlamaForCausalLM(nn.Module):
         )
         self.tie_weights()
         self.requires_grad_(False)
+        # ``add_rmsnorm(x, residual, weight, eps) -> (normed, residual)`` (residual updated in
+        # place), installed by ``optimize`` when the RMSNorm kernel offers it.
+        self._add_rmsnorm = None
 
     @property
     def device(self) -> torch.device:
@@ -183,6 +186,7 @@ class LlamaForCausalLM(nn.Module):
                 if norm is not None:
                     norm.impl = rmsnorm
         self.model.norm.impl = rmsnorm
+        self._add_rmsnorm = getattr(rmsnorm, "add_rmsnorm", None)
 
     def tie_weights(self) -> None:
         """Share ``lm_head.weight`` with ``model.embed_tokens.weight`` when the config ties."""
@@ -207,9 +211,29 @@ class LlamaForCausalLM(nn.Module):
         in the model dtype."""
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, h.dtype)
+        if self._add_rmsnorm is not None:
+            return self._forward_fused_norms(h, cos, sin, attn, meta)
         for layer in self.model.layers:
             h = layer(h, cos, sin, attn, meta)
         return self.model.norm(h)
+
+    def _forward_fused_norms(self, h, cos, sin, attn, meta) -> torch.Tensor:
+        """The same computation with each residual add fused into the next RMSNorm: the
+        residual stream ``res`` is updated in place, ``x`` is the normed input of the next
+        block (the reference's ``h + block(norm(h))`` rounds identically)."""
+        add_norm = self._add_rmsnorm
+        layers = self.model.layers
+        res = h  # a fresh tensor from the embedding lookup: updated in place below
+        first = layers[0].input_layernorm
+        x = first(res)
+        for i, layer in enumerate(layers):
+            a = layer.self_attn(x, cos, sin, attn, meta)
+            post = layer.post_attention_layernorm
+            x, res = add_norm(a, res, post.weight, post.eps)
+            m = layer.mlp(x)
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x, res = add_norm(m, res, nxt.weight, nxt.eps)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [S, hidden]`` (typically the last token of each sequence) -> float32

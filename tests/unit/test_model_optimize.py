@@ -63,3 +63,31 @@ def test_fused_projections_and_plugged_kernels_match():
     layer = model.model.layers[0]
     assert layer.self_attn.q_proj.weight.data_ptr() == layer.self_attn.qkv[0].data_ptr()
     assert calls == {"norm": 2 * 2 + 1, "act": 2, "rope": 2}
+
+
+class _TorchAddNorm:
+    """A plain-torch RMSNorm offering ``add_rmsnorm``: the model's fused-residual path."""
+
+    def __init__(self):
+        self.adds = 0
+
+    def __call__(self, x, w, eps):
+        x32 = x.float()
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def add_rmsnorm(self, x, residual, w, eps):
+        self.adds += 1
+        residual.add_(x)
+        return self(residual, w, eps), residual
+
+
+def test_fused_residual_add_norm_path_is_the_same_computation():
+    """With an RMSNorm kernel that offers add_rmsnorm, every residual add is fused into the next
+    norm; torch ops in both paths, so the logits are bitwise the reference's."""
+    model = build_dummy_model("dummy:tiny", torch.float32, "cpu", seed=4)
+    ids = [9, 1, 250, 33, 8]
+    ref = _forward(model, ids)
+    norm = _TorchAddNorm()
+    model.optimize(fuse=False, rmsnorm=norm)
+    assert torch.equal(_forward(model, ids), ref)
+    assert norm.adds == 2 * len(model.model.layers)
