@@ -42,6 +42,12 @@ class EngineConfig:
         enforce_eager: never capture CUDA graphs (the reference for graph correctness).
         max_graph_batch: largest captured decode bucket (None = min(max_num_seqs, 256));
             buckets are 1, 2, 4, 8, then every 8. Larger batches run eagerly.
+        speculative_method: None (off) or ``"ngram"`` (prompt lookup, no extra model).
+        num_speculative_tokens: largest number of drafts per request and step, 1..16.
+        ngram_min, ngram_max: n-gram sizes the lookup tries (longest first), 1 <= min <= max.
+        adaptive_speculation: choose the number of drafts per step from the batch size and the
+            measured acceptance rate (0 = plain decoding when drafts would not pay off);
+            False = always ``num_speculative_tokens``.
     """
 
     model: str = DEFAULT_MODEL
@@ -63,6 +69,11 @@ class EngineConfig:
     cpu_threads: int | None = None
     enforce_eager: bool = False
     max_graph_batch: int | None = None
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_min: int = 2
+    ngram_max: int = 4
+    adaptive_speculation: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -87,6 +98,20 @@ class EngineConfig:
             raise ValidationError("cpu_threads", self.cpu_threads, "an integer >= 1 or None")
         if self.max_graph_batch is not None and not 1 <= self.max_graph_batch <= 1024:
             raise ValidationError("max_graph_batch", self.max_graph_batch, "[1, 1024] or None")
+        if self.speculative_method not in (None, "ngram"):
+            raise ValidationError("speculative_method", self.speculative_method, "None or 'ngram'")
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
+            raise ValidationError("num_speculative_tokens", k, "an integer in [1, 16]")
+        lo, hi = self.ngram_min, self.ngram_max
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (lo, hi)) or not (
+            1 <= lo <= hi <= 32
+        ):
+            raise ValidationError(
+                "ngram_min/ngram_max", (lo, hi), "1 <= ngram_min <= ngram_max <= 32"
+            )
+        if not isinstance(self.adaptive_speculation, bool):
+            raise ValidationError("adaptive_speculation", self.adaptive_speculation, "a bool")
         if self.prefix_hash not in HASH_ALGORITHMS:
             raise ValidationError("prefix_hash", self.prefix_hash, f"one of {HASH_ALGORITHMS}")
 

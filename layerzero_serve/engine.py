@@ -13,6 +13,7 @@ from pathlib import Path
 
 from layerzero_serve.config import EngineConfig, kv_budget_bytes
 from layerzero_serve.errors import RequestRejectedError, ValidationError
+from layerzero_serve.kernels.spec import Op
 from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
 from layerzero_serve.model_source import LoadedModel, load_model_source
 from layerzero_serve.runner.cpu_threads import choose_cpu_threads
@@ -21,7 +22,9 @@ from layerzero_serve.runner.model_runner import ModelRunner, optimize_model
 from layerzero_serve.sampling import Sampler, SamplingParams
 from layerzero_serve.sampling.prompt_logprobs import StepTokens
 from layerzero_serve.scheduler import Scheduler, SchedulerConfig
-from layerzero_serve.selection.plans import ModelShape, batch_buckets
+from layerzero_serve.selection.device import probe_device
+from layerzero_serve.selection.plans import ModelShape, base_context, batch_buckets
+from layerzero_serve.spec_decode.coordinator import SpecCoordinator
 from layerzero_serve.types import Request, RequestOutput, TokenLogprob
 
 logger = logging.getLogger("layerzero_serve")
@@ -81,6 +84,7 @@ class Engine:
         self.kv_manager = KVCacheManager(
             kv_cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.prefix_hash
         )
+        speculating = cfg.speculative_method is not None
         sched_cfg = SchedulerConfig(
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -88,6 +92,8 @@ class Engine:
             enable_chunked_prefill=cfg.enable_chunked_prefill,
             max_prefill_chunk=cfg.max_prefill_chunk,
             policy=cfg.policy,
+            # drafts need KV slots past the last token: reserve them with every allocation
+            num_lookahead_tokens=cfg.num_speculative_tokens if speculating else 0,
         )
         self.scheduler = Scheduler(sched_cfg, self.kv_manager)
         self.runner = ModelRunner(
@@ -98,6 +104,19 @@ class Engine:
             device,
             cfg.max_num_seqs,
         )
+        self.spec: SpecCoordinator | None = None
+        if speculating:
+            ctx = base_context(
+                Op.REJECTION_SAMPLING,
+                probe_device(device),
+                shape,
+                cfg.block_size,
+                cfg.max_num_seqs,
+                cfg.num_speculative_tokens + 1,
+                False,
+            )
+            self.spec = SpecCoordinator.from_config(cfg, self.runner.selector, ctx)
+            self.runner.spec_verifier = self.spec.verifier
         graph_len = min(max_len, self.scheduler.max_seq_len)
         self.runner.set_decode_buckets(buckets, graph_len)  # graphs on or off: same splits
         if use_graphs:
@@ -210,12 +229,17 @@ class Engine:
         """Run one step; returns the outputs of every request that got tokens or ended."""
         tm = self.runner.timings
         t0 = time.perf_counter()
+        spec = self.spec
+        if spec is not None:
+            spec.propose(self.scheduler.running.items, len(self.scheduler.running))
         out = self.scheduler.schedule()
         t1 = time.perf_counter()
         tokens = self.runner.execute(out) if out.requests else StepTokens()
         t2 = time.perf_counter()
         for row, detail in tokens.failed.items():  # only that request fails; others go on
             self.scheduler.fail(out.requests[row].request_id, detail)
+        if spec is not None:
+            self._record_speculation(out, tokens)
         outputs = list(self.scheduler.update(out, tokens))
         t3 = time.perf_counter()
         tm.schedule += t1 - t0
@@ -227,8 +251,22 @@ class Engine:
             self.num_generated_tokens += len(o.new_token_ids)
             if o.finished:
                 self.runner.sampler.release(o.request_id)
+                if spec is not None:
+                    spec.release(o.request_id)
                 self._prompt_lp.pop(o.request_id, None)
         return outputs
+
+    def _record_speculation(self, out, tokens: StepTokens) -> None:
+        """Drafts and accepted drafts of this step's verification rows (before ``update``
+        clears the drafts)."""
+        drafts, accepted, ids = [], [], []
+        for row, req in enumerate(out.requests):
+            d = len(req.spec_token_ids)
+            if d and tokens[row]:
+                drafts.append(d)
+                accepted.append(len(tokens[row]) - 1)
+                ids.append(req.request_id)
+        self.spec.record(drafts, accepted, ids)
 
     def _attach_logprobs(self, out, tokens: StepTokens, outputs: list[RequestOutput]) -> None:
         """Per-token logprobs onto this step's outputs; prompt logprobs collected per position
@@ -267,4 +305,5 @@ class Engine:
             "kv_blocks": kv.num_blocks,
             "timings_s": self.runner.timings.as_dict(),
             "steps": self.runner.timings.steps,
+            "speculative": None if self.spec is None else self.spec.stats(),
         }

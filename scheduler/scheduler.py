@@ -153,6 +153,8 @@ class Scheduler:
             want = len(req.all_token_ids) + spec - start
             if want <= spec + 1:
                 n = min(want, max_tokens - used)
+                if n < want:  # the token budget cuts the drafts: verify only those scheduled
+                    del req.spec_token_ids[n - 1 :]
             elif deferring:
                 prefills.append(req)
                 continue
@@ -246,6 +248,9 @@ class Scheduler:
         ):
             if req.status is not _RUNNING:
                 continue  # aborted or preempted after scheduling
+            if req.spec_token_ids:  # a verification row: its drafts followed `start`
+                self._update_verified(req, start, toks, rows, finished)
+                continue
             end = req.num_computed_tokens = start + n
             if end // bs > start // bs:  # a block became full: publish it
                 kv.commit(req)
@@ -285,6 +290,31 @@ class Scheduler:
             )
         self._finished_unreported.clear()
         return StepOutputs(rows)
+
+    def _update_verified(
+        self, req: Request, start: int, toks: Sequence[int], rows: list, finished: set
+    ) -> None:
+        """Apply a verification: ``toks`` are the accepted drafts then one target token. The KV
+        is valid for the last token and the accepted drafts, i.e. up to ``start + len(toks)``;
+        the rejected positions are given back without copying: ``num_computed_tokens`` stops
+        there and blocks left empty return to the pool."""
+        req.spec_token_ids = []
+        kv = self.kv
+        if not toks:  # the row failed: the engine reports it
+            req.num_computed_tokens = start
+            return
+        status, new = self._append(req, toks)
+        end = req.num_computed_tokens = start + len(new)
+        if end // kv.block_size > start // kv.block_size:
+            kv.commit(req)
+        if status is not None:
+            finished.add(req.request_id)
+            req.status = status
+            kv.free(req)
+        else:
+            kv.trim(req, end)
+        num_out = len(req.all_token_ids) - len(req.prompt_token_ids)
+        rows.append((req.request_id, new, status is not None, req.finish_reason, num_out))
 
     @staticmethod
     def _append(req: Request, toks: Sequence[int]) -> tuple[RequestStatus | None, list[int]]:

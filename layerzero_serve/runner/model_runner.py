@@ -111,6 +111,7 @@ class ModelRunner:
         sampler.bind(device, shape.vocab_size, max_num_seqs, self.selector, self.plans[Op.SAMPLING])
         self.timings = StepTimings()
         self.graphs: DecodeGraphRunner | None = None
+        self.spec_verifier = None  # set by the engine when speculative decoding is on
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     def set_decode_buckets(self, buckets: list[int], max_model_len: int) -> None:
@@ -216,6 +217,21 @@ class ModelRunner:
                 self.selector.mark_unhealthy(backend, e)
                 self.attn = self._select_kernels()
 
+    def _verify(self, out: SchedulerOutput, batch, hidden: torch.Tensor, results) -> list[int]:
+        """Verify the drafts of every row that carries some (logits at all its ``1 + d``
+        positions); fills those rows' tokens and returns the other sampling rows."""
+        reqs = out.requests
+        rows = [i for i, r in enumerate(reqs) if r.spec_token_ids]
+        qsl = batch.meta.query_start_loc_cpu
+        idx = np.concatenate([np.arange(qsl[i], qsl[i + 1]) for i in rows])
+        logits = self.model.compute_logits(hidden[torch.from_numpy(idx).to(hidden.device)])
+        drafts = [reqs[i].spec_token_ids for i in rows]
+        tokens = self.spec_verifier.verify(logits, [reqs[i] for i in rows], drafts)
+        for i, toks in zip(rows, tokens, strict=True):
+            results[i].extend(toks)
+        verified = set(rows)
+        return [i for i in batch.sample_rows if i not in verified]
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepTokens:
         """Run the step; returns the sampled token ids of each row (empty when a row does not
@@ -235,8 +251,15 @@ class ModelRunner:
             self._sync()
             t1 = time.perf_counter()
             hidden = self._forward(batch)
+            if self.spec_verifier is not None and any(r.spec_token_ids for r in out.requests):
+                sample_rows = self._verify(out, batch, hidden, results)
             if sample_rows:
-                logits = self.model.compute_logits(hidden[batch.sample_indices])
+                index = batch.sample_indices
+                if len(sample_rows) != len(batch.sample_rows):  # verification rows left out
+                    keep = set(sample_rows)
+                    pos = [j for j, row in enumerate(batch.sample_rows) if row in keep]
+                    index = index[torch.tensor(pos, device=index.device)]
+                logits = self.model.compute_logits(hidden[index])
             if any_prompt_logprobs(out.requests):
                 qsl = batch.meta.query_start_loc_cpu
                 results.prompt_logprobs = prompt_logprobs(self.model, hidden, out, qsl)

@@ -1,0 +1,188 @@
+"""Your own PyTorch decoder on the runtime's paged attention, KV cache, scheduler and CUDA graphs.
+
+``TinyDecoder`` is none of the runtime's models (learned positions, weightless RMSNorm). Its
+attention calls ``AttentionDispatch`` with kernels the selection engine picks once per plan;
+KVCacheManager + Scheduler allocate blocks, batch the prompts and chunk their prefill. With
+CUDA, decode steps replay through ``DecodeGraphRunner`` (a graph per batch bucket), each replay
+checked bitwise against the bucket's kernels run eagerly. CPU: ``python examples/custom_model.py``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerzero_serve.kernels.metadata import AttentionMetadata
+from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
+from layerzero_serve.kv_cache.storage import build_block_table, build_positions, build_slot_mapping
+from layerzero_serve.runner.attention import AttentionDispatch, PhaseKernel, WriterKernel
+from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
+from layerzero_serve.scheduler import Scheduler, SchedulerConfig
+from layerzero_serve.selection import ModelShape, Op, get_selector, probe_device
+from layerzero_serve.selection.plans import base_context
+from layerzero_serve.types import Request
+
+VOCAB, HIDDEN, LAYERS, HQ, HKV, D = 256, 64, 2, 4, 2, 32  # D=32: GPU Triton kernels' smallest
+BLOCK, MAX_LEN, NUM_BLOCKS, BUCKETS = 4, 64, 64, [1, 2, 4]  # BLOCK divides no prompt length
+PROMPT_LENS, MAX_NEW = (5, 11, 19, 26), (12, 7, 4, 8)  # decode batches 4, 3, 2, 1
+PROMPTS = [np.random.default_rng(n).integers(0, VOCAB, n).tolist() for n in PROMPT_LENS]
+as_int32 = lambda a, device: torch.as_tensor(np.asarray(a, np.int32), device=device)
+
+
+class TinyDecoder(nn.Module):
+    """``forward(input_ids [T], positions [T], attn, meta) -> hidden [T, HIDDEN]``: every
+    sequence's tokens packed back to back, meeting only in ``attn(layer, q [T, HQ, D],
+    k [T, HKV, D], v [T, HKV, D], meta) -> [T, HQ, D]``: paged, or dense over one sequence."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=VOCAB)  # what DecodeGraphRunner reads
+        h, q, kv = HIDDEN, HQ * D, HKV * D
+        shapes = dict(q=(h, q), k=(h, kv), v=(h, kv), o=(q, h), up=(h, 4 * h), down=(4 * h, h))
+        self.embed, self.pos = nn.Embedding(VOCAB, h), nn.Embedding(MAX_LEN, h)
+        self.lm_head = nn.Linear(h, VOCAB, bias=False)
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({k: nn.Linear(*s, bias=False) for k, s in shapes.items()})
+            for _ in range(LAYERS)
+        )
+        gen = torch.Generator().manual_seed(seed)  # its own generator: same weights every time
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+
+    def forward(self, input_ids, positions, attn, meta) -> torch.Tensor:
+        x, t = self.embed(input_ids) + self.pos(positions), input_ids.shape[0]
+        for i, ly in enumerate(self.layers):
+            h = F.rms_norm(x, (HIDDEN,))
+            q, k, v = (ly[n](h).view(t, -1, D) for n in "qkv")
+            x = x + ly["o"](attn(i, q, k, v, meta).reshape(t, -1))
+            x = x + ly["down"](F.silu(ly["up"](F.rms_norm(x, (HIDDEN,)))))
+        return F.rms_norm(x, (HIDDEN,))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, HIDDEN] -> [N, VOCAB]`` float32 (the graph runner's contract)."""
+        return self.lm_head(hidden).float()
+
+
+def select_attention(kv: KVCache, device, batch: int, graph: bool = False) -> AttentionDispatch:
+    """One ``select`` per op for this plan (at start-up, or once per captured bucket)."""
+    sel, dev, shape = get_selector(), probe_device(device), ModelShape("float32", D, HQ, HKV, VOCAB)
+
+    def pick(op: Op, q_len: int):
+        choice = sel.select(op, ctx := base_context(op, dev, shape, BLOCK, batch, q_len, graph))
+        return choice, choice.spec.factory(ctx)
+
+    decode = PhaseKernel(*pick(Op.ATTN_DECODE, 1))
+    prefill = decode if graph else PhaseKernel(*pick(Op.ATTN_PREFILL, 0))
+    return AttentionDispatch(kv, decode, prefill, WriterKernel(*pick(Op.KV_WRITE, int(graph))))
+
+
+def metadata(table, slots, seq_lens, query_lens, device) -> AttentionMetadata:
+    """Host arrays -> metadata: block ``table [S, W]``, ``slots [T]`` (-1 writes nothing), and
+    per sequence ``seq_lens`` (KV length after the step) and ``query_lens`` (its new tokens)."""
+    qsl = np.concatenate([[0], np.cumsum(query_lens)])
+    return AttentionMetadata(
+        len(seq_lens), int(qsl[-1]), BLOCK, as_int32(qsl, device), as_int32(seq_lens, device),
+        as_int32(table, device), as_int32(slots, device), int(max(query_lens)),
+        int(max(seq_lens)), qsl.tolist(), [int(n) for n in seq_lens], np.asarray(table, np.int32),
+    )  # fmt: skip
+
+
+class PagedRunner:
+    """The scheduler's runner: ``SchedulerOutput -> new token ids per row`` (greedy)."""
+
+    def __init__(self, model: TinyDecoder, device: torch.device, graphs: bool = False) -> None:
+        self.model, self.device = model.to(device), device
+        spec = KVCacheSpec(LAYERS, HKV, D, BLOCK, torch.float32)
+        self.kv = KVCache(spec, num_blocks=NUM_BLOCKS, device=device)
+        self.attn = select_attention(self.kv, device, batch=len(PROMPTS))
+        self.graphs, self.bucket_attn, self.replays, self.decode_batches = None, {}, [], []
+        if graphs:  # the graphs bake in the KV tensors and a block table MAX_LEN // BLOCK wide
+            pick, width = self.bucket_dispatch, MAX_LEN // BLOCK
+            self.graphs = DecodeGraphRunner(model, self.kv, pick, BUCKETS, width, device)
+            self.graphs.capture(progress=False)
+
+    def bucket_dispatch(self, batch: int) -> AttentionDispatch:
+        """The decode and KV-write kernels of one bucket's graph-mode plan."""
+        self.bucket_attn[batch] = select_attention(self.kv, self.device, batch, graph=True)
+        return self.bucket_attn[batch]
+
+    def forward(self, attn, ids, pos, meta, rows) -> torch.Tensor:
+        """Logits ``[len(rows), VOCAB]`` of the packed tokens ``rows`` (eager)."""
+        attn.begin_step(meta)  # picks the phase's kernel and runs its host-side plan
+        hidden = self.model(as_int32(ids, self.device), as_int32(pos, self.device), attn, meta)
+        return self.model.compute_logits(hidden[as_int32(rows, self.device).long()])
+
+    @torch.inference_mode()
+    def __call__(self, out) -> list[list[int]]:
+        starts, lens = np.asarray(out.starts), np.asarray(out.num_scheduled)
+        table = build_block_table(out.block_ids)
+        slots = build_slot_mapping(table, starts, lens, BLOCK)
+        pos = build_positions(starts, lens)[1]
+        reqs = zip(out.requests, starts, lens, strict=True)
+        ids = np.concatenate([r.all_token_ids[s : s + n] for r, s, n in reqs])
+        sampling = [out.samples(i) for i in range(len(lens))]
+        if decode := lens.max() == 1 and all(sampling):
+            self.decode_batches.append(len(lens))
+        if decode and self.graphs is not None:
+            logits = self.replay(ids, pos, slots, table)
+        else:
+            meta = metadata(table, slots, starts + lens, lens, self.device)
+            logits = self.forward(self.attn, ids, pos, meta, np.cumsum(lens) - 1)
+        toks = logits.argmax(-1).tolist()
+        return [[toks[i]] if sampling[i] else [] for i in range(len(lens))]
+
+    def replay(self, ids, pos, slots, table) -> torch.Tensor:
+        """Decode through the bucket's graph, checked bitwise against the bucket's own kernels
+        run eagerly on the same padded batch (padding rows: slot -1, one key of the null block)."""
+        g, n = self.graphs, len(ids)
+        b = g.bucket_for(n)
+        pad = lambda a, fill: np.concatenate([a, np.full(b - n, fill)])
+        wide = np.zeros((b, g.width), np.int32)
+        wide[:n, : table.shape[1]] = table
+        meta = metadata(wide, pad(slots, -1), pad(pos + 1, 1), np.ones(b, np.int64), self.device)
+        rows = np.arange(b)  # logits of all b rows, as the graph computes them, then n of them
+        eager = self.forward(self.bucket_attn[b], pad(ids, 0), pad(pos, 0), meta, rows)[:n]
+        logits = g.run(ids, pos, slots, pos + 1, table)  # a view: consumed before the next replay
+        self.replays.append((b, n, torch.equal(logits, eager)))
+        return logits
+
+
+def generate(device: torch.device, graphs: bool = False) -> tuple[list[list[int]], PagedRunner]:
+    """Greedy tokens of every prompt, through the scheduler and the paged runner."""
+    runner = PagedRunner(TinyDecoder(), device, graphs)
+    kv = KVCacheManager(NUM_BLOCKS, BLOCK)  # block ids for the runner's KVCache (same count)
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=24, max_model_len=MAX_LEN)
+    sched = Scheduler(config, kv)  # 24 tokens a step: the longer prompts prefill in chunks
+    for i, (prompt, n) in enumerate(zip(PROMPTS, MAX_NEW, strict=True)):
+        sched.add_request(Request(f"p{i}", prompt, max_tokens=n))
+    tokens: dict[str, list[int]] = {f"p{i}": [] for i in range(len(PROMPTS))}
+    while sched.has_unfinished():
+        for o in sched.step(runner):
+            tokens[o.request_id].extend(o.new_token_ids)
+    kv.check_integrity()
+    return list(tokens.values()), runner
+
+
+def main() -> dict:
+    tokens, runner = generate(torch.device("cpu"))
+    print(f"kernels: {runner.attn.name}; pure decode batches: {runner.decode_batches}")
+    for prompt, toks in zip(PROMPTS, tokens, strict=True):
+        print(f"  prompt of {len(prompt)} tokens -> {toks}")
+    res = {"tokens": tokens, "decode_batches": runner.decode_batches, "kernels": runner.attn.name}
+    if not torch.cuda.is_available():
+        print("no CUDA device: the CUDA-graph replay is skipped")
+        return res
+    gpu_tokens, gpu = generate(torch.device("cuda"), graphs=True)
+    ok = all(eq for _, _, eq in gpu.replays)
+    print(f"CUDA graphs: {len(gpu.replays)} replays, buckets {sorted(gpu.graphs.graphs)}, "
+          f"bitwise equal to eager: {ok}")  # fmt: skip
+    return {**res, "gpu_tokens": gpu_tokens, "replays": gpu.replays, "replays_bitwise_equal": ok}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Speculative decoding in the engine (CPU, eager): greedy output is token-identical to plain
+decoding for every k, through chunked prefill, prefix hits and preemption; rejected positions
+are rolled back (KV integrity, no leaked blocks); seeded sampled requests stay reproducible
+across batch compositions; metrics add up; bad configuration is rejected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from layerzero_serve.config import EngineConfig
+from layerzero_serve.engine import Engine
+from layerzero_serve.errors import ValidationError
+from layerzero_serve.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _prompts():
+    rng = np.random.default_rng(7)
+    motif = rng.integers(0, 500, size=6).tolist()
+    return [
+        motif * 4 + [3, 4],  # repetitive: the n-gram lookup finds drafts
+        rng.integers(0, 500, size=37).tolist(),  # random: drafts mostly rejected
+        [13] * 20,
+        motif[:3] * 7,
+        [1, 2, 3],
+    ]
+
+
+def _run(prompts, params=GREEDY, **kw):
+    eng = Engine(model="dummy:tiny", device="cpu", **kw)
+    ids = [eng.add_request(p, params) for p in prompts]
+    got = {i: [] for i in ids}
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.request_id].extend(o.new_token_ids)
+    eng.kv_manager.check_integrity()
+    assert eng.kv_manager.pool.num_free == eng.kv_manager.num_usable_blocks  # nothing leaked
+    return [got[i] for i in ids], eng
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_greedy_output_identical_to_plain_decoding(k):
+    prompts = _prompts()
+    ref, plain = _run(prompts)
+    out, eng = _run(
+        prompts, speculative_method="ngram", num_speculative_tokens=k, adaptive_speculation=False
+    )
+    assert out == ref
+    s = eng.stats()["speculative"]
+    assert s["drafted_tokens"] > 0 and 0 < s["accepted_tokens"] <= s["drafted_tokens"]
+    assert eng.runner.timings.steps < plain.runner.timings.steps  # accepted drafts save steps
+
+
+def test_greedy_identical_under_chunking_prefix_hits_and_preemption():
+    prompts = _prompts() * 2  # repeats: prefix-cache hits
+    kw = dict(num_kv_blocks=24, block_size=4, max_prefill_chunk=7, max_num_batched_tokens=64)
+    ref, plain = _run(prompts, **kw)
+    out, eng = _run(
+        prompts,
+        speculative_method="ngram",
+        num_speculative_tokens=4,
+        adaptive_speculation=False,
+        **kw,
+    )
+    assert out == ref
+    assert eng.scheduler.num_preemptions > 0 and eng.kv_manager.stats.hits > 0
+
+
+def test_adaptive_k_keeps_greedy_output():
+    prompts = _prompts()
+    ref, _ = _run(prompts)
+    out, eng = _run(prompts, speculative_method="ngram", num_speculative_tokens=6)
+    assert out == ref
+    assert 0 <= eng.stats()["speculative"]["last_k"] <= 6
+
+
+def test_seeded_sampling_with_speculation_is_reproducible_across_batches():
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=11, max_tokens=24)
+    prompts = _prompts()
+    kw = dict(speculative_method="ngram", num_speculative_tokens=4, adaptive_speculation=False)
+    alone, _ = _run([prompts[0]], params, **kw)
+    together, _ = _run(prompts[::-1], params, **kw)
+    assert together[-1] == alone[0]
+    assert all(0 <= t < 512 for seq in together for t in seq)
+
+
+def test_requests_with_per_token_state_do_not_speculate():
+    params = SamplingParams(temperature=0.0, max_tokens=20, repetition_penalty=1.3)
+    ref, _ = _run(_prompts(), params)
+    out, eng = _run(_prompts(), params, speculative_method="ngram", num_speculative_tokens=4)
+    assert out == ref
+    assert eng.stats()["speculative"]["drafted_tokens"] == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("speculative_method", "medusa"),
+        ("num_speculative_tokens", 0),
+        ("num_speculative_tokens", 17),
+        ("ngram_min", 0),
+        ("ngram_max", 40),
+        ("adaptive_speculation", "yes"),
+    ],
+)
+def test_bad_speculation_config_is_rejected(field, value):
+    with pytest.raises(ValidationError, match=field.split("_")[0]):
+        EngineConfig(**{field: value})
