@@ -10,6 +10,7 @@ import torch
 
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.kv_cache.hashing import HASH_ALGORITHMS
+from layerzero_serve.spec_decode.proposer import Proposer
 
 logger = logging.getLogger("layerzero_serve")
 
@@ -42,7 +43,8 @@ class EngineConfig:
         enforce_eager: never capture CUDA graphs (the reference for graph correctness).
         max_graph_batch: largest captured decode bucket (None = min(max_num_seqs, 256));
             buckets are 1, 2, 4, 8, then every 8. Larger batches run eagerly.
-        speculative_method: None (off) or ``"ngram"`` (prompt lookup, no extra model).
+        speculative_method: None (off), ``"ngram"`` (prompt lookup, no extra model) or your own
+            :class:`~layerzero_serve.spec_decode.Proposer` instance.
         num_speculative_tokens: largest number of drafts per request and step, 1..16.
         ngram_min, ngram_max: n-gram sizes the lookup tries (longest first), 1 <= min <= max.
         adaptive_speculation: choose the number of drafts per step from the batch size and the
@@ -69,7 +71,7 @@ class EngineConfig:
     cpu_threads: int | None = None
     enforce_eager: bool = False
     max_graph_batch: int | None = None
-    speculative_method: str | None = None
+    speculative_method: str | Proposer | None = None
     num_speculative_tokens: int = 4
     ngram_min: int = 2
     ngram_max: int = 4
@@ -98,8 +100,10 @@ class EngineConfig:
             raise ValidationError("cpu_threads", self.cpu_threads, "an integer >= 1 or None")
         if self.max_graph_batch is not None and not 1 <= self.max_graph_batch <= 1024:
             raise ValidationError("max_graph_batch", self.max_graph_batch, "[1, 1024] or None")
-        if self.speculative_method not in (None, "ngram"):
-            raise ValidationError("speculative_method", self.speculative_method, "None or 'ngram'")
+        method = self.speculative_method
+        if not (method is None or method == "ngram" or isinstance(method, Proposer)):
+            allowed = "None, 'ngram' or a spec_decode.Proposer instance"
+            raise ValidationError("speculative_method", method, allowed)
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
             raise ValidationError("num_speculative_tokens", k, "an integer in [1, 16]")

@@ -16,6 +16,7 @@ Per step (all host work, microseconds per request):
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 
 from layerzero_serve.kernels.spec import Op
@@ -38,26 +39,45 @@ class SpecCoordinator:
     """
 
     def __init__(
-        self, proposer: Proposer, verifier: SpecVerifier, k_max: int, adaptive: bool = True
+        self,
+        proposer: Proposer,
+        verifier: SpecVerifier,
+        k_max: int,
+        adaptive: bool = True,
+        vocab_size: int = 1 << 62,
     ) -> None:
         self.proposer = proposer
         self.verifier = verifier
+        self.vocab_size = vocab_size
         self.k_max = k_max
         self.adaptive = AdaptiveK(k_max) if adaptive else None
         self.metrics = SpecDecodeMetrics(k_max)
         self.last_k = 0
+        # Proposers that keep per-request state take the ids (NgramProposer's incremental
+        # index); a user's proposer with the base signature gets tokens and k only.
+        params = inspect.signature(proposer.propose).parameters
+        self._pass_ids = "request_ids" in params
 
     @classmethod
     def from_config(cls, cfg, selector, kernel_ctx) -> SpecCoordinator:
         """Build from an EngineConfig; ``kernel_ctx`` is the rejection-sampling plan."""
         choice = selector.select(Op.REJECTION_SAMPLING, kernel_ctx)
         kernel = choice.spec.factory(kernel_ctx)
-        proposer = NgramProposer(
-            k=cfg.num_speculative_tokens, min_n=cfg.ngram_min, max_n=cfg.ngram_max
-        )
+        if isinstance(cfg.speculative_method, Proposer):
+            proposer = cfg.speculative_method  # the user's own
+        else:
+            proposer = NgramProposer(
+                k=cfg.num_speculative_tokens, min_n=cfg.ngram_min, max_n=cfg.ngram_max
+            )
         verifier = SpecVerifier(kernel, seed=cfg.seed)
         verifier.kernel_name = choice.name
-        return cls(proposer, verifier, cfg.num_speculative_tokens, cfg.adaptive_speculation)
+        return cls(
+            proposer,
+            verifier,
+            cfg.num_speculative_tokens,
+            cfg.adaptive_speculation,
+            kernel_ctx.vocab_size or (1 << 62),
+        )
 
     def propose(self, running: Iterable[Request], num_running: int) -> None:
         """Set this step's drafts on the decode-ready, speculation-capable running requests."""
@@ -73,13 +93,21 @@ class SpecCoordinator:
         ]
         if not ready:
             return
-        drafts = self.proposer.propose(
-            [r.all_token_ids for r in ready], k, [r.request_id for r in ready]
-        )
+        tokens = [r.all_token_ids for r in ready]
+        if self._pass_ids:
+            drafts = self.proposer.propose(tokens, k, request_ids=[r.request_id for r in ready])
+        else:
+            drafts = self.proposer.propose(tokens, k)
+        vocab_ok = self.vocab_size
         for r, d in zip(ready, drafts, strict=True):
             room = r.stop_len - len(r.all_token_ids) - 1  # leave room for the target's token
             if d and room > 0:
-                r.spec_token_ids = list(d[:room])
+                d = [int(t) for t in d[: min(room, k)]]
+                # A draft id outside the vocabulary would reach the embedding gather: cut the
+                # drafts there (the verifier would reject it anyway).
+                bad = next((j for j, t in enumerate(d) if not 0 <= t < vocab_ok), len(d))
+                if bad:
+                    r.spec_token_ids = d[:bad]
 
     def record(self, num_drafts: list[int], num_accepted: list[int], request_ids: list[str]):
         """Fold one step's verification results into the metrics and the adaptive ``k``."""

@@ -13,6 +13,7 @@ from layerzero_serve.config import EngineConfig
 from layerzero_serve.engine import Engine
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.sampling import SamplingParams
+from layerzero_serve.spec_decode import Proposer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
@@ -117,3 +118,33 @@ def test_requests_with_per_token_state_do_not_speculate():
 def test_bad_speculation_config_is_rejected(field, value):
     with pytest.raises(ValidationError, match=field.split("_")[0]):
         EngineConfig(**{field: value})
+
+
+class _WildProposer(Proposer):
+    """A user's proposer with the base signature: good guesses, junk and out-of-vocab ids."""
+
+    name = "wild"
+
+    def propose(self, requests_tokens, k):
+        out = []
+        for i, toks in enumerate(requests_tokens):
+            guess = list(toks[-k:])
+            if i % 3 == 1:
+                guess[len(guess) // 2] = 10**9  # outside the vocabulary: must never be embedded
+            if i % 3 == 2:
+                guess = [-5] + guess
+            out.append(guess)
+        return out
+
+
+def test_user_proposer_with_junk_drafts_keeps_greedy_output():
+    prompts = _prompts()
+    ref, _ = _run(prompts)
+    out, eng = _run(
+        prompts,
+        speculative_method=_WildProposer(),
+        num_speculative_tokens=4,
+        adaptive_speculation=False,
+    )
+    assert out == ref
+    assert eng.stats()["speculative"]["method"] == "wild"
