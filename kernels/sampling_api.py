@@ -131,14 +131,15 @@ def draw_inverse_cdf(
     """Draw one index per row with probability proportional to ``weights`` (float32 ``[B, V]``,
     >= 0, at least one positive entry per row), by inverse CDF in index order with
     ``counter_uniform(seed, offset)``. Returns int64 ``[B]``. Graph-safe, no host sync."""
-    vocab = weights.shape[-1]
     cdf = torch.cumsum(weights, dim=-1)
-    target = counter_uniform(seed, offset).unsqueeze(-1) * cdf[:, -1:]
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # u * total may round up to the total: fall back to the last index with positive weight.
-    ids = torch.arange(vocab, device=weights.device)
-    last = torch.where(weights > 0, ids, -1).amax(dim=-1)
-    return torch.minimum(idx, last)
+    total = cdf[:, -1:].contiguous()
+    target = counter_uniform(seed, offset).unsqueeze(-1) * total
+    # first index whose cdf exceeds the target: its weight is positive (the cdf rises there)
+    idx = torch.searchsorted(cdf, target, right=True)
+    # u * total may round up to the total: then the first index where the cdf reaches the
+    # total, i.e. the last one with positive weight
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.where(idx < weights.shape[-1], idx, last).squeeze(-1)
 
 
 def draw_unfiltered(

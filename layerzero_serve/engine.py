@@ -28,6 +28,9 @@ from layerzero_serve.spec_decode.coordinator import SpecCoordinator
 from layerzero_serve.types import Request, RequestOutput, TokenLogprob
 
 logger = logging.getLogger("layerzero_serve")
+# Verification graphs hold logits for every token of a bucket (batch x (k + 1) x vocab): capture
+# them for buckets up to this size; larger verification steps run eagerly.
+MAX_VERIFY_GRAPH_BATCH = 64
 _UNFREEZE_AT_EXIT: list[bool] = []
 
 
@@ -121,6 +124,10 @@ class Engine:
         self.runner.set_decode_buckets(buckets, graph_len)  # graphs on or off: same splits
         if use_graphs:
             self.runner.enable_graphs(buckets, graph_len)
+            if self.spec is not None:  # verification graphs: k + 1 tokens per row
+                small = [b for b in buckets if b <= MAX_VERIFY_GRAPH_BATCH] or buckets[:1]
+                q = cfg.num_speculative_tokens + 1
+                self.runner.enable_verify_graphs(small, graph_len, q)
         eos_ids = list(mc.eos_token_ids)
         self.eos_token_id: int | None = eos_ids[0] if eos_ids else None
         self._extra_stop_ids = frozenset(eos_ids[1:])
@@ -239,7 +246,7 @@ class Engine:
         for row, detail in tokens.failed.items():  # only that request fails; others go on
             self.scheduler.fail(out.requests[row].request_id, detail)
         if spec is not None:
-            self._record_speculation(out, tokens)
+            self._record_speculation(out, tokens, t2 - t1)
         outputs = list(self.scheduler.update(out, tokens))
         t3 = time.perf_counter()
         tm.schedule += t1 - t0
@@ -256,9 +263,12 @@ class Engine:
                 self._prompt_lp.pop(o.request_id, None)
         return outputs
 
-    def _record_speculation(self, out, tokens: StepTokens) -> None:
+    def _record_speculation(self, out, tokens: StepTokens, seconds: float) -> None:
         """Drafts and accepted drafts of this step's verification rows (before ``update``
-        clears the drafts)."""
+        clears the drafts), and the step's time when it was a pure decode step."""
+        total = sum(len(r.spec_token_ids) for r in out.requests)
+        if out.num_batched_tokens == len(out.requests) + total:  # no prefill in the step
+            self.spec.observe_step(len(out.requests), seconds, total > 0)
         drafts, accepted, ids = [], [], []
         for row, req in enumerate(out.requests):
             d = len(req.spec_token_ids)

@@ -17,8 +17,12 @@ is one NumPy call) and streams the vocabulary in ``BLOCK_V`` chunks, so any voca
 * min-p: ``p >= min_p * p_max``; then the kept mass ``Z`` and one inverse-CDF scan for
   ``u * Z``. A row never needing top-k or top-p skips its bisection (per program).
 
-Position-invariant (a row's token depends on its probabilities, seed and offset only) and
-graph-safe (no host synchronisation; the grid depends on shapes only).
+Cost: about ``2 + 2 * (ceil(30 / log2(SPLIT)) + 1) + 2`` passes over the row when both top-k
+and top-p are on (each pass reads the row, from L2 for rows that fit); the bisection keeps
+per-lane partial sums and reduces once per pass. Position-invariant (a row's token depends on
+its probabilities, seed and offset only) and graph-safe (no host synchronisation; the grid
+depends on shapes only). Compiles for sm_80/90/100 with Triton 3.6 to 3.9 (checked ahead of
+time on a CPU by tests/kernels/test_triton_sampling.py).
 """
 
 from __future__ import annotations
@@ -84,13 +88,17 @@ def _bisect(base, rmask, V, lo, hi, cnt_hi, mass_hi, k, target, USE_MASS: tl.con
         width = (hi - lo).to(tl.int64)
         piv = (lo.to(tl.int64)[:, None] + (width[:, None] * j[None, :]) // SPLIT).to(tl.int32)
         pivf = piv.to(tl.float32, bitcast=True)
-        cnt = tl.zeros([BLOCK_B, SPLIT], tl.int32)
-        mass = tl.zeros([BLOCK_B, SPLIT], tl.float32)
+        # per-lane partial counts and masses, reduced once after the pass: no cross-warp
+        # reduction (and barrier) per chunk
+        cnt3 = tl.zeros([BLOCK_B, SPLIT, BLOCK_V], tl.int32)
+        mass3 = tl.zeros([BLOCK_B, SPLIT, BLOCK_V], tl.float32)
         for start in range(0, V, BLOCK_V):
             p, cols = _load(base, rmask, start, V, BLOCK_V)
-            ge = p[:, None, :] >= pivf[:, :, None]
-            cnt += tl.sum(ge.to(tl.int32), 2)
-            mass += tl.sum(tl.where(ge, p[:, None, :], 0.0), 2)
+            ge = p[:, None, :] >= pivf[:, :, None]  # [BLOCK_B, SPLIT, BLOCK_V]
+            cnt3 += ge.to(tl.int32)
+            mass3 += tl.where(ge, p[:, None, :], 0.0)
+        cnt = tl.sum(cnt3, 2)
+        mass = tl.sum(mass3, 2)
         if USE_MASS:  # noqa: SIM108  (a constexpr branch, resolved at compile time)
             ok = mass >= target[:, None]
         else:
@@ -135,8 +143,12 @@ def _sampling_kernel(probs_ptr, stride_b, top_k_ptr, top_p_ptr, min_p_ptr, seed_
     total = tl.zeros([BLOCK_B], tl.float32)
     for start in range(0, V, BLOCK_V):
         p, cols = _load(base, rmask, start, V, BLOCK_V)
-        pmax = tl.maximum(pmax, tl.max(p, 1))
-        total += tl.sum(tl.maximum(p, 0.0), 1)
+        # reduce max(p, 0), not the loaded p itself: Triton 3.6's thread-locality pass rewrites
+        # a reduction of a load accumulated across the loop and asserts when the result has
+        # more than one use after the loop (pmax has several)
+        q = tl.maximum(p, 0.0)
+        pmax = tl.maximum(pmax, tl.max(q, 1))
+        total += tl.sum(q, 1)
     hi0 = pmax.to(tl.int32, bitcast=True) + 1
     zero_i = tl.zeros([BLOCK_B], tl.int32)
     zero_f = tl.zeros([BLOCK_B], tl.float32)
@@ -233,7 +245,9 @@ def triton_sample(
     # every tile op (NumPy), so it takes many rows per program and narrow chunks.
     split = split or (4 if interp else 8)
     v2 = triton.next_power_of_2(vocab)
-    block_v = block_v or (min(v2, max(64, v2 // 16)) if interp else min(v2, 2048))
+    # GPU: 1024 x 8 pivots with 8 warps holds the per-lane partial sums in 117 registers on
+    # sm_90 (no spills), two programs per SM
+    block_v = block_v or (min(v2, max(64, v2 // 16)) if interp else min(v2, 1024))
     if split & (split - 1) or split < 2 or block_v & (block_v - 1):
         raise ValueError(f"split {split} and block_v {block_v} must be powers of two (split >= 2)")
     if block_b is None:

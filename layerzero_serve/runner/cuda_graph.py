@@ -1,5 +1,11 @@
 """CUDA-graph capture of the decode forward (embedding to logits), one graph per batch bucket.
 
+With ``q_len > 1`` the same runner captures speculative verification: every row carries exactly
+``q_len`` query tokens (its last token, its drafts, then padding tokens with slot -1 that write
+nothing), its ``seq_len`` counts all ``q_len`` so query ``j`` sits at ``seq_len - q_len + j``,
+and the graph returns the logits of every token (``[batch * q_len, vocab]``). Causal attention
+keeps the padding tokens, which come last, out of every real token's result.
+
 Buckets are captured largest first into one shared memory pool, each after a warm-up run. All
 graphs read the same static input buffers, filled each step by ONE host-to-device copy of a
 pinned staging buffer laid out as ``[input_ids | positions | slot_mapping | seq_lens |
@@ -46,6 +52,7 @@ class DecodeGraphRunner:
             KV-write kernels (selection once per bucket, graph mode on).
         buckets: batch sizes to capture.
         max_blocks_per_seq: width of the static block table.
+        q_len: query tokens per row (1: decode; k + 1: verification of k drafts).
     """
 
     def __init__(
@@ -56,6 +63,7 @@ class DecodeGraphRunner:
         buckets: list[int],
         max_blocks_per_seq: int,
         device: torch.device,
+        q_len: int = 1,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -65,17 +73,23 @@ class DecodeGraphRunner:
         self.width = max_blocks_per_seq
         self.device = device
         self.block_size = kv_cache.spec.block_size
+        self.q_len = q = q_len
         b, m = self.max_batch, self.width
-        n = 4 * b + b * m
+        # Host/device layout: [input_ids | positions | slot_mapping] (b*q each), then
+        # [seq_lens] (b), then the block table (b*m).
+        self._tok = bq = b * q
+        self._lens_at = 3 * bq
+        self._table_at = 3 * bq + b
+        n = self._table_at + b * m
         self._host = torch.zeros(n, dtype=torch.int32, pin_memory=True)
         self._host_np = self._host.numpy()
         self._dev = torch.zeros(n, dtype=torch.int32, device=device)
-        self.input_ids = self._dev[0:b]
-        self.positions = self._dev[b : 2 * b]
-        self.slot_mapping = self._dev[2 * b : 3 * b]
-        self.seq_lens = self._dev[3 * b : 4 * b]
-        self.block_tables = self._dev[4 * b :].view(b, m)
-        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
+        self.input_ids = self._dev[0:bq]
+        self.positions = self._dev[bq : 2 * bq]
+        self.slot_mapping = self._dev[2 * bq : 3 * bq]
+        self.seq_lens = self._dev[self._lens_at : self._table_at]
+        self.block_tables = self._dev[self._table_at :].view(b, m)
+        self.query_start_loc = torch.arange(0, bq + 1, q, dtype=torch.int32, device=device)
         self.graphs: dict[int, CapturedBucket] = {}
         self._bucket_of = np.searchsorted(np.asarray(self.buckets), np.arange(b + 1))
         self.capture_seconds = 0.0
@@ -83,40 +97,41 @@ class DecodeGraphRunner:
 
     # ---- host staging --------------------------------------------------------------------
     def _fill(self, n: int, batch: int, ids, positions, slots, seq_lens, table) -> None:
-        """Rows ``[0, n)`` real, ``[n, batch)`` padding; then one H2D copy."""
-        b, m = self.max_batch, self.width
+        """Rows ``[0, n)`` real, ``[n, batch)`` padding; then one H2D copy. ``ids``,
+        ``positions`` and ``slots`` hold ``n * q_len`` entries (row-major)."""
+        bq, q, m = self._tok, self.q_len, self.width
         h = self._host_np
-        h[0:n], h[b : b + n], h[2 * b : 2 * b + n], h[3 * b : 3 * b + n] = (
-            ids,
-            positions,
-            slots,
-            seq_lens,
-        )
-        h[n:batch] = 0
-        h[b + n : b + batch] = 0
-        h[2 * b + n : 2 * b + batch] = -1  # padding writes nothing
-        h[3 * b + n : 3 * b + batch] = 1  # ... and reads one slot of the null block
-        tab = h[4 * b :].reshape(b, m)
+        nt, bt = n * q, batch * q
+        h[0:nt], h[bq : bq + nt], h[2 * bq : 2 * bq + nt] = ids, positions, slots
+        h[nt:bt] = 0
+        h[bq + nt : bq + bt] = 0
+        h[2 * bq + nt : 2 * bq + bt] = -1  # padding writes nothing
+        lens = h[self._lens_at : self._table_at]
+        lens[:n] = seq_lens
+        lens[n:batch] = q  # ... and reads q slots of the null block
+        tab = h[self._table_at :].reshape(self.max_batch, m)
         tab[:n, : table.shape[1]] = table
         tab[:n, table.shape[1] :] = 0
         tab[n:batch] = 0
         self._dev.copy_(self._host, non_blocking=True)
 
     def _meta(self, batch: int, seq_lens_cpu: list[int], max_seq_len: int) -> AttentionMetadata:
-        b = self.max_batch
+        q = self.q_len
         return AttentionMetadata(
             num_seqs=batch,
-            num_tokens=batch,
+            num_tokens=batch * q,
             block_size=self.block_size,
             query_start_loc=self.query_start_loc[: batch + 1],
             seq_lens=self.seq_lens[:batch],
             block_tables=self.block_tables[:batch],
-            slot_mapping=self.slot_mapping[:batch],
-            max_query_len=1,
+            slot_mapping=self.slot_mapping[: batch * q],
+            max_query_len=q,
             max_seq_len=max_seq_len,
-            query_start_loc_cpu=list(range(batch + 1)),
+            query_start_loc_cpu=list(range(0, batch * q + 1, q)),
             seq_lens_cpu=seq_lens_cpu,
-            block_tables_cpu=self._host_np[4 * b :].reshape(b, self.width)[:batch],
+            block_tables_cpu=self._host_np[self._table_at :].reshape(self.max_batch, self.width)[
+                :batch
+            ],
         )
 
     # ---- capture ---------------------------------------------------------------------------
@@ -132,7 +147,7 @@ class DecodeGraphRunner:
         # would keep sum(buckets) x vocab floats alive in the pool.
         vocab = self.model.config.vocab_size
         self.logits_out = torch.empty(
-            self.max_batch, vocab, dtype=torch.float32, device=self.device
+            self.max_batch * self.q_len, vocab, dtype=torch.float32, device=self.device
         )
         for batch in tqdm(
             sorted(self.buckets, reverse=True),
@@ -142,17 +157,18 @@ class DecodeGraphRunner:
         ):
             dispatch = self.dispatch_for_bucket(batch)
             self._fill(0, batch, [], [], [], [], np.zeros((0, 0), np.int32))
+            q = self.q_len
             # Plan for the longest sequences while capturing, so kernels whose launch shape
             # depends on the plan (FlashInfer's split-KV decode) are captured in the variant
             # that covers every later plan. The padding rows' table points at the null block.
             meta = self._meta(batch, [max_len] * batch, max_len)
             dispatch.begin_step(meta)
-            ids, pos = self.input_ids[:batch], self.positions[:batch]
+            ids, pos = self.input_ids[: batch * q], self.positions[: batch * q]
             for _ in range(2):  # warm-up: autotuning, lazy inits, allocator
                 self.model.compute_logits(self.model(ids, pos, dispatch, meta))
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            logits = self.logits_out[:batch]
+            logits = self.logits_out[: batch * q]
             with torch.cuda.graph(graph, pool=pool):
                 logits.copy_(self.model.compute_logits(self.model(ids, pos, dispatch, meta)))
             self.graphs[batch] = CapturedBucket(batch, graph, logits, dispatch, meta)
@@ -182,16 +198,17 @@ class DecodeGraphRunner:
         seq_lens: np.ndarray,
         table: np.ndarray,
     ) -> torch.Tensor:
-        """Replay the decode of ``n = len(ids)`` sequences; returns logits ``[n, vocab]`` (a
-        view into the bucket's static output: consume before the next replay)."""
-        n = len(ids)
+        """Replay ``n = len(seq_lens)`` rows (``n * q_len`` tokens in ``ids``/``positions``/
+        ``slots``); returns logits ``[n * q_len, vocab]`` (a view into the static output:
+        consume before the next replay)."""
+        n = len(seq_lens)
         batch = self.bucket_for(n)
         if batch is None:
             raise ValueError(f"batch {n} above the largest captured bucket {self.max_batch}")
         cap = self.graphs[batch]
         self._fill(n, batch, ids, positions, slots, seq_lens, table)
-        lens = seq_lens.tolist() + [1] * (batch - n)
+        lens = seq_lens.tolist() + [self.q_len] * (batch - n)
         meta = self._meta(batch, lens, int(max(lens)))
         cap.dispatch.begin_step(meta)  # host-side plan (FlashInfer) for this step's lengths
         cap.graph.replay()
-        return cap.logits[:n]
+        return cap.logits[: n * self.q_len]

@@ -112,6 +112,8 @@ class ModelRunner:
         self.timings = StepTimings()
         self.graphs: DecodeGraphRunner | None = None
         self.spec_verifier = None  # set by the engine when speculative decoding is on
+        self.verify_graphs: DecodeGraphRunner | None = None
+        self.verify_graphs_q = 0
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     def set_decode_buckets(self, buckets: list[int], max_model_len: int) -> None:
@@ -217,6 +219,77 @@ class ModelRunner:
                 self.selector.mark_unhealthy(backend, e)
                 self.attn = self._select_kernels()
 
+    # ---- speculative verification through graphs ----------------------------------------------
+    def verify_dispatch(self, batch: int) -> AttentionDispatch:
+        """Verification kernels of one captured bucket (q_len = k + 1, graph mode on)."""
+        chosen = {}
+        q = self.verify_graphs_q
+        for op, q_len in ((Op.ATTN_VERIFY, q), (Op.KV_WRITE, 1)):
+            ctx = base_context(
+                op, self._dev_info, self._shape, self.kv_cache.spec.block_size, batch, q_len, True
+            )
+            self.graph_plans[(op, batch, q)] = ctx
+            choice = self.selector.select(op, ctx)
+            chosen[op] = (choice, choice.spec.factory(ctx))
+        verify = PhaseKernel(*chosen[Op.ATTN_VERIFY])
+        return AttentionDispatch(self.kv_cache, verify, verify, WriterKernel(*chosen[Op.KV_WRITE]))
+
+    def enable_verify_graphs(
+        self, buckets: list[int], max_model_len: int, q_len: int, progress: bool = True
+    ) -> None:
+        """Capture verification (``q_len`` tokens per row) for every bucket (needs CUDA)."""
+        width = -(-max_model_len // self.kv_cache.spec.block_size)
+        self.verify_graphs_q = q_len
+        self.verify_graphs = DecodeGraphRunner(
+            self.model, self.kv_cache, self.verify_dispatch, buckets, width, self.device, q_len
+        )
+        with torch.inference_mode():
+            self.verify_graphs.capture(progress)
+
+    def _graph_verify(self, out: SchedulerOutput, results) -> tuple | None:
+        """A step of decode-like rows (some with drafts) through the verification graphs:
+        verifies the drafted rows (their tokens go into ``results``) and returns
+        ``(logits of the other rows, their row indices)``; None when it does not fit."""
+        g = self.verify_graphs
+        reqs, starts, counts = out.requests, out.starts, out.num_scheduled
+        n, q = len(reqs), g.q_len
+        if n > g.max_batch or max(counts) > q:
+            return None
+        for r, s, c in zip(reqs, starts, counts, strict=True):
+            if s + c != len(r.all_token_ids) + len(r.spec_token_ids) or c != 1 + len(
+                r.spec_token_ids
+            ):
+                return None  # a prefill chunk in the step: run it eagerly
+        bs = self.kv_cache.spec.block_size
+        st = np.asarray(starts, dtype=np.int64)
+        cnt = np.asarray(counts, dtype=np.int64)
+        table = build_block_table(out.block_ids)
+        pos = st[:, None] + np.arange(q)[None, :]
+        real = np.arange(q)[None, :] < cnt[:, None]
+        col = np.minimum(pos // bs, table.shape[1] - 1)
+        slots = np.where(
+            real, table[np.arange(n)[:, None], col].astype(np.int64) * bs + pos % bs, -1
+        )
+        ids = np.zeros((n, q), dtype=np.int64)
+        for i, r in enumerate(reqs):
+            ids[i, 0] = r.all_token_ids[starts[i]]
+            if r.spec_token_ids:
+                ids[i, 1 : 1 + len(r.spec_token_ids)] = r.spec_token_ids
+        logits = g.run(ids.ravel(), pos.ravel(), slots.ravel(), st + q, table)
+        rows = [i for i, r in enumerate(reqs) if r.spec_token_ids]
+        flat = np.concatenate([i * q + np.arange(counts[i]) for i in rows])
+        index = torch.from_numpy(flat).to(logits.device)
+        drafts = [reqs[i].spec_token_ids for i in rows]
+        tokens = self.spec_verifier.verify(logits[index], [reqs[i] for i in rows], drafts)
+        for i, toks in zip(rows, tokens, strict=True):
+            results[i].extend(toks)
+        verified = set(rows)
+        others = [i for i in range(n) if i not in verified]
+        if not others:
+            return logits[:0], others
+        first = torch.tensor([i * q for i in others], device=logits.device)
+        return logits[first], others
+
     def _verify(self, out: SchedulerOutput, batch, hidden: torch.Tensor, results) -> list[int]:
         """Verify the drafts of every row that carries some (logits at all its ``1 + d``
         positions); fills those rows' tokens and returns the other sampling rows."""
@@ -241,9 +314,16 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.kv_cache.copy_blocks(out.blocks_to_copy)
         results = StepTokens([] for _ in out.requests)
-        logits = self._graph_logits(out) if self.graphs is not None else None
-        if logits is not None:
-            sample_rows = list(range(len(out.requests)))
+        logits = got = None
+        speculating = self.spec_verifier is not None and any(r.spec_token_ids for r in out.requests)
+        if speculating and self.verify_graphs is not None:
+            got = self._graph_verify(out, results)
+        elif self.graphs is not None:
+            logits = self._graph_logits(out)
+            if logits is not None:
+                got = (logits, list(range(len(out.requests))))
+        if got is not None:  # the step ran through a captured graph
+            logits, sample_rows = got
             t1 = time.perf_counter()
         else:
             batch = prepare_batch(out, self.kv_cache.spec.block_size, self.device)
@@ -251,7 +331,7 @@ class ModelRunner:
             self._sync()
             t1 = time.perf_counter()
             hidden = self._forward(batch)
-            if self.spec_verifier is not None and any(r.spec_token_ids for r in out.requests):
+            if speculating:
                 sample_rows = self._verify(out, batch, hidden, results)
             if sample_rows:
                 index = batch.sample_indices

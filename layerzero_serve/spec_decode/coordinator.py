@@ -19,13 +19,60 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable
 
+import numpy as np
+
 from layerzero_serve.kernels.spec import Op
-from layerzero_serve.spec_decode.adaptive import AdaptiveK
+from layerzero_serve.selection.plans import batch_buckets
+from layerzero_serve.spec_decode.adaptive import AdaptiveK, LinearStepCost
 from layerzero_serve.spec_decode.metrics import SpecDecodeMetrics
 from layerzero_serve.spec_decode.ngram import NgramProposer
 from layerzero_serve.spec_decode.proposer import Proposer
 from layerzero_serve.spec_decode.verifier import SpecVerifier, can_speculate
 from layerzero_serve.types import Request
+
+# While a batch size has no measured plain-step time, every this many steps one runs without
+# drafts so the adaptive choice can compare measured costs.
+PLAIN_PROBE_INTERVAL = 8
+
+
+class MeasuredStepCost:
+    """Step times measured by the engine, per batch bucket: plain decode steps and verification
+    steps (EMA of wall time). ``step_time(n)`` answers the adaptive model's question (the time
+    of a step with ``n`` query tokens at the current batch size ``batch``) from measurements
+    when both kinds are known for the bucket, else from the default linear prior, so a ratio is
+    never formed from mixed units.
+
+    In graph mode a verification step costs the same for every ``k <= k_max`` (rows are padded
+    to ``k_max + 1`` tokens), so a measured verification time stands for all ``k``.
+    """
+
+    def __init__(self, buckets: list[int], decay: float = 0.8) -> None:
+        self.buckets = np.asarray(sorted(buckets) or [1])
+        self.decay = decay
+        self.plain: dict[int, float] = {}
+        self.verify: dict[int, float] = {}
+        self.batch = 1
+        self._prior = LinearStepCost()
+
+    def bucket(self, n: int) -> int:
+        i = int(np.searchsorted(self.buckets, n))
+        return int(self.buckets[i]) if i < len(self.buckets) else n
+
+    def observe(self, batch: int, seconds: float, verifying: bool) -> None:
+        table = self.verify if verifying else self.plain
+        b = self.bucket(batch)
+        old = table.get(b)
+        table[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+
+    def measured(self, batch: int) -> bool:
+        b = self.bucket(batch)
+        return b in self.plain and b in self.verify
+
+    def step_time(self, num_query_tokens: int) -> float:
+        b = self.bucket(self.batch)
+        if b in self.plain and b in self.verify:
+            return self.plain[b] if num_query_tokens <= self.batch else self.verify[b]
+        return self._prior.step_time(num_query_tokens)
 
 
 class SpecCoordinator:
@@ -50,9 +97,11 @@ class SpecCoordinator:
         self.verifier = verifier
         self.vocab_size = vocab_size
         self.k_max = k_max
-        self.adaptive = AdaptiveK(k_max) if adaptive else None
+        self.costs = MeasuredStepCost(batch_buckets(256))
+        self.adaptive = AdaptiveK(k_max, step_cost=self.costs) if adaptive else None
         self.metrics = SpecDecodeMetrics(k_max)
         self.last_k = 0
+        self._steps = 0
         # Proposers that keep per-request state take the ids (NgramProposer's incremental
         # index); a user's proposer with the base signature gets tokens and k only.
         params = inspect.signature(proposer.propose).parameters
@@ -81,7 +130,16 @@ class SpecCoordinator:
 
     def propose(self, running: Iterable[Request], num_running: int) -> None:
         """Set this step's drafts on the decode-ready, speculation-capable running requests."""
-        k = self.adaptive.choose(num_running) if self.adaptive is not None else self.k_max
+        if self.adaptive is not None:
+            self._steps += 1
+            self.costs.batch = max(num_running, 1)
+            k = self.adaptive.choose(num_running)
+            if k and self.costs.measured(num_running):
+                k = self.k_max  # measured (graph) verification costs the same for every k
+            elif k and self._steps % PLAIN_PROBE_INTERVAL == 0:
+                k = 0  # no plain-step time for this batch size yet: measure one
+        else:
+            k = self.k_max
         self.last_k = k
         if k == 0:
             return
@@ -116,6 +174,10 @@ class SpecCoordinator:
         self.metrics.update(num_drafts, num_accepted, request_ids)
         if self.adaptive is not None:
             self.adaptive.update(num_drafts, num_accepted)
+
+    def observe_step(self, batch: int, seconds: float, verifying: bool) -> None:
+        """A pure decode step's wall time (``verifying``: it carried drafts)."""
+        self.costs.observe(batch, seconds, verifying)
 
     def release(self, request_id: str) -> None:
         self.proposer.release(request_id)

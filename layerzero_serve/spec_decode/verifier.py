@@ -22,6 +22,7 @@ import torch
 
 from layerzero_serve.kernels.sampling_api import counter_uniform, filter_weights
 from layerzero_serve.sampling.params import SamplingParams
+from layerzero_serve.spec_decode.rejection import greedy_verify
 
 # Separates verification's random streams from the sampler's (same seed, different counters).
 _STREAM = 0x5EC0DE00000000
@@ -95,22 +96,24 @@ class SpecVerifier:
         seeds = np.array([self._row_seed(r) for r in requests], np.int64)
         offsets = np.array([r.num_output_tokens for r in requests], np.int64)
 
-        t = {
-            name: torch.from_numpy(a).to(dev)
-            for name, a in (
-                ("pos", pos),
-                ("draft", draft_ids),
-                ("greedy", greedy),
-                ("temp", temp),
-                ("top_k", top_k),
-                ("top_p", top_p),
-                ("min_p", min_p),
-                ("seed", seeds),
-                ("offset", offsets),
-                ("n", lens.astype(np.int32)),
-            )
-        }
+        # Two host-to-device copies: every int64 input in one buffer, every float32 in another.
+        ints = (pos, draft_ids, greedy, top_k, seeds, offsets, lens)
+        flat = torch.from_numpy(np.concatenate([np.ravel(a).astype(np.int64) for a in ints]))
+        flat = flat.to(dev, non_blocking=True)
+        floats = torch.from_numpy(np.concatenate([temp, top_p, min_p])).to(dev, non_blocking=True)
+        t, at = {}, 0
+        names = ("pos", "draft", "greedy", "top_k", "seed", "offset", "n")
+        for name, a in zip(names, ints, strict=True):
+            t[name] = flat[at : at + a.size].view(a.shape)
+            at += a.size
+        t["greedy"] = t["greedy"].bool()
+        t["top_k"] = t["top_k"].to(torch.int32)
+        t["n"] = t["n"].to(torch.int32)
+        t["temp"], t["top_p"], t["min_p"] = floats[:b], floats[b : 2 * b], floats[2 * b :]
         x = logits[t["pos"]].float()  # [B, k+1, V]
+        if greedy.all():  # argmax only: no softmax, no sort over the vocabulary
+            out, num_acc = greedy_verify(t["draft"], x.argmax(dim=-1), t["n"])
+            return self._to_host(out, num_acc)
         x = x - x.amax(dim=-1, keepdim=True)
         probs = torch.softmax(x / t["temp"][:, None, None], dim=-1)
         flat = probs.reshape(b * (k + 1), vocab)
@@ -139,5 +142,10 @@ class SpecVerifier:
         ).reshape(b, vocab)
         noise = 1.0 / (-torch.log1p(-e)).clamp_min(1e-30)  # 1 / Exp(1), finite
         out, num_acc = self.kernel(t["draft"], None, target, u, noise, t["n"], t["greedy"].to(dev))
+        return self._to_host(out, num_acc)
+
+    @staticmethod
+    def _to_host(out: torch.Tensor, num_acc: torch.Tensor) -> list[list[int]]:
+        """One device-to-host copy; row i keeps its accepted drafts and the target's token."""
         host = torch.cat([out, num_acc[:, None].to(out.dtype)], dim=1).cpu().numpy()
         return [row[: int(row[-1]) + 1].tolist() for row in host]

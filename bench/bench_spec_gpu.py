@@ -1,0 +1,187 @@
+"""Speculative decoding on the GPU (dummy:llama3-8b, bf16, graphs on): speedup over plain graph
+decoding in the same run and engine.
+
+(a) An oracle proposer replays the target's own greedy continuation with a controlled corruption
+    rate r (each draft replaced by a random id with probability r): measured speedup vs the
+    theoretical (1 - a^(k+1)) / ((1 - a)(k c + 1)), a = measured acceptance rate, c = measured
+    extra cost per draft token of a verification step relative to a plain step
+    (k c + 1 = T_verify / T_plain).
+(b) n-gram lookup on a repetitive workload.
+(c) adaptive k (n-gram, random prompts: little to accept) vs plain decoding at batch 1..64.
+
+    python bench/bench_spec_gpu.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+from layerzero_serve.engine import Engine  # noqa: E402
+from layerzero_serve.sampling import SamplingParams  # noqa: E402
+from layerzero_serve.spec_decode import Proposer  # noqa: E402
+from layerzero_serve.spec_decode.adaptive import AdaptiveK  # noqa: E402
+from layerzero_serve.spec_decode.metrics import SpecDecodeMetrics  # noqa: E402
+
+MODEL = "dummy:llama3-8b"
+K = 4
+
+
+class OracleProposer(Proposer):
+    """Drafts = the reference greedy continuation, each id corrupted with probability r."""
+
+    name = "oracle"
+
+    def __init__(self, reference: dict[tuple, list[int]], r: float, vocab: int, seed: int = 0):
+        self.reference, self.r, self.vocab = reference, r, vocab
+        self.rng = np.random.default_rng(seed)
+
+    def propose(self, requests_tokens, k):
+        out = []
+        for toks in requests_tokens:
+            ref = self.reference.get(tuple(toks[:16]), [])
+            d = list(ref[len(toks) : len(toks) + k])
+            for j in range(len(d)):
+                if self.rng.random() < self.r:
+                    d[j] = int(self.rng.integers(0, self.vocab))
+            out.append(d)
+        return out
+
+
+def _generate(eng: Engine, prompts: list[list[int]], tokens: int) -> tuple[list, list[float]]:
+    """Greedy run; returns (full sequences, decode step times in s)."""
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    ids = [eng.add_request(p, params) for p in prompts]
+    got = {i: [] for i in ids}
+    steps: list[float] = []
+    while eng.has_unfinished():
+        prefilling = any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running
+        ) or bool(eng.scheduler.waiting)
+        t0 = time.perf_counter()
+        for o in eng.step():
+            got[o.request_id].extend(o.new_token_ids)
+        if not prefilling:
+            steps.append(time.perf_counter() - t0)
+    return [p + got[i] for p, i in zip(prompts, ids, strict=True)], steps
+
+
+def _measure(eng, prompts, tokens, spec):
+    """tokens/s of the decode phase with ``spec`` (None = plain) installed on the engine."""
+    saved = eng.spec
+    eng.spec = spec
+    if spec is not None:
+        spec.metrics = SpecDecodeMetrics(spec.k_max)
+    seqs, steps = _generate(eng, prompts, tokens)
+    eng.spec = saved
+    n_tok = len(prompts) * (tokens - 1)  # the first token comes with the prefill
+    res = {
+        "step_ms_median": statistics.median(steps) * 1e3,
+        "steps": len(steps),
+        "tokens_per_s": n_tok / sum(steps),
+    }
+    if spec is not None:
+        res["acceptance_rate"] = spec.metrics.acceptance_rate
+        res["mean_accepted_length"] = spec.metrics.mean_accepted_length
+    return res, seqs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--model", default=MODEL, help="smoke-test on the CPU with dummy:tiny")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    eng = Engine(
+        model=args.model,
+        device=args.device,
+        dtype="bfloat16" if args.device != "cpu" else "float32",
+        max_model_len=1024,
+        max_num_seqs=64,
+        max_num_batched_tokens=8192,
+        speculative_method="ngram",
+        num_speculative_tokens=K,
+        adaptive_speculation=False,
+    )
+    spec = eng.spec
+    vocab = eng.vocab_size
+    rng = np.random.default_rng(0)
+    res: dict = {"model": args.model, "k": K, "oracle": [], "ngram": {}, "adaptive": []}
+    tok = args.tokens
+
+    # (a) oracle proposer at batch 1, 8, 32, 64
+    for batch in (1, 8, 32, 64):
+        prompts = [rng.integers(0, vocab, size=64).tolist() for _ in range(batch)]
+        plain, seqs = _measure(eng, prompts, tok, None)
+        reference = {tuple(s[:16]): s for s in seqs}
+        for r in (0.0, 0.2, 0.5) if batch == 1 else (0.2,):
+            spec.proposer, spec._pass_ids = OracleProposer(reference, r, vocab), False
+            got, _ = _measure(eng, prompts, tok, spec)
+            a = got["acceptance_rate"]
+            kc1 = got["step_ms_median"] / plain["step_ms_median"]  # = k c + 1
+            expect = (1 - a ** (K + 1)) / (1 - a) if a < 1 else K + 1.0
+            theory = expect / kc1
+            speedup = got["tokens_per_s"] / plain["tokens_per_s"]
+            row = {
+                "batch": batch,
+                "corruption": r,
+                "plain": plain,
+                "speculative": got,
+                "cost_ratio_c": (kc1 - 1) / K,
+                "speedup": speedup,
+                "theoretical_speedup": theory,
+                "fraction_of_theory": speedup / theory,
+            }
+            res["oracle"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("plain", "speculative")}))
+            write_result("spec_gpu", res, args.out)
+
+    # (b) n-gram on a repetitive workload (prompt = a motif repeated)
+    from layerzero_serve.spec_decode import NgramProposer
+
+    spec.proposer, spec._pass_ids = NgramProposer(k=K, min_n=2, max_n=4), True
+    motif = rng.integers(0, vocab, size=32).tolist()
+    prompts = [motif * 8]
+    plain, _ = _measure(eng, prompts, 128, None)
+    got, _ = _measure(eng, prompts, 128, spec)
+    res["ngram"] = {
+        "plain": plain,
+        "speculative": got,
+        "speedup": got["tokens_per_s"] / plain["tokens_per_s"],
+    }
+    print("ngram:", json.dumps(res["ngram"]))
+
+    # (c) adaptive k with n-gram drafts on random prompts, batch 1..64
+    for batch in (1, 8, 32, 64):
+        prompts = [rng.integers(0, vocab, size=64).tolist() for _ in range(batch)]
+        plain, _ = _measure(eng, prompts, tok, None)
+        spec.adaptive = AdaptiveK(K, step_cost=spec.costs)
+        got, _ = _measure(eng, prompts, tok, spec)
+        spec.adaptive = None
+        row = {
+            "batch": batch,
+            "plain_tokens_per_s": plain["tokens_per_s"],
+            "adaptive_tokens_per_s": got["tokens_per_s"],
+            "ratio": got["tokens_per_s"] / plain["tokens_per_s"],
+            "acceptance_rate": got["acceptance_rate"],
+        }
+        res["adaptive"].append(row)
+        print(json.dumps(row))
+    res["kernels"] = eng.stats()["kernels"]
+    res["verification_kernel"] = spec.stats()["verification_kernel"]
+    path = write_result("spec_gpu", res, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
