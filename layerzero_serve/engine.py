@@ -209,7 +209,10 @@ class Engine:
                 prompt_token_ids=ids,
                 max_tokens=params.max_tokens,
                 eos_token_id=self.eos_token_id,
-                stop_token_ids=frozenset(params.stop_token_ids) | self._extra_stop_ids,
+                # ignore_eos covers every EOS id of the model (its generation config may list
+                # several), as in HF/vLLM; explicit stop_token_ids still stop.
+                stop_token_ids=frozenset(params.stop_token_ids)
+                | (frozenset() if params.ignore_eos else self._extra_stop_ids),
                 ignore_eos=params.ignore_eos,
                 priority=priority,
                 cache_salt=salt,

@@ -207,3 +207,15 @@ def test_cli_demo_and_generate(lz_cache, capsys):
     assert line["prompt"] == [5, 6, 7] and line["finish_reason"] == "length"
     assert main(["generate", "--quiet", "--device", "cpu", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
+
+
+def test_ignore_eos_also_ignores_the_models_extra_eos_ids():
+    """A generation config may list several EOS ids: ignore_eos ignores all of them, while
+    explicit stop_token_ids still stop (as in HF/vLLM)."""
+    eng = Engine(model="dummy:tiny", device="cpu")
+    eng._extra_stop_ids = frozenset({7, 9})  # as loaded from a multi-EOS generation config
+    ignoring = eng.add_request([1, 2], SamplingParams(ignore_eos=True, stop_token_ids=[5]))
+    honoring = eng.add_request([1, 2], SamplingParams(stop_token_ids=[5]))
+    reqs = eng.scheduler.requests
+    assert reqs[ignoring].stop_token_ids == frozenset({5})
+    assert reqs[honoring].stop_token_ids == frozenset({5, 7, 9})
