@@ -63,8 +63,9 @@ class SamplingParams:
       distribution actually sampled from (after penalties, bias, masks, temperature and filters;
       ``-inf`` outside the kept set; greedy rows: the processed logits without temperature).
 
-    Processing order: penalties, bias, allowed/bad masks, min-tokens mask, then greedy argmax or
-    temperature -> top-k -> top-p -> min-p -> draw.
+    Processing order (``sampling.processors``): logit bias and allowed/bad masks, the
+    min-tokens mask, then the penalties; then greedy argmax or temperature -> top-k -> top-p ->
+    min-p -> draw.
     """
 
     n: int = 1
