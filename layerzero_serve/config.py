@@ -43,8 +43,11 @@ class EngineConfig:
         enforce_eager: never capture CUDA graphs (the reference for graph correctness).
         max_graph_batch: largest captured decode bucket (None = min(max_num_seqs, 256));
             buckets are 1, 2, 4, 8, then every 8. Larger batches run eagerly.
-        speculative_method: None (off), ``"ngram"`` (prompt lookup, no extra model) or your own
+        speculative_method: None (off), ``"ngram"`` (prompt lookup, no extra model),
+            ``"draft_model"`` (greedy drafts from ``speculative_model``) or your own
             :class:`~layerzero_serve.spec_decode.Proposer` instance.
+        speculative_model: the draft checkpoint (or dummy preset) for ``"draft_model"``; it
+            must share the target's vocabulary.
         num_speculative_tokens: largest number of drafts per request and step, 1..16.
         ngram_min, ngram_max: n-gram sizes the lookup tries (longest first), 1 <= min <= max.
         adaptive_speculation: choose the number of drafts per step from the batch size and the
@@ -72,6 +75,7 @@ class EngineConfig:
     enforce_eager: bool = False
     max_graph_batch: int | None = None
     speculative_method: str | Proposer | None = None
+    speculative_model: str | None = None
     num_speculative_tokens: int = 4
     ngram_min: int = 2
     ngram_max: int = 4
@@ -101,9 +105,15 @@ class EngineConfig:
         if self.max_graph_batch is not None and not 1 <= self.max_graph_batch <= 1024:
             raise ValidationError("max_graph_batch", self.max_graph_batch, "[1, 1024] or None")
         method = self.speculative_method
-        if not (method is None or method == "ngram" or isinstance(method, Proposer)):
-            allowed = "None, 'ngram' or a spec_decode.Proposer instance"
+        if not (method in (None, "ngram", "draft_model") or isinstance(method, Proposer)):
+            allowed = "None, 'ngram', 'draft_model' or a spec_decode.Proposer instance"
             raise ValidationError("speculative_method", method, allowed)
+        if (method == "draft_model") != (self.speculative_model is not None):
+            raise ValidationError(
+                "speculative_model",
+                self.speculative_model,
+                "a draft checkpoint exactly when speculative_method='draft_model'",
+            )
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
             raise ValidationError("num_speculative_tokens", k, "an integer in [1, 16]")

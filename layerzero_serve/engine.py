@@ -118,7 +118,9 @@ class Engine:
                 cfg.num_speculative_tokens + 1,
                 False,
             )
-            self.spec = SpecCoordinator.from_config(cfg, self.runner.selector, ctx)
+            self.spec = SpecCoordinator.from_config(
+                cfg, self.runner.selector, ctx, loaded.resolved, kv_cache.num_blocks
+            )
             self.runner.spec_verifier = self.spec.verifier
         graph_len = min(max_len, self.scheduler.max_seq_len)
         self.runner.set_decode_buckets(buckets, graph_len)  # graphs on or off: same splits
@@ -240,8 +242,9 @@ class Engine:
         tm = self.runner.timings
         t0 = time.perf_counter()
         spec = self.spec
-        if spec is not None:
+        if spec is not None:  # drafting is part of a speculative step's cost
             spec.propose(self.scheduler.running.items, len(self.scheduler.running))
+            t_draft = time.perf_counter() - t0
         out = self.scheduler.schedule()
         t1 = time.perf_counter()
         tokens = self.runner.execute(out) if out.requests else StepTokens()
@@ -249,7 +252,7 @@ class Engine:
         for row, detail in tokens.failed.items():  # only that request fails; others go on
             self.scheduler.fail(out.requests[row].request_id, detail)
         if spec is not None:
-            self._record_speculation(out, tokens, t2 - t1)
+            self._record_speculation(out, tokens, t2 - t1 + t_draft)
         outputs = list(self.scheduler.update(out, tokens))
         t3 = time.perf_counter()
         tm.schedule += t1 - t0

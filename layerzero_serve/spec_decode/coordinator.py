@@ -108,12 +108,29 @@ class SpecCoordinator:
         self._pass_ids = "request_ids" in params
 
     @classmethod
-    def from_config(cls, cfg, selector, kernel_ctx) -> SpecCoordinator:
-        """Build from an EngineConfig; ``kernel_ctx`` is the rejection-sampling plan."""
+    def from_config(
+        cls, cfg, selector, kernel_ctx, resolved=None, draft_kv_blocks: int = 1024
+    ) -> SpecCoordinator:
+        """Build from an EngineConfig; ``kernel_ctx`` is the rejection-sampling plan,
+        ``resolved`` the target's ResolvedConfig (device, dtype, max length) for a draft model,
+        ``draft_kv_blocks`` the draft's KV pool size in blocks."""
         choice = selector.select(Op.REJECTION_SAMPLING, kernel_ctx)
         kernel = choice.spec.factory(kernel_ctx)
         if isinstance(cfg.speculative_method, Proposer):
             proposer = cfg.speculative_method  # the user's own
+        elif cfg.speculative_method == "draft_model":
+            from layerzero_serve.spec_decode.draft_model import DraftModelProposer
+
+            proposer = DraftModelProposer(
+                cfg.speculative_model,
+                kernel_ctx.vocab_size,
+                device=str(resolved.device) if resolved else cfg.device,
+                dtype=str(resolved.dtype).removeprefix("torch.") if resolved else cfg.dtype,
+                block_size=cfg.block_size,
+                num_kv_blocks=draft_kv_blocks,
+                max_num_seqs=cfg.max_num_seqs,
+                max_model_len=resolved.max_model_len if resolved else cfg.max_model_len,
+            )
         else:
             proposer = NgramProposer(
                 k=cfg.num_speculative_tokens, min_n=cfg.ngram_min, max_n=cfg.ngram_max

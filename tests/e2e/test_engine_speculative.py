@@ -148,3 +148,92 @@ def test_user_proposer_with_junk_drafts_keeps_greedy_output():
     )
     assert out == ref
     assert eng.stats()["speculative"]["method"] == "wild"
+
+
+# ---- draft model -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A target and a different draft model sharing the 384-token vocabulary."""
+    from hf_checkpoints import make_checkpoint
+
+    root = tmp_path_factory.mktemp("draft")
+    return (
+        make_checkpoint("llama-gqa-tied", root / "target")[0],
+        make_checkpoint("llama-mha-untied-bias", root / "draft")[0],
+    )
+
+
+def _ids(n, seed):
+    rng = np.random.default_rng(seed)
+    motif = rng.integers(0, 384, size=5).tolist()
+    return [motif * 3 + [7], rng.integers(0, 384, size=n).tolist(), [11] * 9]
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_draft_model_greedy_output_identical(two_checkpoints, k):
+    target, draft = (str(p) for p in two_checkpoints)
+    prompts = _ids(23, k)
+    ref, _ = _run_model(target, prompts)
+    out, eng = _run_model(
+        target,
+        prompts,
+        speculative_method="draft_model",
+        speculative_model=draft,
+        num_speculative_tokens=k,
+        adaptive_speculation=False,
+    )
+    assert out == ref
+    s = eng.stats()["speculative"]
+    assert s["method"] == "draft_model" and s["drafted_tokens"] > 0
+    proposer = eng.spec.proposer
+    assert not proposer._mirrors  # every finished request released its draft KV
+    assert proposer.kv.pool.num_free == proposer.kv.num_usable_blocks
+
+
+def test_draft_model_equal_to_the_target_accepts_everything(two_checkpoints):
+    target = str(two_checkpoints[0])
+    prompts = _ids(17, 1)
+    ref, plain = _run_model(target, prompts)
+    out, eng = _run_model(
+        target,
+        prompts,
+        speculative_method="draft_model",
+        speculative_model=target,
+        num_speculative_tokens=4,
+        adaptive_speculation=False,
+    )
+    assert out == ref
+    s = eng.stats()["speculative"]
+    assert s["accepted_tokens"] == s["drafted_tokens"] > 0
+    assert eng.runner.timings.steps < plain.runner.timings.steps
+
+
+def test_draft_model_with_another_vocabulary_is_rejected(two_checkpoints):
+    with pytest.raises(ValidationError, match="vocabulary of 384"):
+        Engine(
+            model=str(two_checkpoints[0]),
+            device="cpu",
+            speculative_method="draft_model",
+            speculative_model="dummy:tiny",
+        )
+
+
+def test_draft_model_needs_a_checkpoint():
+    with pytest.raises(ValidationError, match="speculative_model"):
+        EngineConfig(speculative_method="draft_model")
+    with pytest.raises(ValidationError, match="speculative_model"):
+        EngineConfig(speculative_method="ngram", speculative_model="dummy:tiny")
+
+
+def _run_model(model, prompts, **kw):
+    eng = Engine(model=model, device="cpu", **kw)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    ids = [eng.add_request(p, params) for p in prompts]
+    got = {i: [] for i in ids}
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.request_id].extend(o.new_token_ids)
+    eng.kv_manager.check_integrity()
+    return [got[i] for i in ids], eng
