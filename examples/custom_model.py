@@ -19,11 +19,9 @@ from torch import nn
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
 from layerzero_serve.kv_cache.storage import build_block_table, build_positions, build_slot_mapping
-from layerzero_serve.runner.attention import AttentionDispatch, PhaseKernel, WriterKernel
+from layerzero_serve.runner.attention import AttentionDispatch, build_attention
 from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
 from layerzero_serve.scheduler import Scheduler, SchedulerConfig
-from layerzero_serve.selection import ModelShape, Op, get_selector, probe_device
-from layerzero_serve.selection.plans import base_context
 from layerzero_serve.types import Request
 
 VOCAB, HIDDEN, LAYERS, HQ, HKV, D = 256, 64, 2, 4, 2, 32  # D=32: GPU Triton kernels' smallest
@@ -69,27 +67,14 @@ class TinyDecoder(nn.Module):
 
 
 def select_attention(kv: KVCache, device, batch: int, graph: bool = False) -> AttentionDispatch:
-    """One ``select`` per op for this plan (at start-up, or once per captured bucket)."""
-    sel, dev, shape = get_selector(), probe_device(device), ModelShape("float32", D, HQ, HKV, VOCAB)
-
-    def pick(op: Op, q_len: int):
-        choice = sel.select(op, ctx := base_context(op, dev, shape, BLOCK, batch, q_len, graph))
-        return choice, choice.spec.factory(ctx)
-
-    decode = PhaseKernel(*pick(Op.ATTN_DECODE, 1))
-    prefill = decode if graph else PhaseKernel(*pick(Op.ATTN_PREFILL, 0))
-    return AttentionDispatch(kv, decode, prefill, WriterKernel(*pick(Op.KV_WRITE, int(graph))))
+    """The kernels the selection engine picks for this plan (at start-up, or per bucket)."""
+    return build_attention(kv, HQ, device, max_num_seqs=batch, graph_batch=batch if graph else None)
 
 
 def metadata(table, slots, seq_lens, query_lens, device) -> AttentionMetadata:
     """Host arrays -> metadata: block ``table [S, W]``, ``slots [T]`` (-1 writes nothing), and
     per sequence ``seq_lens`` (KV length after the step) and ``query_lens`` (its new tokens)."""
-    qsl = np.concatenate([[0], np.cumsum(query_lens)])
-    return AttentionMetadata(
-        len(seq_lens), int(qsl[-1]), BLOCK, as_int32(qsl, device), as_int32(seq_lens, device),
-        as_int32(table, device), as_int32(slots, device), int(max(query_lens)),
-        int(max(seq_lens)), qsl.tolist(), [int(n) for n in seq_lens], np.asarray(table, np.int32),
-    )  # fmt: skip
+    return AttentionMetadata.from_host(query_lens, seq_lens, table, BLOCK, device, slots)
 
 
 class PagedRunner:

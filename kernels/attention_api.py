@@ -21,6 +21,9 @@ from layerzero_serve.kernels.metadata import AttentionMetadata
 
 
 class PagedAttentionImpl(Protocol):
+    """A paged-attention kernel (decode, prefill/extend or verification): ``plan`` once per
+    step on the host, ``write_kv`` and ``run`` per layer (shapes in the module docstring)."""
+
     name: str
 
     def plan(self, meta: AttentionMetadata) -> None: ...

@@ -52,3 +52,79 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+    @classmethod
+    def from_host(
+        cls,
+        query_lens,
+        seq_lens,
+        block_tables,
+        block_size: int,
+        device: torch.device | str = "cpu",
+        slot_mapping=None,
+    ) -> AttentionMetadata:
+        """Metadata of one step from host arrays (for engines that schedule on their own).
+
+        Args:
+            query_lens: ``[S]`` new tokens of each sequence this step (>= 1).
+            seq_lens: ``[S]`` KV length of each sequence after this step (>= query_lens).
+            block_tables: ``[S, W]`` block ids per sequence (0 pads), covering ``seq_lens``.
+            block_size: tokens per KV block.
+            device: where the tensors go (one copy each).
+            slot_mapping: ``[T]`` KV slots to use instead of the ones the table gives (-1 for
+                padding tokens that must write nothing), or None.
+
+        Returns: metadata whose slot mapping writes sequence i's tokens at positions
+        ``seq_lens[i] - query_lens[i] .. seq_lens[i] - 1``. Host work; not graph-captured.
+        """
+        from layerzero_serve.errors import ValidationError
+
+        q = np.asarray(query_lens, dtype=np.int64).reshape(-1)
+        n = np.asarray(seq_lens, dtype=np.int64).reshape(-1)
+        table = np.asarray(block_tables, dtype=np.int32)
+        if table.ndim == 1:
+            table = table.reshape(1, -1)
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValidationError("block_size", block_size, "an integer >= 1")
+        if q.shape != n.shape or table.shape[0] != len(q):
+            raise ValidationError(
+                "query_lens/seq_lens/block_tables",
+                (q.shape, n.shape, table.shape),
+                "[S], [S] and [S, W] for the same S",
+            )
+        if len(q) and (q.min() < 1 or (q > n).any()):
+            raise ValidationError("query_lens", q.tolist(), "ints in [1, seq_lens[i]]")
+        if len(n) and n.max() > table.shape[1] * block_size:
+            raise ValidationError(
+                "block_tables", table.shape, f"at least {int(-(-n.max() // block_size))} columns"
+            )
+        qsl = np.zeros(len(q) + 1, dtype=np.int64)
+        np.cumsum(q, out=qsl[1:])
+        seq_index = np.repeat(np.arange(len(q)), q)
+        positions = np.arange(int(qsl[-1])) - np.repeat(qsl[:-1], q) + np.repeat(n - q, q)
+        if slot_mapping is None:
+            slots = table[seq_index, positions // block_size].astype(np.int64) * block_size
+            slots += positions % block_size
+        else:
+            slots = np.asarray(slot_mapping, dtype=np.int64).reshape(-1)
+            if slots.shape != positions.shape:
+                raise ValidationError("slot_mapping", slots.shape, f"[{len(positions)}] (T)")
+        dev = torch.device(device)
+
+        def put(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
+        return cls(
+            num_seqs=len(q),
+            num_tokens=int(qsl[-1]),
+            block_size=block_size,
+            query_start_loc=put(qsl.astype(np.int32)),
+            seq_lens=put(n.astype(np.int32)),
+            block_tables=put(table),
+            slot_mapping=put(slots.astype(np.int32)),
+            max_query_len=int(q.max(initial=0)),
+            max_seq_len=int(n.max(initial=0)),
+            query_start_loc_cpu=qsl.tolist(),
+            seq_lens_cpu=n.tolist(),
+            block_tables_cpu=table,
+        )

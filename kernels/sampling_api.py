@@ -44,6 +44,10 @@ UNIFORM_BITS = 24  # a float32 mantissa: every value k / 2^24 is exact
 
 
 class SamplingKernel(Protocol):
+    """An ``Op.SAMPLING`` kernel: draws one token per row of already processed probabilities
+    (see :meth:`sample`); graph-safe. ``position_invariant`` says whether a seeded row's draw is
+    independent of its batch position."""
+
     name: str
     position_invariant: bool  # True: a seeded row draws the same token at any batch position
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 
 class Op(str, enum.Enum):
+    """The operations a kernel can implement; the selection engine picks one kernel per op and
+    plan (``KernelContext``). Values are the names used in policies and reports."""
+
     ATTN_PREFILL = "attention_prefill"
     ATTN_DECODE = "attention_decode"
     ATTN_VERIFY = "attention_verify"

@@ -33,6 +33,51 @@ class WriterKernel:
     impl: KVWriter
 
 
+def build_attention(
+    kv_cache: KVCache,
+    num_q_heads: int,
+    device: torch.device | str,
+    max_num_seqs: int = 256,
+    selector=None,
+    graph_batch: int | None = None,
+) -> AttentionDispatch:
+    """An AttentionDispatch over ``kv_cache`` with the decode, prefill and KV-write kernels the
+    selection engine picks for this device and shape (once, here).
+
+    Args:
+        kv_cache: the paged cache (its spec gives dtype, head dim, KV heads, block size).
+        num_q_heads: query heads of the model (GQA ratio = num_q_heads / kv heads).
+        device: the model's device.
+        max_num_seqs: batch bound of the eager plans.
+        selector: a ``Selector`` (default: the process-wide one).
+        graph_batch: build the kernels of one CUDA-graph bucket of this size instead (graph
+            mode plans; decode only).
+    """
+    from layerzero_serve.kernels.spec import Op
+    from layerzero_serve.selection.device import probe_device
+    from layerzero_serve.selection.plans import ModelShape, base_context
+    from layerzero_serve.selection.selector import get_selector
+
+    sel = selector or get_selector()
+    spec = kv_cache.spec
+    shape = ModelShape(
+        str(spec.dtype).removeprefix("torch."), spec.head_dim, num_q_heads, spec.num_kv_heads, 0
+    )
+    dev = probe_device(torch.device(device))
+    graph = graph_batch is not None
+    batch = graph_batch if graph else max_num_seqs
+    chosen = {}
+    for op, q_len in ((Op.ATTN_DECODE, 1), (Op.ATTN_PREFILL, 0), (Op.KV_WRITE, int(graph))):
+        if graph and op == Op.ATTN_PREFILL:
+            continue
+        ctx = base_context(op, dev, shape, spec.block_size, batch, q_len, graph)
+        choice = sel.select(op, ctx)
+        chosen[op] = (choice, choice.spec.factory(ctx))
+    decode = PhaseKernel(*chosen[Op.ATTN_DECODE])
+    prefill = decode if graph else PhaseKernel(*chosen[Op.ATTN_PREFILL])
+    return AttentionDispatch(kv_cache, decode, prefill, WriterKernel(*chosen[Op.KV_WRITE]))
+
+
 class AttentionDispatch:
     """Callable attention over a KVCache with per-phase kernels.
 
@@ -53,6 +98,7 @@ class AttentionDispatch:
         self._active = prefill
         self._write = None if writer is None else writer.impl.write
         self.failed_write = False  # set when the KV writer raised (the runner's fallback reads it)
+        self._planned: AttentionMetadata | None = None
 
     @property
     def name(self) -> str:
@@ -71,6 +117,7 @@ class AttentionDispatch:
         self._active.impl.plan(meta)
         if self.writer is not None:
             self.writer.impl.plan(meta)
+        self._planned = meta
         return self._active
 
     def __call__(
@@ -81,6 +128,11 @@ class AttentionDispatch:
         v: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        if meta is not self._planned:  # one identity check: a forgotten begin_step is an error
+            raise RuntimeError(
+                "AttentionDispatch: call begin_step(meta) with this step's metadata before the "
+                "layers run (the kernels were planned for another step)"
+            )
         impl = self._active.impl
         cache = self.kv_cache.tensors[layer_idx]
         if self._write is None:
