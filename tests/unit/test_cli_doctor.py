@@ -68,3 +68,5 @@ def test_explain_one_plan_and_policy(capsys, monkeypatch):
     reload_policy()
     assert main(["explain", "--fake-device", "cpu", "--model", "dummy:tiny"]) == 1
     assert "ERROR" in capsys.readouterr().out
+    monkeypatch.delenv("LZ_KERNEL_POLICY")
+    reload_policy()  # the environment policy is cached: do not leak the lock to later tests

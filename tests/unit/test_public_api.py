@@ -17,6 +17,19 @@ from layerzero_serve.kernels import torch_ref
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
 
+@pytest.fixture(autouse=True)
+def _default_selection():
+    """A fresh process-wide selector and policy (other tests lock or register kernels)."""
+    from layerzero_serve.selection import configure, reload_policy, set_selector
+
+    set_selector(None)
+    configure(reset=True)
+    reload_policy()
+    yield
+    set_selector(None)
+    configure(reset=True)
+
+
 def test_every_public_name_resolves_has_a_docstring_and_is_documented():
     text = DOCS.read_text()
     for name in lz.__all__:
