@@ -20,7 +20,9 @@ memory-bound decode) this is ``(1 - a^(k+1)) / ((1 - a)(k c + 1))``. ``S(0) = 1`
 when ``acc < num_drafts``, one failure; the rate is successes / (successes + failures) (the
 maximum-likelihood estimate for the model above) over exponentially decayed counts, started
 from a prior of ``prior_weight`` pseudo-observations at ``initial_acceptance``. While ``k = 0``
-nothing is measured, so every ``probe_interval`` steps off one step runs with ``k = 1``.
+nothing is measured, so after ``probe_interval`` steps off one step runs with ``k = 1``; each
+probe that does not turn speculation back on doubles the wait (up to 64 x ``probe_interval``),
+so a workload with nothing to accept pays a vanishing share of probe steps.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import numpy as np
 
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.spec_decode.proposer import MAX_K, check_int
+
+MAX_BACKOFF = 64  # the longest wait between probes, in units of probe_interval
 
 __all__ = [
     "AdaptiveK",
@@ -165,6 +169,7 @@ class AdaptiveK:
         self._accepted = initial_acceptance * prior_weight  # decayed successes
         self._rejected = (1.0 - initial_acceptance) * prior_weight  # decayed failures
         self._steps_off = 0
+        self._interval = self.probe_interval  # grows while probes keep failing
 
     @property
     def acceptance_rate(self) -> float:
@@ -207,9 +212,12 @@ class AdaptiveK:
         k, _ = self.best_k(batch_size)
         if k > 0 or batch_size == 0:
             self._steps_off = 0
+            self._interval = self.probe_interval
             return k
         self._steps_off += 1
-        if self.probe_interval and self._steps_off > self.probe_interval:
+        if self.probe_interval and self._steps_off > self._interval:
             self._steps_off = 0
+            # unless this probe turns speculation back on, wait twice as long for the next
+            self._interval = min(2 * self._interval, MAX_BACKOFF * self.probe_interval)
             return 1
         return 0

@@ -108,7 +108,15 @@ def test_choose_follows_the_measured_rate_and_probes_when_off():
     for _ in range(10):
         ak.update([4] * 8, [0] * 8)
     assert ak.acceptance_rate < 0.01
-    assert [ak.choose(8) for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]
+    # probes after 3, then 6, then 12 steps off: failing probes back off exponentially
+    got = [ak.choose(8) for _ in range(3 + 1 + 6 + 1 + 12 + 1)]
+    assert [i for i, k in enumerate(got) if k] == [3, 10, 23]
+    for _ in range(10):  # acceptance recovers: speculation back on, the probe wait resets
+        ak.update([4] * 8, [4] * 8)
+    assert ak.choose(8) == 4
+    for _ in range(10):
+        ak.update([4] * 8, [0] * 8)
+    assert [ak.choose(8) for _ in range(4)] == [0, 0, 0, 1]
     assert [AdaptiveK(4, step_cost=FLAT, probe_interval=0).choose(8) for _ in range(3)] == [4] * 3
 
 
