@@ -1,11 +1,7 @@
-"""Your own PyTorch decoder on the runtime's paged attention, KV cache, scheduler and CUDA graphs.
-
-``TinyDecoder`` is none of the runtime's models (learned positions, weightless RMSNorm). Its
-attention calls ``AttentionDispatch`` with kernels the selection engine picks once per plan;
-KVCacheManager + Scheduler allocate blocks, batch the prompts and chunk their prefill. With
-CUDA, decode steps replay through ``DecodeGraphRunner`` (a graph per batch bucket), each replay
-checked bitwise against the bucket's kernels run eagerly. CPU: ``python examples/custom_model.py``.
-"""
+"""Your own PyTorch decoder (``TinyDecoder``, none of the runtime's models) on the runtime's
+paged attention (kernels picked once per plan), KV cache and scheduler; with CUDA, decode steps
+replay through ``DecodeGraphRunner`` per batch bucket, each replay checked bitwise against the
+bucket's kernels run eagerly. Runs on the CPU: ``python examples/custom_model.py``."""
 
 from __future__ import annotations
 
@@ -29,28 +25,28 @@ BLOCK, MAX_LEN, NUM_BLOCKS, BUCKETS = 4, 64, 64, [1, 2, 4]  # BLOCK divides no p
 PROMPT_LENS, MAX_NEW = (5, 11, 19, 26), (12, 7, 4, 8)  # decode batches 4, 3, 2, 1
 PROMPTS = [np.random.default_rng(n).integers(0, VOCAB, n).tolist() for n in PROMPT_LENS]
 as_int32 = lambda a, device: torch.as_tensor(np.asarray(a, np.int32), device=device)
+from_host = AttentionMetadata.from_host  # host arrays -> one step's attention metadata
 
 
 class TinyDecoder(nn.Module):
-    """``forward(input_ids [T], positions [T], attn, meta) -> hidden [T, HIDDEN]``: every
-    sequence's tokens packed back to back, meeting only in ``attn(layer, q [T, HQ, D],
-    k [T, HKV, D], v [T, HKV, D], meta) -> [T, HQ, D]``: paged, or dense over one sequence."""
+    """``forward(input_ids [T], positions [T], attn, meta) -> hidden [T, HIDDEN]``; sequences
+    meet only in ``attn(layer, q [T, HQ, D], k/v [T, HKV, D], meta) -> [T, HQ, D]``."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         self.config = SimpleNamespace(vocab_size=VOCAB)  # what DecodeGraphRunner reads
         h, q, kv = HIDDEN, HQ * D, HKV * D
         shapes = dict(q=(h, q), k=(h, kv), v=(h, kv), o=(q, h), up=(h, 4 * h), down=(4 * h, h))
-        self.embed, self.pos = nn.Embedding(VOCAB, h), nn.Embedding(MAX_LEN, h)
-        self.lm_head = nn.Linear(h, VOCAB, bias=False)
+        self.embed, self.pos, self.lm_head = (
+            nn.Embedding(VOCAB, h), nn.Embedding(MAX_LEN, h), nn.Linear(h, VOCAB, bias=False)
+        )  # fmt: skip
         self.layers = nn.ModuleList(
             nn.ModuleDict({k: nn.Linear(*s, bias=False) for k, s in shapes.items()})
             for _ in range(LAYERS)
         )
         gen = torch.Generator().manual_seed(seed)  # its own generator: same weights every time
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=gen) * 0.15
 
     def forward(self, input_ids, positions, attn, meta) -> torch.Tensor:
         x, t = self.embed(input_ids) + self.pos(positions), input_ids.shape[0]
@@ -61,20 +57,8 @@ class TinyDecoder(nn.Module):
             x = x + ly["down"](F.silu(ly["up"](F.rms_norm(x, (HIDDEN,)))))
         return F.rms_norm(x, (HIDDEN,))
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, HIDDEN] -> [N, VOCAB]`` float32 (the graph runner's contract)."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, VOCAB] float32
         return self.lm_head(hidden).float()
-
-
-def select_attention(kv: KVCache, device, batch: int, graph: bool = False) -> AttentionDispatch:
-    """The kernels the selection engine picks for this plan (at start-up, or per bucket)."""
-    return build_attention(kv, HQ, device, max_num_seqs=batch, graph_batch=batch if graph else None)
-
-
-def metadata(table, slots, seq_lens, query_lens, device) -> AttentionMetadata:
-    """Host arrays -> metadata: block ``table [S, W]``, ``slots [T]`` (-1 writes nothing), and
-    per sequence ``seq_lens`` (KV length after the step) and ``query_lens`` (its new tokens)."""
-    return AttentionMetadata.from_host(query_lens, seq_lens, table, BLOCK, device, slots)
 
 
 class PagedRunner:
@@ -82,19 +66,21 @@ class PagedRunner:
 
     def __init__(self, model: TinyDecoder, device: torch.device, graphs: bool = False) -> None:
         self.model, self.device = model.to(device), device
-        spec = KVCacheSpec(LAYERS, HKV, D, BLOCK, torch.float32)
-        self.kv = KVCache(spec, num_blocks=NUM_BLOCKS, device=device)
-        self.attn = select_attention(self.kv, device, batch=len(PROMPTS))
+        self.kv = KVCache(
+            KVCacheSpec(LAYERS, HKV, D, BLOCK, torch.float32), NUM_BLOCKS, device=device
+        )
+        self.attn = build_attention(self.kv, HQ, device, max_num_seqs=len(PROMPTS))
         self.graphs, self.bucket_attn, self.replays, self.decode_batches = None, {}, [], []
         if graphs:  # the graphs bake in the KV tensors and a block table MAX_LEN // BLOCK wide
-            pick, width = self.bucket_dispatch, MAX_LEN // BLOCK
-            self.graphs = DecodeGraphRunner(model, self.kv, pick, BUCKETS, width, device)
+            self.graphs = DecodeGraphRunner(
+                model, self.kv, self.bucket_dispatch, BUCKETS, MAX_LEN // BLOCK, device
+            )
             self.graphs.capture(progress=False)
 
-    def bucket_dispatch(self, batch: int) -> AttentionDispatch:
-        """The decode and KV-write kernels of one bucket's graph-mode plan."""
-        self.bucket_attn[batch] = select_attention(self.kv, self.device, batch, graph=True)
-        return self.bucket_attn[batch]
+    def bucket_dispatch(self, b: int) -> AttentionDispatch:  # one bucket's graph-mode plan
+        return self.bucket_attn.setdefault(
+            b, build_attention(self.kv, HQ, self.device, None, graph_batch=b)
+        )
 
     def forward(self, attn, ids, pos, meta, rows) -> torch.Tensor:
         """Logits ``[len(rows), VOCAB]`` of the packed tokens ``rows`` (eager)."""
@@ -113,25 +99,24 @@ class PagedRunner:
         sampling = [out.samples(i) for i in range(len(lens))]
         if decode := lens.max() == 1 and all(sampling):
             self.decode_batches.append(len(lens))
-        if decode and self.graphs is not None:
+        if decode and self.graphs:
             logits = self.replay(ids, pos, slots, table)
         else:
-            meta = metadata(table, slots, starts + lens, lens, self.device)
+            meta = from_host(lens, starts + lens, table, BLOCK, self.device, slots)
             logits = self.forward(self.attn, ids, pos, meta, np.cumsum(lens) - 1)
         toks = logits.argmax(-1).tolist()
         return [[toks[i]] if sampling[i] else [] for i in range(len(lens))]
 
     def replay(self, ids, pos, slots, table) -> torch.Tensor:
-        """Decode through the bucket's graph, checked bitwise against the bucket's own kernels
-        run eagerly on the same padded batch (padding rows: slot -1, one key of the null block)."""
+        """The bucket's graph, checked against its kernels run eagerly on the padded batch."""
         g, n = self.graphs, len(ids)
         b = g.bucket_for(n)
         pad = lambda a, fill: np.concatenate([a, np.full(b - n, fill)])
         wide = np.zeros((b, g.width), np.int32)
         wide[:n, : table.shape[1]] = table
-        meta = metadata(wide, pad(slots, -1), pad(pos + 1, 1), np.ones(b, np.int64), self.device)
-        rows = np.arange(b)  # logits of all b rows, as the graph computes them, then n of them
-        eager = self.forward(self.bucket_attn[b], pad(ids, 0), pad(pos, 0), meta, rows)[:n]
+        # padding rows: one key of the null block, slot -1; logits of all b rows, then n of them
+        meta = from_host(np.ones(b), pad(pos + 1, 1), wide, BLOCK, self.device, pad(slots, -1))
+        eager = self.forward(self.bucket_attn[b], pad(ids, 0), pad(pos, 0), meta, np.arange(b))[:n]
         logits = g.run(ids, pos, slots, pos + 1, table)  # a view: consumed before the next replay
         self.replays.append((b, n, torch.equal(logits, eager)))
         return logits
@@ -141,11 +126,11 @@ def generate(device: torch.device, graphs: bool = False) -> tuple[list[list[int]
     """Greedy tokens of every prompt, through the scheduler and the paged runner."""
     runner = PagedRunner(TinyDecoder(), device, graphs)
     kv = KVCacheManager(NUM_BLOCKS, BLOCK)  # block ids for the runner's KVCache (same count)
-    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=24, max_model_len=MAX_LEN)
-    sched = Scheduler(config, kv)  # 24 tokens a step: the longer prompts prefill in chunks
-    for i, (prompt, n) in enumerate(zip(PROMPTS, MAX_NEW, strict=True)):
-        sched.add_request(Request(f"p{i}", prompt, max_tokens=n))
-    tokens: dict[str, list[int]] = {f"p{i}": [] for i in range(len(PROMPTS))}
+    # 24 tokens a step: the longer prompts prefill in chunks
+    sched = Scheduler(SchedulerConfig(4, 24, MAX_LEN), kv)
+    tokens = {f"p{i}": [] for i in range(len(PROMPTS))}
+    for rid, prompt, n in zip(tokens, PROMPTS, MAX_NEW, strict=True):
+        sched.add_request(Request(rid, prompt, max_tokens=n))
     while sched.has_unfinished():
         for o in sched.step(runner):
             tokens[o.request_id].extend(o.new_token_ids)
@@ -155,17 +140,13 @@ def generate(device: torch.device, graphs: bool = False) -> tuple[list[list[int]
 
 def main() -> dict:
     tokens, runner = generate(torch.device("cpu"))
-    print(f"kernels: {runner.attn.name}; pure decode batches: {runner.decode_batches}")
-    for prompt, toks in zip(PROMPTS, tokens, strict=True):
-        print(f"  prompt of {len(prompt)} tokens -> {toks}")
+    print(f"kernels: {runner.attn.name}; decode batches {runner.decode_batches}; {tokens}")
     res = {"tokens": tokens, "decode_batches": runner.decode_batches, "kernels": runner.attn.name}
     if not torch.cuda.is_available():
-        print("no CUDA device: the CUDA-graph replay is skipped")
-        return res
+        return res  # no CUDA device: the CUDA-graph replay is skipped
     gpu_tokens, gpu = generate(torch.device("cuda"), graphs=True)
     ok = all(eq for _, _, eq in gpu.replays)
-    print(f"CUDA graphs: {len(gpu.replays)} replays, buckets {sorted(gpu.graphs.graphs)}, "
-          f"bitwise equal to eager: {ok}")  # fmt: skip
+    print(f"CUDA graphs: {len(gpu.replays)} replays, all bitwise equal to eager: {ok}")
     return {**res, "gpu_tokens": gpu_tokens, "replays": gpu.replays, "replays_bitwise_equal": ok}
 
 
