@@ -79,7 +79,7 @@ class PagedRunner:
 
     def bucket_dispatch(self, b: int) -> AttentionDispatch:  # one bucket's graph-mode plan
         return self.bucket_attn.setdefault(
-            b, build_attention(self.kv, HQ, self.device, None, graph_batch=b)
+            b, build_attention(self.kv, HQ, self.device, graph_batch=b)
         )
 
     def forward(self, attn, ids, pos, meta, rows) -> torch.Tensor:
