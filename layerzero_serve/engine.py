@@ -119,7 +119,12 @@ class Engine:
                 False,
             )
             self.spec = SpecCoordinator.from_config(
-                cfg, self.runner.selector, ctx, loaded.resolved, kv_cache.num_blocks
+                cfg,
+                self.runner.selector,
+                ctx,
+                loaded.resolved,
+                kv_cache.num_blocks,
+                seeds_of=self.runner.sampler.seeds_of,
             )
             self.runner.spec_verifier = self.spec.verifier
         graph_len = min(max_len, self.scheduler.max_seq_len)

@@ -160,10 +160,17 @@ class Scheduler:
                 continue
             else:
                 n = min(want, max_tokens - used, chunk_cap)
-            if start + n + la <= req.kv_capacity:  # room already reserved: no KV call
+            # lookahead (draft) slots never reach past the request's last position: the block
+            # table stays within max_model_len (the captured graphs' static width)
+            la_r = la if not la else max(0, min(la, req.stop_len - start - n))
+            if start + n + la_r <= req.kv_capacity:  # room already reserved: no KV call
                 ids = req.kv_block_ids
             else:
-                ids = kv.allocate_slots(req, n, None, la)
+                ids = kv.allocate_slots(req, n, None, la_r)
+                if ids is None and req.spec_token_ids:  # no room for drafts: decode plainly
+                    req.spec_token_ids = []
+                    n = 1
+                    ids = kv.allocate_slots(req, 1, None, 0)
             if ids is None:
                 ids, freed = self._make_room(out, req, n)
                 used -= freed
@@ -201,7 +208,8 @@ class Scheduler:
             out.preempted_ids.append(victim.request_id)
             if victim is req:
                 return None, freed
-            ids = self.kv.allocate_slots(req, n, None, la)
+            la_r = la if not la else max(0, min(la, req.stop_len - req.num_computed_tokens - n))
+            ids = self.kv.allocate_slots(req, n, None, la_r)
             if ids is not None:
                 return ids, freed
 
@@ -216,7 +224,8 @@ class Scheduler:
             if not cfg.enable_chunked_prefill and want > budget:
                 break
             n = min(want, budget, chunk_cap)
-            ids = kv.allocate_slots(req, n, prefix, la)
+            la_r = la if not la else max(0, min(la, req.stop_len - start - n))
+            ids = kv.allocate_slots(req, n, prefix, la_r)
             if ids is None:
                 break
             kv.record_prefix_lookup(req.num_tokens, start)

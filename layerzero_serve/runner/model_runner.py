@@ -280,9 +280,13 @@ class ModelRunner:
         flat = np.concatenate([i * q + np.arange(counts[i]) for i in rows])
         index = torch.from_numpy(flat).to(logits.device)
         drafts = [reqs[i].spec_token_ids for i in rows]
-        tokens = self.spec_verifier.verify(logits[index], [reqs[i] for i in rows], drafts)
+        tokens = self.spec_verifier.verify(
+            logits[index], [reqs[i] for i in rows], drafts, failed := {}
+        )
         for i, toks in zip(rows, tokens, strict=True):
             results[i].extend(toks)
+        for j, detail in failed.items():  # degenerate logits: only that request fails
+            results.failed[rows[j]] = detail
         verified = set(rows)
         others = [i for i in range(n) if i not in verified]
         if not others:
@@ -299,9 +303,11 @@ class ModelRunner:
         idx = np.concatenate([np.arange(qsl[i], qsl[i + 1]) for i in rows])
         logits = self.model.compute_logits(hidden[torch.from_numpy(idx).to(hidden.device)])
         drafts = [reqs[i].spec_token_ids for i in rows]
-        tokens = self.spec_verifier.verify(logits, [reqs[i] for i in rows], drafts)
+        tokens = self.spec_verifier.verify(logits, [reqs[i] for i in rows], drafts, failed := {})
         for i, toks in zip(rows, tokens, strict=True):
             results[i].extend(toks)
+        for j, detail in failed.items():  # degenerate logits: only that request fails
+            results.failed[rows[j]] = detail
         verified = set(rows)
         return [i for i in batch.sample_rows if i not in verified]
 

@@ -204,6 +204,16 @@ class Sampler:
         i[P_TOP_K, start:stop] = self.vocab_size
         i[P_FLAGS, start:stop] = st.GREEDY
 
+    def seeds_of(self, requests: Sequence) -> np.ndarray:
+        """int64 ``[B]``: the seed each request draws with (its own, its params', or the one
+        the sampler gave it at admission), admitting unseen requests. Host work. Speculative
+        verification draws from the same ``(seed, offset)`` stream, so a seeded request gets
+        the same tokens with or without speculation."""
+        get = self._states.get
+        states = [get(r.request_id) or self._admit(r) for r in requests]
+        idx = np.fromiter((s.hidx for s in states), np.intp, len(states))
+        return self._host.i64[st.I_SEED, idx].astype(np.int64)
+
     def _admit(self, req) -> st.RowState:
         state = admit_row(req, self._host, self.vocab_size, self._rng)
         self._states[req.request_id] = state

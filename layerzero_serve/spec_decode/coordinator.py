@@ -109,11 +109,18 @@ class SpecCoordinator:
 
     @classmethod
     def from_config(
-        cls, cfg, selector, kernel_ctx, resolved=None, draft_kv_blocks: int = 1024
+        cls,
+        cfg,
+        selector,
+        kernel_ctx,
+        resolved=None,
+        draft_kv_blocks: int = 1024,
+        seeds_of=None,
     ) -> SpecCoordinator:
         """Build from an EngineConfig; ``kernel_ctx`` is the rejection-sampling plan,
         ``resolved`` the target's ResolvedConfig (device, dtype, max length) for a draft model,
-        ``draft_kv_blocks`` the draft's KV pool size in blocks."""
+        ``draft_kv_blocks`` the draft's KV pool size in blocks, ``seeds_of`` the target
+        sampler's ``seeds_of`` (verification draws from the sampler's own streams)."""
         choice = selector.select(Op.REJECTION_SAMPLING, kernel_ctx)
         kernel = choice.spec.factory(kernel_ctx)
         if isinstance(cfg.speculative_method, Proposer):
@@ -135,7 +142,7 @@ class SpecCoordinator:
             proposer = NgramProposer(
                 k=cfg.num_speculative_tokens, min_n=cfg.ngram_min, max_n=cfg.ngram_max
             )
-        verifier = SpecVerifier(kernel, seed=cfg.seed)
+        verifier = SpecVerifier(kernel, seed=cfg.seed, seeds_of=seeds_of)
         verifier.kernel_name = choice.name
         return cls(
             proposer,
