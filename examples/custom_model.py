@@ -1,7 +1,5 @@
-"""Your own PyTorch decoder (``TinyDecoder``, none of the runtime's models) on the runtime's
-paged attention (kernels picked once per plan), KV cache and scheduler; with CUDA, decode steps
-replay through ``DecodeGraphRunner`` per batch bucket, each replay checked bitwise against the
-bucket's kernels run eagerly. Runs on the CPU: ``python examples/custom_model.py``."""
+"""Your own PyTorch decoder on the runtime's paged attention, KV cache and scheduler; with CUDA,
+decode replays through ``DecodeGraphRunner`` per bucket, checked bitwise against eager. CPU too."""
 
 from __future__ import annotations
 
@@ -37,12 +35,10 @@ class TinyDecoder(nn.Module):
         self.config = SimpleNamespace(vocab_size=VOCAB)  # what DecodeGraphRunner reads
         h, q, kv = HIDDEN, HQ * D, HKV * D
         shapes = dict(q=(h, q), k=(h, kv), v=(h, kv), o=(q, h), up=(h, 4 * h), down=(4 * h, h))
-        self.embed, self.pos, self.lm_head = (
-            nn.Embedding(VOCAB, h), nn.Embedding(MAX_LEN, h), nn.Linear(h, VOCAB, bias=False)
-        )  # fmt: skip
+        self.embed, self.pos = nn.Embedding(VOCAB, h), nn.Embedding(MAX_LEN, h)
+        self.lm_head, mk = nn.Linear(h, VOCAB, bias=False), lambda s: nn.Linear(*s, bias=False)
         self.layers = nn.ModuleList(
-            nn.ModuleDict({k: nn.Linear(*s, bias=False) for k, s in shapes.items()})
-            for _ in range(LAYERS)
+            nn.ModuleDict({k: mk(s) for k, s in shapes.items()}) for _ in range(LAYERS)
         )
         gen = torch.Generator().manual_seed(seed)  # its own generator: same weights every time
         for p in self.parameters():
@@ -51,14 +47,13 @@ class TinyDecoder(nn.Module):
     def forward(self, input_ids, positions, attn, meta) -> torch.Tensor:
         x, t = self.embed(input_ids) + self.pos(positions), input_ids.shape[0]
         for i, ly in enumerate(self.layers):
-            h = F.rms_norm(x, (HIDDEN,))
-            q, k, v = (ly[n](h).view(t, -1, D) for n in "qkv")
+            q, k, v = (ly[n](F.rms_norm(x, (HIDDEN,))).view(t, -1, D) for n in "qkv")
             x = x + ly["o"](attn(i, q, k, v, meta).reshape(t, -1))
             x = x + ly["down"](F.silu(ly["up"](F.rms_norm(x, (HIDDEN,)))))
         return F.rms_norm(x, (HIDDEN,))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, VOCAB] float32
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden).float()  # (the graph runner's contract)
 
 
 class PagedRunner:
@@ -66,9 +61,8 @@ class PagedRunner:
 
     def __init__(self, model: TinyDecoder, device: torch.device, graphs: bool = False) -> None:
         self.model, self.device = model.to(device), device
-        self.kv = KVCache(
-            KVCacheSpec(LAYERS, HKV, D, BLOCK, torch.float32), NUM_BLOCKS, device=device
-        )
+        spec = KVCacheSpec(LAYERS, HKV, D, BLOCK, torch.float32)
+        self.kv = KVCache(spec, NUM_BLOCKS, device=device)
         self.attn = build_attention(self.kv, HQ, device, max_num_seqs=len(PROMPTS))
         self.graphs, self.bucket_attn, self.replays, self.decode_batches = None, {}, [], []
         if graphs:  # the graphs bake in the KV tensors and a block table MAX_LEN // BLOCK wide
@@ -78,9 +72,8 @@ class PagedRunner:
             self.graphs.capture(progress=False)
 
     def bucket_dispatch(self, b: int) -> AttentionDispatch:  # one bucket's graph-mode plan
-        return self.bucket_attn.setdefault(
-            b, build_attention(self.kv, HQ, self.device, graph_batch=b)
-        )
+        self.bucket_attn[b] = build_attention(self.kv, HQ, self.device, graph_batch=b)
+        return self.bucket_attn[b]
 
     def forward(self, attn, ids, pos, meta, rows) -> torch.Tensor:
         """Logits ``[len(rows), VOCAB]`` of the packed tokens ``rows`` (eager)."""
@@ -99,7 +92,7 @@ class PagedRunner:
         sampling = [out.samples(i) for i in range(len(lens))]
         if decode := lens.max() == 1 and all(sampling):
             self.decode_batches.append(len(lens))
-        if decode and self.graphs:
+        if decode and self.graphs:  # logits of all b rows of the bucket, then n of them
             logits = self.replay(ids, pos, slots, table)
         else:
             meta = from_host(lens, starts + lens, table, BLOCK, self.device, slots)
@@ -110,11 +103,10 @@ class PagedRunner:
     def replay(self, ids, pos, slots, table) -> torch.Tensor:
         """The bucket's graph, checked against its kernels run eagerly on the padded batch."""
         g, n = self.graphs, len(ids)
-        b = g.bucket_for(n)
+        b = g.bucket_for(n)  # padding rows: one key of the null block, slot -1
         pad = lambda a, fill: np.concatenate([a, np.full(b - n, fill)])
         wide = np.zeros((b, g.width), np.int32)
         wide[:n, : table.shape[1]] = table
-        # padding rows: one key of the null block, slot -1; logits of all b rows, then n of them
         meta = from_host(np.ones(b), pad(pos + 1, 1), wide, BLOCK, self.device, pad(slots, -1))
         eager = self.forward(self.bucket_attn[b], pad(ids, 0), pad(pos, 0), meta, np.arange(b))[:n]
         logits = g.run(ids, pos, slots, pos + 1, table)  # a view: consumed before the next replay
@@ -126,8 +118,7 @@ def generate(device: torch.device, graphs: bool = False) -> tuple[list[list[int]
     """Greedy tokens of every prompt, through the scheduler and the paged runner."""
     runner = PagedRunner(TinyDecoder(), device, graphs)
     kv = KVCacheManager(NUM_BLOCKS, BLOCK)  # block ids for the runner's KVCache (same count)
-    # 24 tokens a step: the longer prompts prefill in chunks
-    sched = Scheduler(SchedulerConfig(4, 24, MAX_LEN), kv)
+    sched = Scheduler(SchedulerConfig(4, 24, MAX_LEN), kv)  # 24 tokens/step: prefill in chunks
     tokens = {f"p{i}": [] for i in range(len(PROMPTS))}
     for rid, prompt, n in zip(tokens, PROMPTS, MAX_NEW, strict=True):
         sched.add_request(Request(rid, prompt, max_tokens=n))
@@ -142,8 +133,8 @@ def main() -> dict:
     tokens, runner = generate(torch.device("cpu"))
     print(f"kernels: {runner.attn.name}; decode batches {runner.decode_batches}; {tokens}")
     res = {"tokens": tokens, "decode_batches": runner.decode_batches, "kernels": runner.attn.name}
-    if not torch.cuda.is_available():
-        return res  # no CUDA device: the CUDA-graph replay is skipped
+    if not torch.cuda.is_available():  # no CUDA device: no CUDA-graph replay
+        return res
     gpu_tokens, gpu = generate(torch.device("cuda"), graphs=True)
     ok = all(eq for _, _, eq in gpu.replays)
     print(f"CUDA graphs: {len(gpu.replays)} replays, all bitwise equal to eager: {ok}")
