@@ -2,13 +2,15 @@
 # One device call: unpack the GPU bundle, install the package (regular install: the device
 # image's setuptools does not map package-dir folders in editable mode), run the gpu-marked
 # tests, doctor, and the GPU benchmarks, writing everything under $OUT.
-#   bash bench/run_device.sh [tests|bench|all]
+#   bash bench/run_device.sh [tests|kernels|bench|all]
+# "tests" (~4 min) and "bench" (~5 min) each fit one 10-minute device call; "all" runs both.
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/lz_out}
 mkdir -p "$OUT" /root/lz
 if [ ! -d /root/lz/site ]; then tar xJf .device/*.tar.xz -C /root/lz; fi
 export PYTHONPATH=/root/lz/site PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a
+export LZ_SPEC_TRIALS=1000000  # the losslessness tests' trial count on the device
 python3 -m pip install -q --no-deps --no-build-isolation . > "$OUT/pip.log" 2>&1 || cat "$OUT/pip.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt"
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" \
@@ -18,6 +20,10 @@ REPO=$OLDPWD
 if [ "$what" = tests ] || [ "$what" = all ]; then
   python3 -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider \
     -o addopts="" 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
+  # kernel tests that run natively when CUDA is present (interpreted on the CPU in CI)
+  python3 -m pytest "$REPO/tests/kernels/test_triton_norm.py" \
+    "$REPO/tests/kernels/test_triton_sampling.py" "$REPO/tests/kernels/test_triton_rejection.py" \
+    -q -p no:cacheprovider -o addopts="" 2>&1 | tail -5 | tee -a "$OUT/gpu_tests.txt"
   layerzero-serve doctor > "$OUT/doctor.txt" 2>&1
   layerzero-serve doctor --json > "$OUT/doctor.json" 2>/dev/null
   timeout 120 layerzero-serve demo --quiet > "$OUT/demo_gpu.txt" 2>&1
@@ -29,4 +35,8 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 "$REPO/bench/bench_decode_gpu.py" --out "$OUT" > "$OUT/bench_decode.log" 2>&1
   grep -v "^INFO\|capture CUDA" "$OUT/bench_decode.log" | tail -20
+  python3 "$REPO/bench/bench_sampling.py" --out "$OUT/sampling_gpu.json" > "$OUT/bench_sampling.log" 2>&1
+  tail -2 "$OUT/bench_sampling.log"
+  python3 "$REPO/bench/bench_spec_gpu.py" --out "$OUT" > "$OUT/bench_spec.log" 2>&1
+  grep "^{\|ngram" "$OUT/bench_spec.log" | tail -12
 fi
