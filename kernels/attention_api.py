@@ -64,6 +64,29 @@ class KVWriter(Protocol):
     ) -> None: ...
 
 
+class SlotKVWrite:
+    """A ``KVWriter`` over a slot-mapping write function
+    ``fn(key, value, kv_cache, slot_mapping)`` (``torch_ref.write_kv``, ``triton_write_kv``):
+    no host planning, graph-safe when ``fn`` is."""
+
+    name = "kv_write"
+
+    def __init__(self, fn) -> None:
+        self._fn = fn
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        pass
+
+    def write(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        self._fn(key, value, kv_cache, meta.slot_mapping)
+
+
 class ScatterKVWrite:
     """Shared ``plan``/``write_kv`` for adapters that write K/V with the torch scatter
     (graph-safe, skips slot -1) and branch on whether the step is decode-only."""

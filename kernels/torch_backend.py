@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from layerzero_serve.kernels import torch_ref
-from layerzero_serve.kernels.attention_api import ScatterKVWrite
+from layerzero_serve.kernels.attention_api import ScatterKVWrite, SlotKVWrite
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.sampling_api import TorchSamplingKernel
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
@@ -29,25 +29,13 @@ class TorchPagedAttention(ScatterKVWrite):
         return torch_ref.paged_attention(query, kv_cache, meta)
 
 
-class TorchKVWrite:
+class TorchKVWrite(SlotKVWrite):
     """``Op.KV_WRITE`` through ``torch_ref.write_kv`` (index_put_, slot -1 skipped; graph-safe)."""
 
     name = "torch.kv_write"
 
     def __init__(self, ctx: KernelContext | None = None) -> None:
-        pass
-
-    def plan(self, meta: AttentionMetadata) -> None:
-        pass
-
-    def write(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> None:
-        torch_ref.write_kv(key, value, kv_cache, meta.slot_mapping)
+        super().__init__(torch_ref.write_kv)
 
 
 def _attn(ctx: KernelContext) -> TorchPagedAttention:

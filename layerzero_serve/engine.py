@@ -34,6 +34,29 @@ MAX_VERIFY_GRAPH_BATCH = 64
 _UNFREEZE_AT_EXIT: list[bool] = []
 
 
+def _kv_pool(cfg, loaded: LoadedModel, spec: KVCacheSpec, shape, graph_bucket: int) -> KVCache:
+    """The KV tensors: ``num_kv_blocks`` if given, else the memory budget minus what the CUDA
+    graphs of the largest bucket (``graph_bucket``; 0 = no graphs) were measured to take."""
+    device = loaded.resolved.device
+    if cfg.num_kv_blocks is not None:
+        kv_cache = KVCache(spec, num_blocks=cfg.num_kv_blocks, device=device)
+    else:
+        budget = kv_budget_bytes(cfg, device)
+        if graph_bucket:  # graph memory is measured first and kept out of the KV budget
+            max_len = loaded.resolved.max_model_len
+            budget -= measure_graph_memory(
+                loaded.model, spec, shape, graph_bucket, max_len, device, cfg.max_num_seqs
+            )
+        kv_cache = KVCache(spec, budget_bytes=budget, device=device)
+    logger.info(
+        "KV pool: %d blocks of %d tokens, %.2f GiB",
+        kv_cache.num_blocks,
+        cfg.block_size,
+        kv_cache.nbytes / 2**30,
+    )
+    return kv_cache
+
+
 class Engine:
     """A complete serving loop over one model.
 
@@ -69,21 +92,7 @@ class Engine:
             optimize_model(loaded.model, shape, device, cfg.block_size, cfg.max_num_seqs)
         buckets = batch_buckets(cfg.max_graph_batch or min(cfg.max_num_seqs, 256))
         max_len = loaded.resolved.max_model_len
-        if cfg.num_kv_blocks is not None:
-            kv_cache = KVCache(spec, num_blocks=cfg.num_kv_blocks, device=device)
-        else:
-            budget = kv_budget_bytes(cfg, device)
-            if use_graphs:  # graph memory is measured first and kept out of the KV budget
-                budget -= measure_graph_memory(
-                    loaded.model, spec, shape, buckets[-1], max_len, device, cfg.max_num_seqs
-                )
-            kv_cache = KVCache(spec, budget_bytes=budget, device=device)
-        logger.info(
-            "KV pool: %d blocks of %d tokens, %.2f GiB",
-            kv_cache.num_blocks,
-            cfg.block_size,
-            kv_cache.nbytes / 2**30,
-        )
+        kv_cache = _kv_pool(cfg, loaded, spec, shape, buckets[-1] if use_graphs else 0)
         self.kv_manager = KVCacheManager(
             kv_cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.prefix_hash
         )
@@ -107,26 +116,7 @@ class Engine:
             device,
             cfg.max_num_seqs,
         )
-        self.spec: SpecCoordinator | None = None
-        if speculating:
-            ctx = base_context(
-                Op.REJECTION_SAMPLING,
-                probe_device(device),
-                shape,
-                cfg.block_size,
-                cfg.max_num_seqs,
-                cfg.num_speculative_tokens + 1,
-                False,
-            )
-            self.spec = SpecCoordinator.from_config(
-                cfg,
-                self.runner.selector,
-                ctx,
-                loaded.resolved,
-                kv_cache.num_blocks,
-                seeds_of=self.runner.sampler.seeds_of,
-            )
-            self.runner.spec_verifier = self.spec.verifier
+        self.spec = self._speculation(cfg, loaded, shape, kv_cache) if speculating else None
         graph_len = min(max_len, self.scheduler.max_seq_len)
         self.runner.set_decode_buckets(buckets, graph_len)  # graphs on or off: same splits
         if use_graphs:
@@ -150,6 +140,29 @@ class Engine:
         if not _UNFREEZE_AT_EXIT:  # let interpreter shutdown free them normally (once)
             atexit.register(gc.unfreeze)
             _UNFREEZE_AT_EXIT.append(True)
+
+    def _speculation(self, cfg, loaded: LoadedModel, shape, kv_cache) -> SpecCoordinator:
+        """Proposer, verifier (its kernel selected once for the plan), metrics and adaptive k;
+        the runner verifies through it."""
+        ctx = base_context(
+            Op.REJECTION_SAMPLING,
+            probe_device(loaded.resolved.device),
+            shape,
+            cfg.block_size,
+            cfg.max_num_seqs,
+            cfg.num_speculative_tokens + 1,
+            False,
+        )
+        spec = SpecCoordinator.from_config(
+            cfg,
+            self.runner.selector,
+            ctx,
+            loaded.resolved,
+            kv_cache.num_blocks,
+            seeds_of=self.runner.sampler.seeds_of,
+        )
+        self.runner.spec_verifier = spec.verifier
+        return spec
 
     # ---- requests ----------------------------------------------------------------------------
     @property

@@ -33,6 +33,13 @@ Runner = Callable[[SchedulerOutput], Sequence[Sequence[int]]]
 _RUNNING = RequestStatus.RUNNING
 
 
+def _lookahead(la: int, req: Request, end: int) -> int:
+    """Lookahead (draft) slots to reserve past ``end``: at most ``la`` and never past the
+    request's last position, so its block table stays within max_model_len (the captured
+    graphs' static width)."""
+    return la and max(0, min(la, req.stop_len - end))
+
+
 class Scheduler:
     """Owns the requests and their lifecycle; the KV manager owns their blocks."""
 
@@ -160,9 +167,7 @@ class Scheduler:
                 continue
             else:
                 n = min(want, max_tokens - used, chunk_cap)
-            # lookahead (draft) slots never reach past the request's last position: the block
-            # table stays within max_model_len (the captured graphs' static width)
-            la_r = la if not la else max(0, min(la, req.stop_len - start - n))
+            la_r = _lookahead(la, req, start + n) if la else 0  # no call on the hot path
             if start + n + la_r <= req.kv_capacity:  # room already reserved: no KV call
                 ids = req.kv_block_ids
             else:
@@ -208,7 +213,7 @@ class Scheduler:
             out.preempted_ids.append(victim.request_id)
             if victim is req:
                 return None, freed
-            la_r = la if not la else max(0, min(la, req.stop_len - req.num_computed_tokens - n))
+            la_r = _lookahead(la, req, req.num_computed_tokens + n)
             ids = self.kv.allocate_slots(req, n, None, la_r)
             if ids is not None:
                 return ids, freed
@@ -224,8 +229,7 @@ class Scheduler:
             if not cfg.enable_chunked_prefill and want > budget:
                 break
             n = min(want, budget, chunk_cap)
-            la_r = la if not la else max(0, min(la, req.stop_len - start - n))
-            ids = kv.allocate_slots(req, n, prefix, la_r)
+            ids = kv.allocate_slots(req, n, prefix, _lookahead(la, req, start + n))
             if ids is None:
                 break
             kv.record_prefix_lookup(req.num_tokens, start)

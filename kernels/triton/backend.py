@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from layerzero_serve.kernels.attention_api import SlotKVWrite
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
 
@@ -80,7 +81,7 @@ class TritonPagedAttention:
         return self._prefill_fn(query, kv_cache, meta, max_query_len=bound)
 
 
-class TritonKVWrite:
+class TritonKVWrite(SlotKVWrite):
     """``Op.KV_WRITE`` through the Triton kernel (one launch per layer, slot -1 writes nothing;
     graph-safe)."""
 
@@ -89,19 +90,7 @@ class TritonKVWrite:
     def __init__(self, ctx: KernelContext | None = None) -> None:
         from layerzero_serve.kernels.triton.kv_write import triton_write_kv
 
-        self._write = triton_write_kv
-
-    def plan(self, meta: AttentionMetadata) -> None:
-        pass
-
-    def write(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> None:
-        self._write(key, value, kv_cache, meta.slot_mapping)
+        super().__init__(triton_write_kv)
 
 
 def _factory(ctx: KernelContext) -> TritonPagedAttention:

@@ -17,6 +17,7 @@ import torch
 
 from layerzero_serve.kernels.attention_api import KVWriter, PagedAttentionImpl
 from layerzero_serve.kernels.metadata import AttentionMetadata
+from layerzero_serve.kernels.spec import KernelContext
 from layerzero_serve.kv_cache.storage import KVCache
 from layerzero_serve.selection.selector import KernelChoice
 
@@ -31,6 +32,26 @@ class PhaseKernel:
 class WriterKernel:
     choice: KernelChoice
     impl: KVWriter
+
+
+def select_dispatch(
+    kv_cache: KVCache,
+    selector,
+    attention: KernelContext,
+    kv_write: KernelContext,
+    prefill: KernelContext | None = None,
+) -> AttentionDispatch:
+    """An AttentionDispatch whose kernels the selection engine picks, once, for the given plans:
+    ``attention`` (decode or verification), ``kv_write``, and ``prefill`` (None: the attention
+    kernel serves every phase, as in a captured bucket)."""
+
+    def pick(ctx: KernelContext):
+        choice = selector.select(ctx.op, ctx)
+        return choice, choice.spec.factory(ctx)
+
+    first = PhaseKernel(*pick(attention))
+    second = first if prefill is None else PhaseKernel(*pick(prefill))
+    return AttentionDispatch(kv_cache, first, second, WriterKernel(*pick(kv_write)))
 
 
 def build_attention(
@@ -58,7 +79,6 @@ def build_attention(
     from layerzero_serve.selection.plans import ModelShape, base_context
     from layerzero_serve.selection.selector import get_selector
 
-    sel = selector or get_selector()
     spec = kv_cache.spec
     shape = ModelShape(
         str(spec.dtype).removeprefix("torch."), spec.head_dim, num_q_heads, spec.num_kv_heads, 0
@@ -66,16 +86,18 @@ def build_attention(
     dev = probe_device(torch.device(device))
     graph = graph_batch is not None
     batch = graph_batch if graph else max_num_seqs
-    chosen = {}
-    for op, q_len in ((Op.ATTN_DECODE, 1), (Op.ATTN_PREFILL, 0), (Op.KV_WRITE, int(graph))):
-        if graph and op == Op.ATTN_PREFILL:
-            continue
-        ctx = base_context(op, dev, shape, spec.block_size, batch, q_len, graph)
-        choice = sel.select(op, ctx)
-        chosen[op] = (choice, choice.spec.factory(ctx))
-    decode = PhaseKernel(*chosen[Op.ATTN_DECODE])
-    prefill = decode if graph else PhaseKernel(*chosen[Op.ATTN_PREFILL])
-    return AttentionDispatch(kv_cache, decode, prefill, WriterKernel(*chosen[Op.KV_WRITE]))
+
+    def ctx(op: Op, q_len: int) -> KernelContext:
+        return base_context(op, dev, shape, spec.block_size, batch, q_len, graph)
+
+    prefill = None if graph else ctx(Op.ATTN_PREFILL, 0)
+    return select_dispatch(
+        kv_cache,
+        selector or get_selector(),
+        ctx(Op.ATTN_DECODE, 1),
+        ctx(Op.KV_WRITE, int(graph)),
+        prefill,
+    )
 
 
 class AttentionDispatch:

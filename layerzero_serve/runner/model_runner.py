@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
 from layerzero_serve.kernels.spec import Op
 from layerzero_serve.kv_cache.storage import KVCache, build_block_table
-from layerzero_serve.runner.attention import AttentionDispatch, PhaseKernel, WriterKernel
+from layerzero_serve.runner.attention import AttentionDispatch, select_dispatch
 from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
 from layerzero_serve.runner.input_batch import prepare_batch
 from layerzero_serve.sampling import Sampler
@@ -104,7 +105,7 @@ class ModelRunner:
             Op.KV_WRITE: base_context(Op.KV_WRITE, dev, shape, bs, max_num_seqs, 0, False),
         }
         self._dev_info, self._shape = dev, shape
-        self.graph_plans: dict[tuple[Op, int], object] = {}  # (op, bucket) -> context
+        self._split_cfg: tuple[list[int], int] | None = None  # set_decode_buckets
         self.attn = self._select_kernels()
         # the sampling plan: the sampler selects its kernels from it, once
         self.plans[Op.SAMPLING] = base_context(Op.SAMPLING, dev, shape, bs, max_num_seqs, 1, False)
@@ -113,7 +114,6 @@ class ModelRunner:
         self.graphs: DecodeGraphRunner | None = None
         self.spec_verifier = None  # set by the engine when speculative decoding is on
         self.verify_graphs: DecodeGraphRunner | None = None
-        self.verify_graphs_q = 0
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     def set_decode_buckets(self, buckets: list[int], max_model_len: int) -> None:
@@ -125,7 +125,7 @@ class ModelRunner:
         self._apply_split_rule(self.attn.decode.impl)
 
     def _apply_split_rule(self, impl: object) -> None:
-        cfg = getattr(self, "_split_cfg", None)
+        cfg = self._split_cfg
         if cfg is None or not hasattr(impl, "split_rule") or self.device.type != "cuda":
             return
         from layerzero_serve.kernels.triton.paged_decode import choose_num_splits, num_sms
@@ -140,29 +140,40 @@ class ModelRunner:
 
         impl.split_rule = rule
 
-    def graph_dispatch(self, batch: int) -> AttentionDispatch:
-        """The decode attention and KV-write kernels of one captured bucket, each selected
-        once for that bucket's plan (graph mode on)."""
-        chosen = {}
-        for op in (Op.ATTN_DECODE, Op.KV_WRITE):
-            ctx = base_context(
-                op, self._dev_info, self._shape, self.kv_cache.spec.block_size, batch, 1, True
-            )
-            self.graph_plans[(op, batch)] = ctx
-            choice = self.selector.select(op, ctx)
-            chosen[op] = (choice, choice.spec.factory(ctx))
-        decode = PhaseKernel(*chosen[Op.ATTN_DECODE])
-        self._apply_split_rule(decode.impl)
-        return AttentionDispatch(self.kv_cache, decode, decode, WriterKernel(*chosen[Op.KV_WRITE]))
+    def _bucket_dispatch(self, op: Op, q_len: int, batch: int) -> AttentionDispatch:
+        """The attention (``op`` with ``q_len`` tokens per row) and KV-write kernels of one
+        captured bucket, each selected once for that bucket's plan (graph mode on)."""
+        bs = self.kv_cache.spec.block_size
+        attn = base_context(op, self._dev_info, self._shape, bs, batch, q_len, True)
+        write = base_context(Op.KV_WRITE, self._dev_info, self._shape, bs, batch, 1, True)
+        dispatch = select_dispatch(self.kv_cache, self.selector, attn, write)
+        self._apply_split_rule(dispatch.decode.impl)
+        return dispatch
+
+    def _capture(self, op: Op, buckets: list[int], max_model_len: int, q_len: int, progress):
+        width = -(-max_model_len // self.kv_cache.spec.block_size)
+        graphs = DecodeGraphRunner(
+            self.model,
+            self.kv_cache,
+            partial(self._bucket_dispatch, op, q_len),
+            buckets,
+            width,
+            self.device,
+            q_len,
+        )
+        with torch.inference_mode():
+            graphs.capture(progress)
+        return graphs
 
     def enable_graphs(self, buckets: list[int], max_model_len: int, progress: bool = True) -> None:
         """Capture the decode forward for every bucket (needs CUDA)."""
-        width = -(-max_model_len // self.kv_cache.spec.block_size)
-        self.graphs = DecodeGraphRunner(
-            self.model, self.kv_cache, self.graph_dispatch, buckets, width, self.device
-        )
-        with torch.inference_mode():
-            self.graphs.capture(progress)
+        self.graphs = self._capture(Op.ATTN_DECODE, buckets, max_model_len, 1, progress)
+
+    def enable_verify_graphs(
+        self, buckets: list[int], max_model_len: int, q_len: int, progress: bool = True
+    ) -> None:
+        """Capture verification (``q_len`` tokens per row) for every bucket (needs CUDA)."""
+        self.verify_graphs = self._capture(Op.ATTN_VERIFY, buckets, max_model_len, q_len, progress)
 
     def _graph_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
         """Logits of a pure decode step through the captured graphs, or None to run eagerly."""
@@ -186,15 +197,9 @@ class ModelRunner:
         return g.run(ids, starts, slots, starts + 1, table)
 
     def _select_kernels(self) -> AttentionDispatch:
-        chosen = {}
-        for op, ctx in self.plans.items():
-            choice = self.selector.select(op, ctx)
-            chosen[op] = (choice, choice.spec.factory(ctx))
-        attn = AttentionDispatch(
-            self.kv_cache,
-            PhaseKernel(*chosen[Op.ATTN_DECODE]),
-            PhaseKernel(*chosen[Op.ATTN_PREFILL]),
-            WriterKernel(*chosen[Op.KV_WRITE]),
+        p = self.plans
+        attn = select_dispatch(
+            self.kv_cache, self.selector, p[Op.ATTN_DECODE], p[Op.KV_WRITE], p[Op.ATTN_PREFILL]
         )
         self._apply_split_rule(attn.decode.impl)
         logger.info("eager kernels: %s", attn.name)
@@ -219,33 +224,7 @@ class ModelRunner:
                 self.selector.mark_unhealthy(backend, e)
                 self.attn = self._select_kernels()
 
-    # ---- speculative verification through graphs ----------------------------------------------
-    def verify_dispatch(self, batch: int) -> AttentionDispatch:
-        """Verification kernels of one captured bucket (q_len = k + 1, graph mode on)."""
-        chosen = {}
-        q = self.verify_graphs_q
-        for op, q_len in ((Op.ATTN_VERIFY, q), (Op.KV_WRITE, 1)):
-            ctx = base_context(
-                op, self._dev_info, self._shape, self.kv_cache.spec.block_size, batch, q_len, True
-            )
-            self.graph_plans[(op, batch, q)] = ctx
-            choice = self.selector.select(op, ctx)
-            chosen[op] = (choice, choice.spec.factory(ctx))
-        verify = PhaseKernel(*chosen[Op.ATTN_VERIFY])
-        return AttentionDispatch(self.kv_cache, verify, verify, WriterKernel(*chosen[Op.KV_WRITE]))
-
-    def enable_verify_graphs(
-        self, buckets: list[int], max_model_len: int, q_len: int, progress: bool = True
-    ) -> None:
-        """Capture verification (``q_len`` tokens per row) for every bucket (needs CUDA)."""
-        width = -(-max_model_len // self.kv_cache.spec.block_size)
-        self.verify_graphs_q = q_len
-        self.verify_graphs = DecodeGraphRunner(
-            self.model, self.kv_cache, self.verify_dispatch, buckets, width, self.device, q_len
-        )
-        with torch.inference_mode():
-            self.verify_graphs.capture(progress)
-
+    # ---- speculative verification ------------------------------------------------------------
     def _graph_verify(self, out: SchedulerOutput, results) -> tuple | None:
         """A step of decode-like rows (some with drafts) through the verification graphs:
         verifies the drafted rows (their tokens go into ``results``) and returns
@@ -278,21 +257,25 @@ class ModelRunner:
         logits = g.run(ids.ravel(), pos.ravel(), slots.ravel(), st + q, table)
         rows = [i for i, r in enumerate(reqs) if r.spec_token_ids]
         flat = np.concatenate([i * q + np.arange(counts[i]) for i in rows])
-        index = torch.from_numpy(flat).to(logits.device)
-        drafts = [reqs[i].spec_token_ids for i in rows]
-        tokens = self.spec_verifier.verify(
-            logits[index], [reqs[i] for i in rows], drafts, failed := {}
-        )
-        for i, toks in zip(rows, tokens, strict=True):
-            results[i].extend(toks)
-        for j, detail in failed.items():  # degenerate logits: only that request fails
-            results.failed[rows[j]] = detail
+        self._verify_rows(logits[torch.from_numpy(flat).to(logits.device)], out, rows, results)
         verified = set(rows)
         others = [i for i in range(n) if i not in verified]
         if not others:
             return logits[:0], others
         first = torch.tensor([i * q for i in others], device=logits.device)
         return logits[first], others
+
+    def _verify_rows(self, logits: torch.Tensor, out: SchedulerOutput, rows: list[int], results):
+        """Verify the drafts of schedule ``rows`` from ``logits`` (``[sum(1 + d_i), V]``, each
+        row's positions in order); their tokens and failures go into ``results``."""
+        reqs = [out.requests[i] for i in rows]
+        failed: dict[int, str] = {}
+        drafts = [r.spec_token_ids for r in reqs]
+        tokens = self.spec_verifier.verify(logits, reqs, drafts, failed)
+        for i, toks in zip(rows, tokens, strict=True):
+            results[i].extend(toks)
+        for j, detail in failed.items():  # degenerate logits: only that request fails
+            results.failed[rows[j]] = detail
 
     def _verify(self, out: SchedulerOutput, batch, hidden: torch.Tensor, results) -> list[int]:
         """Verify the drafts of every row that carries some (logits at all its ``1 + d``
@@ -302,12 +285,7 @@ class ModelRunner:
         qsl = batch.meta.query_start_loc_cpu
         idx = np.concatenate([np.arange(qsl[i], qsl[i + 1]) for i in rows])
         logits = self.model.compute_logits(hidden[torch.from_numpy(idx).to(hidden.device)])
-        drafts = [reqs[i].spec_token_ids for i in rows]
-        tokens = self.spec_verifier.verify(logits, [reqs[i] for i in rows], drafts, failed := {})
-        for i, toks in zip(rows, tokens, strict=True):
-            results[i].extend(toks)
-        for j, detail in failed.items():  # degenerate logits: only that request fails
-            results.failed[rows[j]] = detail
+        self._verify_rows(logits, out, rows, results)
         verified = set(rows)
         return [i for i in batch.sample_rows if i not in verified]
 

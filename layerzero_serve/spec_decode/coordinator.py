@@ -52,7 +52,13 @@ class MeasuredStepCost:
         self.plain: dict[int, float] = {}
         self.verify: dict[int, float] = {}
         self.batch = 1
+        self._bucket = self.bucket(1)  # the current batch's bucket (set_batch), looked up once
         self._prior = LinearStepCost()
+
+    def set_batch(self, n: int) -> None:
+        """The batch size the next ``step_time`` questions are about (once per step)."""
+        self.batch = max(n, 1)
+        self._bucket = self.bucket(self.batch)
 
     def bucket(self, n: int) -> int:
         i = int(np.searchsorted(self.buckets, n))
@@ -69,7 +75,7 @@ class MeasuredStepCost:
         return b in self.plain and b in self.verify
 
     def step_time(self, num_query_tokens: int) -> float:
-        b = self.bucket(self.batch)
+        b = self._bucket
         if b in self.plain and b in self.verify:
             return self.plain[b] if num_query_tokens <= self.batch else self.verify[b]
         return self._prior.step_time(num_query_tokens)
@@ -156,7 +162,7 @@ class SpecCoordinator:
         """Set this step's drafts on the decode-ready, speculation-capable running requests."""
         if self.adaptive is not None:
             self._steps += 1
-            self.costs.batch = max(num_running, 1)
+            self.costs.set_batch(num_running)
             k = self.adaptive.choose(num_running)
             if k and self.costs.measured(num_running):
                 k = self.k_max  # measured (graph) verification costs the same for every k

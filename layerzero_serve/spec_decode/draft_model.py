@@ -99,6 +99,7 @@ class DraftModelProposer(Proposer):
         self.vocab_size = mc.vocab_size
         self._greedy = SamplingParams(temperature=0.0, max_tokens=self.max_len)
         self._mirrors: dict[str, Request] = {}
+        self._synced: dict[str, int] = {}  # target length at each request's last sync
         self._steps = itertools.count()
         self._anon = itertools.count()
 
@@ -139,6 +140,7 @@ class DraftModelProposer(Proposer):
 
     def release(self, request_id: str) -> None:
         mirror = self._mirrors.pop(request_id, None)
+        self._synced.pop(request_id, None)
         if mirror is not None:
             self.kv.free(mirror)
             self.runner.sampler.release(request_id)
@@ -153,11 +155,15 @@ class DraftModelProposer(Proposer):
         if m is None:
             m = Request(rid, toks, max_tokens=self.max_len, sampling_params=self._greedy)
             self._mirrors[rid] = m
+            self._synced[rid] = len(toks)
             return m
-        old = m.all_token_ids
+        # A target's tokens only grow: the first ``synced`` ones (its tokens at the last call)
+        # are common, only the window after them (drafts vs accepted tokens) is compared.
+        old, synced = m.all_token_ids, self._synced[rid]
         n = min(len(old), len(toks))
-        same = np.asarray(old[:n]) == np.asarray(toks[:n])
-        common = n if same.all() else int(np.argmin(same))
+        same = np.asarray(old[synced:n]) == np.asarray(toks[synced:n])
+        common = n if same.all() else synced + int(np.argmin(same))
+        self._synced[rid] = len(toks)
         keep = min(m.num_computed_tokens, common, len(toks) - 1)
         if keep < m.num_computed_tokens:
             m.num_computed_tokens = keep

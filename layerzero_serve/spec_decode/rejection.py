@@ -237,20 +237,8 @@ class TorchRejectionSampler:
     def __init__(self, ctx: KernelContext | None = None) -> None:
         self.ctx = ctx
 
-    def run(
-        self,
-        draft_ids: torch.Tensor,
-        draft_probs: torch.Tensor | None,
-        target_probs: torch.Tensor,
-        uniforms: torch.Tensor,
-        noise: torch.Tensor,
-        num_drafts: torch.Tensor,
-        is_greedy: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return rejection_sample(
-            draft_ids, draft_probs, target_probs, uniforms, noise, num_drafts, is_greedy
-        )
-
+    # the reference signature, as is (no host work added)
+    run = staticmethod(rejection_sample)
     __call__ = run
 
 

@@ -26,12 +26,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
 SPEC = dict(speculative_method="ngram", num_speculative_tokens=4, adaptive_speculation=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompts():
