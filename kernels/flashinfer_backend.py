@@ -25,6 +25,7 @@ import torch
 from layerzero_serve.kernels import torch_ref
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
+from layerzero_serve.kv_cache.storage import build_positions
 
 _WORKSPACE_BYTES = 256 << 20
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -207,13 +208,11 @@ class FlashInferKVAppend:
 
     def plan(self, meta: AttentionMetadata) -> None:
         indptr, indices, last = _page_lists(meta)
-        qsl = np.asarray(meta.query_start_loc_cpu, dtype=np.int64)
-        q_lens = np.diff(qsl)
+        q_lens = np.diff(np.asarray(meta.query_start_loc_cpu, dtype=np.int64))
         lens = np.asarray(meta.seq_lens_cpu, dtype=np.int64)
-        nnz = int(qsl[-1])
-        batch_idx = np.repeat(np.arange(len(q_lens)), q_lens)
         # token j of sequence i sits at position seq_len_i - q_len_i + j
-        positions = np.arange(nnz) + np.repeat(lens - q_lens - qsl[:-1], q_lens)
+        batch_idx, positions = build_positions(lens - q_lens, q_lens)
+        nnz = len(positions)
         parts = (indptr, last, indices, batch_idx, positions)
         packed = torch.from_numpy(np.concatenate(parts).astype(np.int32))
         dev = packed.to(meta.slot_mapping.device, non_blocking=True)

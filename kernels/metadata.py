@@ -78,6 +78,7 @@ class AttentionMetadata:
         ``seq_lens[i] - query_lens[i] .. seq_lens[i] - 1``. Host work; not graph-captured.
         """
         from layerzero_serve.errors import ValidationError
+        from layerzero_serve.kv_cache.storage import build_slot_mapping
 
         q = np.asarray(query_lens, dtype=np.int64).reshape(-1)
         n = np.asarray(seq_lens, dtype=np.int64).reshape(-1)
@@ -100,15 +101,12 @@ class AttentionMetadata:
             )
         qsl = np.zeros(len(q) + 1, dtype=np.int64)
         np.cumsum(q, out=qsl[1:])
-        seq_index = np.repeat(np.arange(len(q)), q)
-        positions = np.arange(int(qsl[-1])) - np.repeat(qsl[:-1], q) + np.repeat(n - q, q)
         if slot_mapping is None:
-            slots = table[seq_index, positions // block_size].astype(np.int64) * block_size
-            slots += positions % block_size
+            slots = build_slot_mapping(table, n - q, q, block_size)
         else:
             slots = np.asarray(slot_mapping, dtype=np.int64).reshape(-1)
-            if slots.shape != positions.shape:
-                raise ValidationError("slot_mapping", slots.shape, f"[{len(positions)}] (T)")
+            if slots.shape != (int(qsl[-1]),):
+                raise ValidationError("slot_mapping", slots.shape, f"[{int(qsl[-1])}] (T)")
         dev = torch.device(device)
 
         def put(a: np.ndarray) -> torch.Tensor:
