@@ -74,12 +74,17 @@ def build_attention(
         graph_batch: build the kernels of one CUDA-graph bucket of this size instead (graph
             mode plans; decode only).
     """
+    from layerzero_serve.errors import ValidationError
     from layerzero_serve.kernels.spec import Op
     from layerzero_serve.selection.device import probe_device
     from layerzero_serve.selection.plans import ModelShape, base_context
     from layerzero_serve.selection.selector import get_selector
 
     spec = kv_cache.spec
+    hkv = spec.num_kv_heads
+    ok = isinstance(num_q_heads, int) and not isinstance(num_q_heads, bool)
+    if not ok or num_q_heads < 1 or num_q_heads % hkv:
+        raise ValidationError("num_q_heads", num_q_heads, f"a positive multiple of {hkv}")
     shape = ModelShape(
         str(spec.dtype).removeprefix("torch."), spec.head_dim, num_q_heads, spec.num_kv_heads, 0
     )

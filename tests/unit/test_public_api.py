@@ -64,6 +64,9 @@ def test_build_attention_matches_dense_attention_and_guards_begin_step():
     hq, hkv, d, bs = 4, 2, 16, 4
     kv = lz.KVCache(lz.KVCacheSpec(1, hkv, d, bs, torch.float32), num_blocks=8, device="cpu")
     attn = lz.build_attention(kv, hq, "cpu", max_num_seqs=4)
+    for bad in (0, 3, 2.0):
+        with pytest.raises(ValueError, match="num_q_heads"):
+            lz.build_attention(kv, bad, "cpu")
     assert "kv_write=" in attn.name
     lens = [6, 3]
     table = np.array([[1, 2], [3, 0]], dtype=np.int32)
