@@ -33,6 +33,7 @@ class TorchKVWrite(SlotKVWrite):
     """``Op.KV_WRITE`` through ``torch_ref.write_kv`` (index_put_, slot -1 skipped; graph-safe)."""
 
     name = "torch.kv_write"
+    host_plan_per_step = False  # plan() is a no-op
 
     def __init__(self, ctx: KernelContext | None = None) -> None:
         super().__init__(torch_ref.write_kv)

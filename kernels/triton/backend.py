@@ -33,6 +33,9 @@ __all__ = ["SPECS", "TritonPagedAttention"]
 class TritonPagedAttention:
     """plan/write_kv/run over the Triton kernels (see ``kernels.attention_api``)."""
 
+    # plan() reads only the batch shape: a captured bucket need not re-plan per step.
+    host_plan_per_step = False
+
     def __init__(self, ctx: KernelContext | None = None) -> None:
         from layerzero_serve.kernels.triton.kv_write import triton_write_kv
         from layerzero_serve.kernels.triton.paged_decode import triton_paged_decode
@@ -86,6 +89,7 @@ class TritonKVWrite(SlotKVWrite):
     graph-safe)."""
 
     name = "triton.kv_write"
+    host_plan_per_step = False  # plan() is a no-op
 
     def __init__(self, ctx: KernelContext | None = None) -> None:
         from layerzero_serve.kernels.triton.kv_write import triton_write_kv

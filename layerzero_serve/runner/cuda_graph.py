@@ -40,6 +40,7 @@ class CapturedBucket:
     logits: torch.Tensor  # [batch, vocab] float32, written by every replay
     dispatch: AttentionDispatch
     meta: AttentionMetadata
+    replan: bool = True  # a kernel plans on the host per step (FlashInfer): plan before replay
 
 
 class DecodeGraphRunner:
@@ -171,7 +172,11 @@ class DecodeGraphRunner:
             logits = self.logits_out[: batch * q]
             with torch.cuda.graph(graph, pool=pool):
                 logits.copy_(self.model.compute_logits(self.model(ids, pos, dispatch, meta)))
-            self.graphs[batch] = CapturedBucket(batch, graph, logits, dispatch, meta)
+            kernels = [dispatch.decode, dispatch.prefill, dispatch.writer]
+            replan = any(
+                getattr(k.impl, "host_plan_per_step", True) for k in kernels if k is not None
+            )
+            self.graphs[batch] = CapturedBucket(batch, graph, logits, dispatch, meta, replan)
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
         self.graph_memory_bytes = torch.cuda.memory_reserved(self.device) - mem0
@@ -207,8 +212,8 @@ class DecodeGraphRunner:
             raise ValueError(f"batch {n} above the largest captured bucket {self.max_batch}")
         cap = self.graphs[batch]
         self._fill(n, batch, ids, positions, slots, seq_lens, table)
-        lens = seq_lens.tolist() + [self.q_len] * (batch - n)
-        meta = self._meta(batch, lens, int(max(lens)))
-        cap.dispatch.begin_step(meta)  # host-side plan (FlashInfer) for this step's lengths
+        if cap.replan:  # host-side plan (FlashInfer) for this step's lengths
+            lens = seq_lens.tolist() + [self.q_len] * (batch - n)
+            cap.dispatch.begin_step(self._meta(batch, lens, int(max(lens))))
         cap.graph.replay()
         return cap.logits[: n * self.q_len]

@@ -67,11 +67,48 @@ def process_logits(x: torch.Tensor, batch: SamplingBatch, tables: DeviceTables) 
     return x
 
 
+def _chunks(vocab: int) -> int:
+    """A divisor of ``vocab`` splitting a row into chunks of 256..4096 entries, or 0."""
+    for n in range(256, 4097):
+        if vocab % n == 0 and vocab // n >= 8:
+            return vocab // n
+    return 0
+
+
+def row_argmax(x: torch.Tensor, two_stage: bool | None = None) -> torch.Tensor:
+    """``x.argmax(-1)`` (int64 ``[B]``, the first maximum on ties, a NaN's index when the row
+    has one) in two stages for small batches: one row of a large vocabulary is otherwise a
+    single-block reduction (~27 us for 128k entries on an H200). Graph-safe."""
+    b, v = x.shape
+    if two_stage is None:
+        two_stage = b < 32 and x.is_cuda
+    c = _chunks(v) if two_stage else 0
+    if not c:
+        return x.argmax(dim=-1)
+    width = v // c
+    vals, idx = x.view(b, c, width).max(dim=-1)  # first maximum of each chunk
+    j = vals.argmax(dim=-1, keepdim=True)  # first chunk holding the row's maximum
+    return (j * width + idx.gather(1, j)).squeeze(1)
+
+
+def greedy_and_flags(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-greedy rows: (argmax int64 ``[B]``, failure flags int64 ``[B]``) without a separate
+    max reduction: the value at the argmax is the row maximum (NaN when the row holds one, +inf
+    with an infinite logit, -inf when every logit is), which gives the same flags as
+    :func:`row_max_and_flags`."""
+    tokens = row_argmax(x)
+    top = x.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return tokens, _flags_from_max(top)
+
+
+def _flags_from_max(m: torch.Tensor) -> torch.Tensor:
+    bad = torch.isnan(m) | (m == float("inf"))
+    return torch.where(bad, NON_FINITE, torch.where(m == float("-inf"), ALL_MASKED, 0))
+
+
 def row_max_and_flags(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One reduction gives both the row max (for a stable softmax) and the failure flag:
     ``amax`` propagates NaN, is ``+inf`` with an infinite logit and ``-inf`` when every logit
     is. Returns (float32 ``[B]``, int64 ``[B]`` of 0 / NON_FINITE / ALL_MASKED)."""
     m = x.amax(dim=-1)
-    bad = torch.isnan(m) | (m == float("inf"))
-    flags = torch.where(bad, NON_FINITE, torch.where(m == float("-inf"), ALL_MASKED, 0))
-    return m, flags
+    return m, _flags_from_max(m)

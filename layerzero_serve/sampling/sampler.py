@@ -50,7 +50,12 @@ from layerzero_serve.sampling.batch import (
 from layerzero_serve.sampling.kernels import select_sampling_kernels
 from layerzero_serve.sampling.outputs import DeviceSample, HostSample, pack
 from layerzero_serve.sampling.params import SamplingParams
-from layerzero_serve.sampling.processors import process_logits, row_max_and_flags
+from layerzero_serve.sampling.processors import (
+    greedy_and_flags,
+    process_logits,
+    row_argmax,
+    row_max_and_flags,
+)
 from layerzero_serve.sampling.rows import admit_row, assign_slot, call_rows, top_up_counts
 from layerzero_serve.sampling.validate import INT64_MAX, INT64_MIN, as_int
 from layerzero_serve.selection.selector import Selector
@@ -294,12 +299,12 @@ class Sampler:
         if raw.dtype != torch.float32:
             raw = raw.float()
         x = process_logits(raw, batch, self.tables)
-        row_max, flags = row_max_and_flags(x)
         probs = None
-        greedy_tokens = x.argmax(dim=-1) if plan.any_greedy or plan.all_greedy else None
-        if plan.all_greedy:
-            tokens = greedy_tokens
+        if plan.all_greedy:  # argmax fast path: no softmax, no separate max reduction
+            tokens, flags = greedy_and_flags(x)
         else:
+            row_max, flags = row_max_and_flags(x)
+            greedy_tokens = row_argmax(x) if plan.any_greedy else None
             bad = (flags != 0).unsqueeze(-1)
             z = (x - row_max.unsqueeze(-1)) / batch.temperature.unsqueeze(-1)
             probs = torch.softmax(torch.where(bad, 0.0, z), dim=-1)
