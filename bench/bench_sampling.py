@@ -90,6 +90,15 @@ def bench_batch(batch: int, vocab: int, device: str, repeats: int, warmup: int) 
     row: dict[str, object] = {"batch": batch, "vocab": vocab}
     base = median_ms(lambda: plain_torch_sample(*args), device, repeats, warmup)
     row["plain_torch_ms"] = base
+    # the same from logits (softmax included): the reference for kernels that take logits
+    # and for the sampler's whole step, which starts from logits
+    base_l = median_ms(
+        lambda: plain_torch_sample(torch.softmax(logits, dim=-1), *args[1:]),
+        device,
+        repeats,
+        warmup,
+    )
+    row["plain_torch_from_logits_ms"] = base_l
     for name, kernel in kernels(device, vocab).items():
         try:
             ms = median_ms(lambda k=kernel: k.sample(*args), device, repeats, warmup)
@@ -98,6 +107,13 @@ def bench_batch(batch: int, vocab: int, device: str, repeats: int, warmup: int) 
             continue
         row[f"{name}_ms"] = ms
         row[f"{name}_speedup_vs_plain"] = base / ms
+        if getattr(kernel, "takes_logits", False):
+            ones = torch.ones(batch, device=device)
+            ms_l = median_ms(
+                lambda k=kernel: k.sample_logits(logits, ones, *args[1:]), device, repeats, warmup
+            )
+            row[f"{name}_from_logits_ms"] = ms_l
+            row[f"{name}_from_logits_speedup_vs_plain"] = base_l / ms_l
         # the whole step through the sampler with this kernel: prepare (host) + sample
         sampler = Sampler(seed=0, max_num_seqs=batch, kernel=kernel).bind(device, vocab)
         params = SamplingParams(top_k=50, top_p=0.9)
@@ -110,6 +126,7 @@ def bench_batch(batch: int, vocab: int, device: str, repeats: int, warmup: int) 
         row[f"{name}_sampler_step_ms"] = median_ms(
             lambda s=sampler, b=prepared: s.sample(logits, b), device, repeats, warmup
         )
+        row[f"{name}_sampler_step_speedup_vs_plain"] = base_l / row[f"{name}_sampler_step_ms"]
     return row
 
 

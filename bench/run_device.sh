@@ -2,7 +2,7 @@
 # One device call: unpack the GPU bundle, install the package (regular install: the device
 # image's setuptools does not map package-dir folders in editable mode), run the gpu-marked
 # tests, doctor, and the GPU benchmarks, writing everything under $OUT.
-#   bash bench/run_device.sh [tests|kernels|bench|all]
+#   bash bench/run_device.sh [tests|kernels|bench|sampling|all]
 # "tests" (~4 min) and "bench" (~5 min) each fit one 10-minute device call; "all" runs both.
 set -uo pipefail
 what=${1:-all}
@@ -27,6 +27,15 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   layerzero-serve doctor > "$OUT/doctor.txt" 2>&1
   layerzero-serve doctor --json > "$OUT/doctor.json" 2>/dev/null
   timeout 120 layerzero-serve demo --quiet > "$OUT/demo_gpu.txt" 2>&1
+fi
+if [ "$what" = sampling ]; then  # the sampler's GPU tests, kernels and benchmarks only
+  python3 -m pytest "$REPO/tests/gpu/test_sampling_gpu.py" "$REPO/tests/gpu/test_cuda_graphs.py" \
+    "$REPO/tests/kernels/test_triton_topk_sampling.py" "$REPO/tests/kernels/test_triton_sampling.py" \
+    -q -p no:cacheprovider -o addopts="" 2>&1 | tail -15 | tee "$OUT/gpu_tests_sampling.txt"
+  python3 "$REPO/bench/bench_sampling.py" --out "$OUT/sampling_gpu.json" > "$OUT/bench_sampling.log" 2>&1
+  tail -4 "$OUT/bench_sampling.log"
+  python3 "$REPO/bench/bench_decode_gpu.py" --out "$OUT" > "$OUT/bench_decode.log" 2>&1
+  grep -v "^INFO\|capture CUDA" "$OUT/bench_decode.log" | tail -8
 fi
 if [ "$what" = kernels ] || [ "$what" = bench ] || [ "$what" = all ]; then
   python3 "$REPO/bench/bench_decode_kernels_gpu.py" --out "$OUT" > "$OUT/bench_decode_kernels.log" 2>&1

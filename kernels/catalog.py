@@ -13,6 +13,7 @@ ADAPTER_MODULES = (
     "layerzero_serve.kernels.triton.backend",
     "layerzero_serve.kernels.triton.layer_ops",
     "layerzero_serve.kernels.triton.sampling",
+    "layerzero_serve.kernels.triton.topk_sampling",
     "layerzero_serve.kernels.liger_backend",
     "layerzero_serve.kernels.flash_attn_backend",
     "layerzero_serve.kernels.xformers_backend",

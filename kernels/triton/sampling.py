@@ -39,7 +39,15 @@ __all__ = ["SPECS", "TritonSamplingKernel", "triton_sample"]
 # functions below are decorated with triton.jit, on first use (``_kernel()``), so that importing
 # stays cheap, works without triton, and TRITON_INTERPRET is read when a kernel first runs.
 tl = None
-_JIT_NAMES = ("_mix64", "_counter_uniform", "_load", "_bisect", "_kept", "_sampling_kernel")
+_JIT_NAMES = (
+    "_mix64",
+    "_counter_uniform",
+    "_load",
+    "_bisect",
+    "_kept",
+    "_sample_rows",
+    "_sampling_kernel",
+)
 _built: list = []
 
 
@@ -70,16 +78,21 @@ def _counter_uniform(seed, offset):
     return (h >> 40).to(tl.float32) * (1.0 / 16777216.0)
 
 
-def _load(base, rmask, start, V, BLOCK_V: tl.constexpr):
+def _load(base, rmask, start, V, x0, inv_t, BLOCK_V: tl.constexpr, LOGITS: tl.constexpr):
+    """A chunk of weights ``[BLOCK_B, BLOCK_V]``: the probabilities, or with LOGITS the
+    unnormalised ``exp((x - x0) * inv_t)`` of logits ``x`` (``x0`` the row maximum)."""
     cols = start + tl.arange(0, BLOCK_V)
     mask = rmask[:, None] & (cols[None, :] < V)
     # -1 never compares >= a threshold (all thresholds are >= 0) and is never kept
-    return tl.load(base + cols[None, :], mask=mask, other=-1.0), cols
+    p = tl.load(base + cols[None, :], mask=mask, other=-1.0)
+    if LOGITS:
+        p = tl.where(mask, tl.exp((p - x0[:, None]) * inv_t[:, None]), -1.0)
+    return p, cols
 
 
-def _bisect(base, rmask, V, lo, hi, cnt_hi, mass_hi, k, target, USE_MASS: tl.constexpr,
-            BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
-            ITERS: tl.constexpr):  # fmt: skip
+def _bisect(base, rmask, V, x0, inv_t, lo, hi, cnt_hi, mass_hi, k, target,
+            USE_MASS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
+            SPLIT: tl.constexpr, ITERS: tl.constexpr, LOGITS: tl.constexpr):  # fmt: skip
     """Largest bit pattern ``t`` in ``[lo, hi)`` with ``count(p >= t) >= k`` (or ``mass(p >=
     t) >= target`` when USE_MASS); invariant: true at ``lo``, false at ``hi``. Also returns
     the count and mass of ``p >= hi`` at the end, i.e. of ``p > t``."""
@@ -93,7 +106,7 @@ def _bisect(base, rmask, V, lo, hi, cnt_hi, mass_hi, k, target, USE_MASS: tl.con
         cnt3 = tl.zeros([BLOCK_B, SPLIT, BLOCK_V], tl.int32)
         mass3 = tl.zeros([BLOCK_B, SPLIT, BLOCK_V], tl.float32)
         for start in range(0, V, BLOCK_V):
-            p, cols = _load(base, rmask, start, V, BLOCK_V)
+            p, cols = _load(base, rmask, start, V, x0, inv_t, BLOCK_V, LOGITS)
             ge = p[:, None, :] >= pivf[:, :, None]  # [BLOCK_B, SPLIT, BLOCK_V]
             cnt3 += ge.to(tl.int32)
             mass3 += tl.where(ge, p[:, None, :], 0.0)
@@ -129,20 +142,15 @@ def _kept(p, cols, tk, r_k, tp, mass_gt_p, target_p, floor_m, eq_k_seen, eq_p_se
     return keep, eq_k_seen + tl.sum(eq_k.to(tl.int32), 1), eq_p_seen + tl.sum(eq_p.to(tl.int32), 1)
 
 
-def _sampling_kernel(probs_ptr, stride_b, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr,
-                     out_ptr, B, V, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
-                     SPLIT: tl.constexpr, ITERS: tl.constexpr):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    k = tl.load(top_k_ptr + rows, mask=rmask, other=V)
-    top_p = tl.load(top_p_ptr + rows, mask=rmask, other=1.0)
-    min_p = tl.load(min_p_ptr + rows, mask=rmask, other=0.0)
-    base = probs_ptr + rows.to(tl.int64)[:, None] * stride_b
+def _sample_rows(base, rmask, k, top_p, min_p, seed, offset, x0, inv_t, V,
+                 BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
+                 ITERS: tl.constexpr, LOGITS: tl.constexpr):  # fmt: skip
+    """int32 ``[BLOCK_B]``: each row's token, streaming its weights (see ``_load``)."""
 
     pmax = tl.zeros([BLOCK_B], tl.float32)
     total = tl.zeros([BLOCK_B], tl.float32)
     for start in range(0, V, BLOCK_V):
-        p, cols = _load(base, rmask, start, V, BLOCK_V)
+        p, cols = _load(base, rmask, start, V, x0, inv_t, BLOCK_V, LOGITS)
         # reduce max(p, 0), not the loaded p itself: Triton 3.6's thread-locality pass rewrites
         # a reduction of a load accumulated across the loop and asserts when the result has
         # more than one use after the loop (pmax has several)
@@ -159,8 +167,9 @@ def _sampling_kernel(probs_ptr, stride_b, top_k_ptr, top_p_ptr, min_p_ptr, seed_
     r_k = zero_i
     zk = total
     if tl.max(need_k.to(tl.int32), 0) > 0:
-        lo, cnt_gt, mass_gt = _bisect(base, rmask, V, zero_i, hi0, zero_i, zero_f, k, zero_f,
-                                      False, BLOCK_B, BLOCK_V, SPLIT, ITERS)  # fmt: skip
+        lo, cnt_gt, mass_gt = _bisect(base, rmask, V, x0, inv_t, zero_i, hi0, zero_i, zero_f,
+                                      k, zero_f, False, BLOCK_B, BLOCK_V, SPLIT, ITERS,
+                                      LOGITS)  # fmt: skip
         tk_b = lo.to(tl.float32, bitcast=True)
         tk = tl.where(need_k, tk_b, tk)
         r_k = k - cnt_gt
@@ -173,8 +182,9 @@ def _sampling_kernel(probs_ptr, stride_b, top_k_ptr, top_p_ptr, min_p_ptr, seed_
     mass_gt_p = zero_f
     if tl.max(need_p.to(tl.int32), 0) > 0:
         lo0 = tl.maximum(tk, 0.0).to(tl.int32, bitcast=True)
-        lo, cnt_gt, mass_gt = _bisect(base, rmask, V, lo0, hi0, zero_i, zero_f, k, target_p,
-                                      True, BLOCK_B, BLOCK_V, SPLIT, ITERS)  # fmt: skip
+        lo, cnt_gt, mass_gt = _bisect(base, rmask, V, x0, inv_t, lo0, hi0, zero_i, zero_f, k,
+                                      target_p, True, BLOCK_B, BLOCK_V, SPLIT, ITERS,
+                                      LOGITS)  # fmt: skip
         tp = tl.where(need_p, lo.to(tl.float32, bitcast=True), tp)
         mass_gt_p = mass_gt
 
@@ -183,13 +193,11 @@ def _sampling_kernel(probs_ptr, stride_b, top_k_ptr, top_p_ptr, min_p_ptr, seed_
     seen_k = zero_i
     seen_p = zero_i
     for start in range(0, V, BLOCK_V):
-        p, cols = _load(base, rmask, start, V, BLOCK_V)
+        p, cols = _load(base, rmask, start, V, x0, inv_t, BLOCK_V, LOGITS)
         keep, seen_k, seen_p = _kept(p, cols, tk, r_k, tp, mass_gt_p, target_p, floor_m,
                                      seen_k, seen_p)  # fmt: skip
         z += tl.sum(tl.where(keep, p, 0.0), 1)
 
-    seed = tl.load(seed_ptr + rows, mask=rmask, other=0)
-    offset = tl.load(offset_ptr + rows, mask=rmask, other=0)
     goal = _counter_uniform(seed, offset) * z
     run = zero_f
     found = zero_i - 1
@@ -197,7 +205,7 @@ def _sampling_kernel(probs_ptr, stride_b, top_k_ptr, top_p_ptr, min_p_ptr, seed_
     seen_k = zero_i
     seen_p = zero_i
     for start in range(0, V, BLOCK_V):
-        p, cols = _load(base, rmask, start, V, BLOCK_V)
+        p, cols = _load(base, rmask, start, V, x0, inv_t, BLOCK_V, LOGITS)
         keep, seen_k, seen_p = _kept(p, cols, tk, r_k, tp, mass_gt_p, target_p, floor_m,
                                      seen_k, seen_p)  # fmt: skip
         w = tl.where(keep, p, 0.0)
@@ -206,7 +214,23 @@ def _sampling_kernel(probs_ptr, stride_b, top_k_ptr, top_p_ptr, min_p_ptr, seed_
         found = tl.where((found < 0) & (hit < 0x7FFFFFFF), hit, found)
         last = tl.maximum(last, tl.max(tl.where(keep, cols[None, :], -1), 1))
         run += tl.sum(w, 1)
-    token = tl.where(found >= 0, found, last)
+    return tl.where(found >= 0, found, last)
+
+
+def _sampling_kernel(probs_ptr, stride_b, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr,
+                     out_ptr, B, V, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
+                     SPLIT: tl.constexpr, ITERS: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    k = tl.load(top_k_ptr + rows, mask=rmask, other=V)
+    top_p = tl.load(top_p_ptr + rows, mask=rmask, other=1.0)
+    min_p = tl.load(min_p_ptr + rows, mask=rmask, other=0.0)
+    seed = tl.load(seed_ptr + rows, mask=rmask, other=0)
+    offset = tl.load(offset_ptr + rows, mask=rmask, other=0)
+    base = probs_ptr + rows.to(tl.int64)[:, None] * stride_b
+    unused = tl.zeros([BLOCK_B], tl.float32)
+    token = _sample_rows(base, rmask, k, top_p, min_p, seed, offset, unused, unused, V,
+                         BLOCK_B, BLOCK_V, SPLIT, ITERS, False)  # fmt: skip
     tl.store(out_ptr + rows, token.to(tl.int64), mask=rmask)
 
 

@@ -21,6 +21,7 @@ from layerzero_serve.kv_cache.storage import KVCache, build_block_table
 from layerzero_serve.runner.attention import AttentionDispatch, select_dispatch
 from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
 from layerzero_serve.runner.input_batch import prepare_batch
+from layerzero_serve.runner.sampler_graphs import SamplerGraphs
 from layerzero_serve.sampling import Sampler
 from layerzero_serve.sampling.prompt_logprobs import (
     StepTokens,
@@ -112,6 +113,7 @@ class ModelRunner:
         sampler.bind(device, shape.vocab_size, max_num_seqs, self.selector, self.plans[Op.SAMPLING])
         self.timings = StepTimings()
         self.graphs: DecodeGraphRunner | None = None
+        self.sampler_graphs: SamplerGraphs | None = None  # sampling replayed per (bucket, plan)
         self.spec_verifier = None  # set by the engine when speculative decoding is on
         self.verify_graphs: DecodeGraphRunner | None = None
 
@@ -168,6 +170,7 @@ class ModelRunner:
     def enable_graphs(self, buckets: list[int], max_model_len: int, progress: bool = True) -> None:
         """Capture the decode forward for every bucket (needs CUDA)."""
         self.graphs = self._capture(Op.ATTN_DECODE, buckets, max_model_len, 1, progress)
+        self.sampler_graphs = SamplerGraphs(self.sampler, self.graphs.logits_out)
 
     def enable_verify_graphs(
         self, buckets: list[int], max_model_len: int, q_len: int, progress: bool = True
@@ -299,6 +302,7 @@ class ModelRunner:
         self.kv_cache.copy_blocks(out.blocks_to_copy)
         results = StepTokens([] for _ in out.requests)
         logits = got = None
+        sample_bucket = None  # set when the step's sampling can replay a sampler graph
         speculating = self.spec_verifier is not None and any(r.spec_token_ids for r in out.requests)
         if speculating and self.verify_graphs is not None:
             got = self._graph_verify(out, results)
@@ -306,6 +310,8 @@ class ModelRunner:
             logits = self._graph_logits(out)
             if logits is not None:
                 got = (logits, list(range(len(out.requests))))
+                if self.sampler_graphs is not None:
+                    sample_bucket = self.graphs.bucket_for(len(out.requests))
         if got is not None:  # the step ran through a captured graph
             logits, sample_rows = got
             t1 = time.perf_counter()
@@ -331,7 +337,10 @@ class ModelRunner:
             self._sync()
             t2 = time.perf_counter()
             reqs = [out.requests[i] for i in sample_rows]
-            res = self.sampler.sample(logits, self.sampler.prepare(reqs)).to_host()
+            if sample_bucket is not None:
+                res = self.sampler_graphs.sample(reqs, sample_bucket)
+            else:
+                res = self.sampler.sample(logits, self.sampler.prepare(reqs)).to_host()
             for row, tok, lp in zip(sample_rows, res.tokens, res.logprobs, strict=True):
                 results[row].append(tok)
                 if lp is not None:

@@ -305,16 +305,41 @@ class Sampler:
         else:
             row_max, flags = row_max_and_flags(x)
             greedy_tokens = row_argmax(x) if plan.any_greedy else None
-            bad = (flags != 0).unsqueeze(-1)
-            z = (x - row_max.unsqueeze(-1)) / batch.temperature.unsqueeze(-1)
-            probs = torch.softmax(torch.where(bad, 0.0, z), dim=-1)
-            tokens = self._draw(probs, batch)
+            tokens = self._draw_from_logits(x, batch) if self._from_logits(plan) else None
+            if tokens is None or plan.processed_logprobs:  # probabilities needed
+                bad = (flags != 0).unsqueeze(-1)
+                z = (x - row_max.unsqueeze(-1)) / batch.temperature.unsqueeze(-1)
+                probs = torch.softmax(torch.where(bad, 0.0, z), dim=-1)
+            if tokens is None:
+                tokens = self._draw(probs, batch)
             if plan.any_greedy:
                 tokens = torch.where((batch.flags & st.GREEDY) != 0, greedy_tokens, tokens)
         tokens = torch.where(flags != 0, 0, tokens)
         batch.offset.add_(1)  # fresh numbers if a graph replays without a new prepare()
         packed = pack(tokens, flags, raw, x, probs, batch)
         return DeviceSample(tokens, flags, packed, batch.num_logprobs)
+
+    def _from_logits(self, plan: SamplingPlan) -> bool:
+        kernel = self._invariant if plan.invariant else self._kernel
+        return getattr(kernel, "takes_logits", False)
+
+    def _draw_from_logits(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor | None:
+        """Tokens from a kernel that samples ``softmax(x / T)`` itself (no probabilities
+        materialised); None when that kernel failed and the replacement takes probabilities.
+        Greedy rows ask for top-k 1, the kernels' cheapest case (their token is the argmax)."""
+        kernel = self._invariant if batch.plan.invariant else self._kernel
+        top_k = batch.top_k.to(torch.int32)
+        if batch.plan.any_greedy:
+            top_k = torch.where((batch.flags & st.GREEDY) != 0, 1, top_k)
+        try:
+            return kernel.sample_logits(
+                x, batch.temperature, top_k, batch.top_p, batch.min_p, batch.seed, batch.offset
+            )
+        except Exception as e:
+            if self._locked:
+                raise
+            self._fall_back(kernel, e)
+            return self._draw_from_logits(x, batch) if self._from_logits(batch.plan) else None
 
     def _draw(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         plan = batch.plan

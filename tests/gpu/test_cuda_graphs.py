@@ -159,3 +159,36 @@ def test_greedy_identical_with_graphs_on_and_off(dtype):
                 got[o.request_id].extend(o.new_token_ids)
         outs.append([got[i] for i in ids])
     assert outs[0] == outs[1]
+
+
+def _generate(prompts, params, **kw):
+    eng = Engine(model=MODEL, max_num_seqs=16, max_model_len=512, num_kv_blocks=512, **kw)
+    ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    got = {i: [] for i in ids}
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.request_id].extend(o.new_token_ids)
+    return [got[i] for i in ids], eng
+
+
+def test_sampler_graphs_give_the_eager_tokens():
+    """Sampling replayed from per-(bucket, plan) graphs: greedy and seeded sampled rows get
+    exactly the eager tokens (seeded rows draw from their own (seed, offset) stream, so the
+    bucket's padding rows cannot move them), and graphs were in fact captured."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 2048, size=int(n)).tolist() for n in (3, 9, 17, 40, 6, 11, 2)]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+        if i % 2 == 0
+        else SamplingParams(
+            temperature=0.9, top_k=40, top_p=0.9, seed=100 + i, max_tokens=20, ignore_eos=True
+        )
+        for i in range(len(prompts))
+    ]
+    eager, _ = _generate(prompts, params, enforce_eager=True)
+    graphed, eng = _generate(prompts, params, enforce_eager=False)
+    assert graphed == eager
+    assert len(eng.runner.sampler_graphs) >= 1
+    greedy_only, eng = _generate(prompts[:3], [params[0]] * 3, enforce_eager=False)
+    assert len(eng.runner.sampler_graphs) >= 1
+    assert greedy_only == _generate(prompts[:3], [params[0]] * 3, enforce_eager=True)[0]

@@ -1,0 +1,208 @@
+"""The from-logits Triton sampler (exact top-K candidates, then filters and the draw on them)
+against the torch kernel on ``softmax(logits / T)`` and the float64 reference. Interpreted on
+the CPU (the candidates come from K max-extractions there; ``tl.topk`` / ``tl.sort`` on a GPU,
+whose compile for sm_80 / sm_90 is checked below), native on a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_sampling_reference import filtered_probs, gof_pvalue  # noqa: E402
+from test_triton_sampling import ALPHA_PER_CASE, CASES, _case_logits  # noqa: E402
+
+from layerzero_serve.kernels.catalog import all_specs  # noqa: E402
+from layerzero_serve.kernels.sampling_api import TorchSamplingKernel, filter_weights  # noqa: E402
+from layerzero_serve.kernels.spec import KernelContext, Op  # noqa: E402
+from layerzero_serve.kernels.triton.topk_sampling import (  # noqa: E402
+    TritonTopKSamplingKernel,
+    triton_sample_logits,
+)
+from layerzero_serve.sampling import Sampler, SamplingParams  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(rng, n, vocab, ties=False):
+    logits = torch.from_numpy(rng.normal(0, 2.0, (n, vocab)).astype(np.float32))
+    if ties:  # equal logits at the top, straddling the cuts (as bf16 logits often are)
+        logits[:, : min(12, vocab)] = 3.0
+        logits[:, 12 : min(20, vocab)] = 2.0
+    temp = torch.from_numpy(rng.choice([0.5, 1.0, 1.7], n)).float()
+    top_k = torch.from_numpy(rng.choice([vocab, 1, 2, 5, 13, 50, 64, 65, vocab - 1], n)).int()
+    top_p = torch.from_numpy(rng.choice([1.0, 0.2, 0.5, 0.9, 0.99], n)).float()
+    min_p = torch.from_numpy(rng.choice([0.0, 0.0, 0.05, 0.3], n)).float()
+    seed = torch.from_numpy(rng.integers(-(2**62), 2**62, n))
+    offset = torch.from_numpy(rng.integers(0, 1000, n))
+    return tuple(t.to(DEVICE) for t in (logits, temp, top_k.clamp(1, vocab), top_p, min_p, seed,
+                                        offset))  # fmt: skip
+
+
+def _reference(logits, temp, top_k, top_p, min_p, seed, offset):
+    probs = torch.softmax(logits / temp[:, None], -1)
+    args = (probs, top_k, top_p, min_p, seed, offset)
+    return TorchSamplingKernel().sample(*args), filter_weights(*args[:4]) > 0
+
+
+@pytest.mark.parametrize("vocab", [2, 32, 257, 1000])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("num_candidates", [64, 4])
+def test_same_tokens_as_the_torch_kernel(vocab, ties, num_candidates):
+    """Both paths: with 64 candidates most rows decide on them; with 4, rows with top-k > 4
+    stream the row through the bisection kernel."""
+    args = _case(np.random.default_rng(vocab + 10 * ties + num_candidates), 256, vocab, ties)
+    got = triton_sample_logits(*args, num_candidates=num_candidates)
+    ref, kept = _reference(*args)
+    assert got.dtype == torch.int64 and got.shape == (256,)
+    assert kept.gather(1, got[:, None]).all(), "a token outside the kept set"
+    # same (seed, offset) -> same token, up to float summation order at a CDF boundary
+    assert (got != ref).sum() <= 2, (got != ref).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("vocab", [32000, 151936])
+def test_vocabularies_that_are_not_a_block_multiple(vocab):
+    rng = np.random.default_rng(vocab)
+    logits = torch.from_numpy(rng.normal(0, 3, (4, vocab)).astype(np.float32))
+    logits[3] = float("-inf")
+    logits[3, vocab - 1] = 0.0  # all the mass on the last id (in the masked tail chunk)
+    logits[2, vocab - 2] = 40.0  # a peak near the end: top-p 0.9 closes on it
+    args = (
+        logits.to(DEVICE),
+        torch.tensor([1.0, 0.7, 1.0, 1.0], device=DEVICE),
+        torch.tensor([50, vocab, vocab, 50], dtype=torch.int32, device=DEVICE),
+        torch.tensor([0.9, 0.95, 0.9, 0.9], device=DEVICE),
+        torch.zeros(4, device=DEVICE),
+        torch.tensor([1, 2, 3, 4], device=DEVICE),
+        torch.tensor([0, 5, 9, 1], device=DEVICE),
+    )
+    got = triton_sample_logits(*args, chunk=4096)
+    assert torch.equal(got, _reference(*args)[0])
+    assert int(got[2]) == vocab - 2 and int(got[3]) == vocab - 1
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_goodness_of_fit(case):
+    kw, which, n = CASES[case]
+    logits = _case_logits(which)
+    vocab = logits.shape[0]
+    full = lambda v, dt: torch.full((n,), v, dtype=dt, device=DEVICE)  # noqa: E731
+    tokens = triton_sample_logits(
+        torch.from_numpy(logits)[None].repeat(n, 1).to(DEVICE),
+        full(kw.get("temperature", 1.0), torch.float32),
+        full(kw.get("top_k", vocab), torch.int32),
+        full(kw.get("top_p", 1.0), torch.float32),
+        full(kw.get("min_p", 0.0), torch.float32),
+        torch.arange(n, device=DEVICE) * 7 + 3,
+        full(11, torch.int64),
+    )
+    counts = np.bincount(tokens.cpu().numpy(), minlength=vocab)
+    ref = filtered_probs(logits, **kw)
+    assert counts[ref == 0].sum() == 0
+    assert gof_pvalue(counts, ref) > ALPHA_PER_CASE
+
+
+def test_degenerate_rows_do_not_move_the_others():
+    """Through the sampler: a NaN row and an all -inf row fail; every other row's token is the
+    one it gets in a batch without them."""
+    kernel = TritonTopKSamplingKernel()
+    rng = np.random.default_rng(3)
+    logits = torch.from_numpy(rng.normal(0, 1, (6, 300)).astype(np.float32)).to(DEVICE)
+    params = [SamplingParams(top_k=20, top_p=0.9, seed=i) for i in range(6)]
+    clean = Sampler(seed=0, kernel=kernel)(logits[[0, 2, 3, 5]], [params[i] for i in (0, 2, 3, 5)])
+    bad = logits.clone()
+    bad[1, 7] = float("nan")
+    bad[4] = float("-inf")
+    res = Sampler(seed=0, kernel=kernel)(bad, params)
+    assert set(res.failed) == {1, 4}
+    assert [res.tokens[i] for i in (0, 2, 3, 5)] == clean.tokens
+
+
+def test_in_the_catalog_and_through_the_sampler():
+    spec = next(s for s in all_specs() if s.name == "triton.topk_sampling")
+    assert spec.op == Op.SAMPLING and spec.graph_safe and spec.backend == "triton"
+    kernel = spec.factory(KernelContext(Op.SAMPLING, vocab_size=500))
+    assert isinstance(kernel, TritonTopKSamplingKernel) and kernel.position_invariant
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(0, 1.5, (16, 500)).astype(np.float32)).to(DEVICE)
+    params = [
+        SamplingParams(temperature=float(rng.choice([0.6, 1.0, 1.4])), top_k=int(k), top_p=0.9)
+        for k in rng.integers(1, 80, 16)
+    ]
+    params[0] = SamplingParams(top_k=20, top_p=0.8, seed=42)
+    params[5] = SamplingParams(temperature=0.0)  # a greedy row in a sampled batch
+    params[7] = SamplingParams(min_p=0.2, seed=5)  # no top-k / top-p: streams the row
+    seeds = list(range(100, 116))
+    ours = Sampler(seed=0, kernel=kernel)(logits, params, seeds=seeds).tokens
+    torch_ = Sampler(seed=0, kernel=TorchSamplingKernel())(logits, params, seeds=seeds).tokens
+    assert sum(a != b for a, b in zip(ours, torch_, strict=True)) <= 1
+    assert ours[5] == int(logits[5].argmax())
+    # a seeded row gives the same token at any batch position
+    sampler = Sampler(seed=0, kernel=kernel)
+    alone = sampler(logits[:1], params[:1]).tokens[0]
+    for pos in (3, 15):
+        perm = list(range(1, 16))
+        perm.insert(pos, 0)
+        assert sampler(logits[perm], [params[i] for i in perm]).tokens[pos] == alone
+
+
+_COMPILE = """
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from layerzero_serve.kernels.triton import topk_sampling as m
+built = m._kernels()
+ptr = lambda names, t: {n: t for n in names.split()}
+csig = {**ptr("x_ptr temp_ptr cmax_ptr csum_ptr", "*fp32"), "keys_ptr": "*i64",
+        **ptr("stride_b B V S", "i32"), **ptr("BLOCK_B CHUNK K METHOD", "constexpr")}
+dsig = {**ptr("x_ptr temp_ptr top_p_ptr min_p_ptr cmax_ptr csum_ptr", "*fp32"),
+        "top_k_ptr": "*i32", **ptr("seed_ptr offset_ptr keys_ptr out_ptr", "*i64"),
+        **ptr("stride_b B V S", "i32"),
+        **ptr("BLOCK_B NC NS K METHOD BLOCK_V SPLIT ITERS", "constexpr")}
+methods = (0, 1) if built["has_topk"] else (1,)
+for method in methods:
+    for cc in (80, 90):
+        for fn, sig, consts in (
+            (built["candidates"], csig, dict(BLOCK_B=1, CHUNK=2048, K=64, METHOD=method)),
+            (built["draw"], dsig, dict(BLOCK_B=1, NC=4096, NS=64, K=64, METHOD=method,
+                                       BLOCK_V=1024, SPLIT=8, ITERS=11)),
+        ):
+            src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+            try:
+                triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": 8})
+            except Exception as e:
+                if "ptxas" in str(e).lower():
+                    sys.exit(77)
+                raise
+"""
+
+
+def test_compiles_for_cuda_targets_without_a_gpu():
+    """Both candidate methods (tl.topk where this Triton has it, tl.sort otherwise) compile for
+    sm_80 / sm_90 on any machine; the interpreter runs a third one."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests compile the kernel for the real device")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton has no ahead-of-time compile API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True)
+    if r.returncode == 77:
+        pytest.skip("no ptxas for these targets")
+    assert r.returncode == 0, r.stderr[-3000:]
