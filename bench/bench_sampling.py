@@ -110,7 +110,10 @@ def bench_batch(batch: int, vocab: int, device: str, repeats: int, warmup: int) 
         if getattr(kernel, "takes_logits", False):
             ones = torch.ones(batch, device=device)
             ms_l = median_ms(
-                lambda k=kernel: k.sample_logits(logits, ones, *args[1:]), device, repeats, warmup
+                lambda k=kernel, t=ones: k.sample_logits(logits, t, *args[1:]),
+                device,
+                repeats,
+                warmup,
             )
             row[f"{name}_from_logits_ms"] = ms_l
             row[f"{name}_from_logits_speedup_vs_plain"] = base_l / ms_l

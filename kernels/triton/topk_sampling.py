@@ -1,29 +1,30 @@
-"""Sampling straight from logits in two Triton launches: exact top-K candidates, then filters
-and the draw on those candidates (no softmax over the vocabulary, no sort of it).
+"""Sampling straight from logits: exact top-K candidates, then filters and the draw on those
+candidates (no softmax over the vocabulary, no sort of it).
 
 ``triton_sample_logits(logits, temperature, top_k, top_p, min_p, seed, offset) -> int64 [B]``
 draws with the semantics and random numbers of :mod:`layerzero_serve.kernels.sampling_api`
-from ``softmax(logits / temperature)``:
+from ``softmax(logits / temperature)``. Four launches, the logits read twice:
 
-1. ``_candidates`` (grid ``B x S`` chunks of ``CHUNK`` logits): each logit becomes a unique
-   int64 key ``(order-preserving bits of x) << 32 | (2^31 - 1 - id)``, so keys sort by
-   descending logit and, among equal logits, ascending id: the ranking's tie rule. Each
-   program keeps its chunk's ``K`` largest keys and the chunk's softmax partials (max, sum of
-   ``exp((x - max) / T)``).
-2. ``_draw`` (grid ``B``): the row's ``K`` largest keys over all chunks are exactly the first
-   ``K`` tokens of the ranking. When ``top_k <= K``, or when top-k is off and the top-p prefix
-   closes within those ``K`` (its mass reaches ``top_p`` of the full softmax mass, known from
-   the partials), every filter is decided on the candidates: top-k by rank, top-p by the mass
-   before each rank, min-p against the best weight; then the inverse CDF in token-id order
-   with ``counter_uniform(seed, offset)`` (pairwise prefix sums over ``K x K``). Any other row
-   (top-k above ``K``, plain sampling, a wide top-p) streams its row through the bisection
-   kernel of :mod:`~layerzero_serve.kernels.triton.sampling` on ``exp((x - x_max) / T)``.
+1. ``_chunk_stats`` (grid ``B x S`` chunks): each chunk's max logit and softmax partial sum.
+2. ``_threshold`` (grid ``B``): ``tau``, the K-th largest chunk maximum. Those K maxima are K
+   distinct logits, so every one of the row's first K tokens has ``x >= tau``.
+3. ``_compact`` (grid ``B x S``): logits ``>= tau`` are appended, as unique int64 keys
+   ``(order-preserving bits of x) << 32 | (2^31 - 1 - id)``, to the row's candidate list
+   (typically ~100 entries for 128k logits). Keys sort by descending logit and, among equal
+   logits, ascending id: the ranking's tie rule, so ties at tau or at any cut are exact.
+4. ``_draw`` (grid ``B``): the K largest candidate keys are the first K tokens of the ranking.
+   When ``top_k <= K``, or when top-k is off and the top-p prefix closes within those K (its
+   mass reaches ``top_p`` of the full softmax mass, known from the partials), every filter is
+   decided on them: top-k by rank, top-p by the mass before each rank, min-p against the best
+   weight; then the inverse CDF in token-id order with ``counter_uniform(seed, offset)``
+   (pairwise prefix sums over ``K x K``). Any other row (top-k above K, plain sampling, a wide
+   top-p, a candidate list past its capacity) streams its row through the bisection kernel of
+   :mod:`~layerzero_serve.kernels.triton.sampling` on ``exp((x - x_max) / T)``.
 
-The logits are read once for the common case (top-k 50 + top-p 0.9: ~131 MB at batch 256 and a
-128k vocabulary). Position-invariant (a row's token depends on its logits, parameters, seed and
-offset only) and graph-safe (no host synchronisation; grids depend on shapes only). Rows whose
-logits hold NaN or +inf, or are all -inf, return some token in ``[0, V)``; the sampler flags
-those rows and discards it.
+Position-invariant (a row's token depends on its logits, parameters, seed and offset only; the
+atomic append order does not matter, the keys are ranked) and graph-safe (no host
+synchronisation; grids depend on shapes only). Rows whose logits hold NaN or +inf, or are all
+-inf, return some token in ``[0, V)``; the sampler flags those rows and discards it.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ __all__ = ["SPECS", "TritonTopKSamplingKernel", "triton_sample_logits"]
 
 tl = None
 _counter_uniform = _sample_rows = None  # the streaming module's jitted helpers, set on first use
-_JIT_NAMES = ("_top_keys", "_decode_keys", "_candidates", "_draw")
+_JIT_NAMES = ("_top_keys", "_decode_keys", "_chunk_stats", "_threshold", "_compact", "_draw")
 _built: dict = {}
 
 K_DEFAULT = 64  # candidates per row: top_k <= 64 (the common 20/40/50) never streams the row
+CAP_DEFAULT = 1024  # logits >= tau kept per row (typically ~100); more: that row streams
 KEY_NONE = -(2**63)  # sorts below every real key (masked tail of the last chunk)
 
 
@@ -56,7 +58,8 @@ def _kernels():
             g[name] = getattr(streaming, name)
         for name in _JIT_NAMES:
             g[name] = triton.jit(g[name])
-        _built["candidates"], _built["draw"] = g["_candidates"], g["_draw"]
+        for name in ("_chunk_stats", "_threshold", "_compact", "_draw"):
+            _built[name.strip("_")] = g[name]
         _built["has_topk"] = hasattr(triton.language, "topk")
     return _built
 
@@ -91,34 +94,75 @@ def _decode_keys(keys):
     return bits.to(tl.float32, bitcast=True), ids
 
 
-def _candidates(x_ptr, stride_b, temp_ptr, keys_ptr, cmax_ptr, csum_ptr, B, V, S,
-                BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr,
-                METHOD: tl.constexpr):  # fmt: skip
+def _chunk_stats(x_ptr, stride_b, temp_ptr, cmax_ptr, csum_ptr, count_ptr, B, V, S,
+                 BLOCK_B: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """Per chunk: the max logit and ``sum(exp((x - max) / T))``; chunk 0 also zeroes the row's
+    candidate count (this launch precedes every append to it)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     chunk = tl.program_id(1)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
     mask = rmask[:, None] & (cols[None, :] < V)
-    r64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + r64[:, None] * stride_b + cols[None, :], mask=mask, other=float("-inf"))
-    bits = x.to(tl.int32, bitcast=True)
-    order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed order == float order
-    keys = (order.to(tl.int64) << 32) | (0x7FFFFFFF - cols[None, :]).to(tl.int64)
-    keys = tl.where(mask, keys, -9223372036854775807 - 1)
-    top = _top_keys(keys, BLOCK_B, CHUNK, K, METHOD)
-    out = keys_ptr + r64[:, None] * S * K + chunk * K + tl.arange(0, K)[None, :]
-    tl.store(out, top, mask=rmask[:, None])
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_b + cols[None, :], mask=mask,
+                other=float("-inf"))  # fmt: skip
     inv_t = 1.0 / tl.load(temp_ptr + rows, mask=rmask, other=1.0)
     m = tl.max(x, 1)
     s = tl.sum(tl.exp((x - m[:, None]) * inv_t[:, None]), 1)
     s = tl.where(m == float("-inf"), 0.0, s)  # an all -inf chunk adds nothing
     tl.store(cmax_ptr + rows * S + chunk, m, mask=rmask)
     tl.store(csum_ptr + rows * S + chunk, s, mask=rmask)
+    zero = tl.zeros([BLOCK_B], tl.int32)
+    tl.store(count_ptr + rows, zero, mask=rmask & (zero + chunk == 0))
+
+
+def _threshold(cmax_ptr, tau_ptr, B, S, BLOCK_B: tl.constexpr, NS: tl.constexpr,
+               K: tl.constexpr, METHOD: tl.constexpr):  # fmt: skip
+    """``tau``: the K-th largest chunk maximum. The K largest chunk maxima are K distinct
+    logits, so the row's K-th largest logit is >= tau: the first K tokens of the ranking all
+    have ``x >= tau`` (needs ``S >= K``)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    c = tl.arange(0, NS)
+    cmask = rmask[:, None] & (c[None, :] < S)
+    m = tl.load(cmax_ptr + rows[:, None] * S + c[None, :], mask=cmask, other=float("-inf"))
+    bits = m.to(tl.int32, bitcast=True)
+    order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    keys = (order.to(tl.int64) << 32) | c[None, :].to(tl.int64)  # unique per row
+    keys = tl.where(cmask, keys, -9223372036854775807 - 1)
+    top = _top_keys(keys, BLOCK_B, NS, K, METHOD)
+    tau, _ = _decode_keys(tl.min(top, 1))
+    tl.store(tau_ptr + rows, tau, mask=rmask)
+
+
+def _compact(x_ptr, stride_b, tau_ptr, count_ptr, cand_ptr, B, V, CAP, BLOCK_B: tl.constexpr,
+             CHUNK: tl.constexpr, USE_TAU: tl.constexpr):  # fmt: skip
+    """Append the keys of the chunk's logits ``>= tau`` (finite) to the row's candidate list
+    (an atomic counter gives each chunk its range; the order does not matter, the keys are
+    ranked later). Keys past ``CAP`` are dropped; the count still says how many there were."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    cols = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    mask = rmask[:, None] & (cols[None, :] < V)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_b + cols[None, :], mask=mask,
+                other=float("-inf"))  # fmt: skip
+    if USE_TAU:
+        tau = tl.load(tau_ptr + rows, mask=rmask, other=float("inf"))
+        survive = mask & (x >= tau[:, None]) & (x > float("-inf"))
+    else:
+        survive = mask & (x > float("-inf"))
+    n = tl.sum(survive.to(tl.int32), 1)
+    start = tl.atomic_add(count_ptr + rows, n, mask=rmask & (n > 0))
+    pos = start[:, None] + tl.cumsum(survive.to(tl.int32), 1) - 1
+    bits = x.to(tl.int32, bitcast=True)
+    order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed order == float order
+    keys = (order.to(tl.int64) << 32) | (0x7FFFFFFF - cols[None, :]).to(tl.int64)
+    dst = cand_ptr + rows.to(tl.int64)[:, None] * CAP + pos
+    tl.store(dst, keys, mask=survive & (pos < CAP))
 
 
 def _draw(x_ptr, stride_b, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr,
-          keys_ptr, cmax_ptr, csum_ptr, out_ptr, B, V, S, BLOCK_B: tl.constexpr,
-          NC: tl.constexpr, NS: tl.constexpr, K: tl.constexpr, METHOD: tl.constexpr,
+          cand_ptr, count_ptr, cmax_ptr, csum_ptr, out_ptr, B, V, S, BLOCK_B: tl.constexpr,
+          CAP: tl.constexpr, NS: tl.constexpr, K: tl.constexpr, METHOD: tl.constexpr,
           BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, ITERS: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
@@ -129,12 +173,13 @@ def _draw(x_ptr, stride_b, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, 
     inv_t = 1.0 / tl.load(temp_ptr + rows, mask=rmask, other=1.0)
     seed = tl.load(seed_ptr + rows, mask=rmask, other=0)
     offset = tl.load(offset_ptr + rows, mask=rmask, other=0)
+    count = tl.load(count_ptr + rows, mask=rmask, other=0)
 
-    j = tl.arange(0, NC)
-    kmask = rmask[:, None] & (j[None, :] < S * K)
-    keys = tl.load(keys_ptr + r64[:, None] * S * K + j[None, :], mask=kmask,
+    j = tl.arange(0, CAP)
+    kmask = rmask[:, None] & (j[None, :] < count[:, None])
+    keys = tl.load(cand_ptr + r64[:, None] * CAP + j[None, :], mask=kmask,
                    other=-9223372036854775807 - 1)  # fmt: skip
-    top = _top_keys(keys, BLOCK_B, NC, K, METHOD)  # [BB, K]: the ranking's first K tokens
+    top = _top_keys(keys, BLOCK_B, CAP, K, METHOD)  # [BB, K]: the ranking's first K tokens
     x, ids = _decode_keys(top)
     valid = top != -9223372036854775807 - 1
     x0 = tl.max(tl.where(valid, x, float("-inf")), 1)  # each row's largest logit
@@ -156,7 +201,7 @@ def _draw(x_ptr, stride_b, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, 
     keep = in_k & ((before < target[:, None]) | (top_p[:, None] >= 1.0))
     keep &= (w >= min_p[:, None]) & (w > 0.0)  # min-p: the best weight is exp(0) = 1
     closes = (top_p < 1.0) & (k >= V) & (mass_k >= target)
-    exact = (k <= K) | closes
+    exact = ((k <= K) | closes) & (count <= CAP)
 
     kw = tl.where(keep, w, 0.0)
     goal = _counter_uniform(seed, offset) * tl.sum(kw, 1)
@@ -185,6 +230,7 @@ def triton_sample_logits(
     offset: torch.Tensor,
     *,
     num_candidates: int = K_DEFAULT,
+    capacity: int = CAP_DEFAULT,
     chunk: int | None = None,
 ) -> torch.Tensor:
     """One token per row of ``softmax(logits / temperature)`` after top-k -> top-p -> min-p.
@@ -194,10 +240,14 @@ def triton_sample_logits(
             along V.
         temperature: float32 ``[B]``, > 0.
         top_k, top_p, min_p, seed, offset: as :meth:`SamplingKernel.sample`, ``[B]``.
-        num_candidates: ``K``, a power of two; rows with ``top_k <= K`` never stream the row.
-        chunk: logits per first-stage program (a power of two >= K; default 2048 on a GPU).
+        num_candidates: ``K``, a power of two; rows with ``top_k <= K`` never stream the row
+            (unless more than ``capacity`` logits reach the row's tau).
+        capacity: candidate slots per row (a power of two >= K).
+        chunk: logits per program of the per-chunk passes (a power of two; default: the
+            largest one leaving at least K chunks, within 64..2048).
 
-    Returns int64 ``[B]``. Graph-safe (no host synchronisation; scratch ``[B, S, K]`` int64).
+    Returns int64 ``[B]``. Graph-safe (no host synchronisation; scratch ``[B, capacity]``
+    int64 and a few ``[B, S]`` float32).
     """
     import triton
 
@@ -207,42 +257,57 @@ def triton_sample_logits(
     k_cand = num_candidates
     if k_cand < 2 or k_cand & (k_cand - 1):
         raise ValueError(f"num_candidates must be a power of two >= 2, got {k_cand}")
-    interp = streaming._interpreting()
-    chunk = chunk or (max(k_cand, 256) if interp else max(k_cand, 2048))
-    if chunk & (chunk - 1) or chunk < k_cand:
-        raise ValueError(f"chunk must be a power of two >= num_candidates, got {chunk}")
+    if capacity < k_cand or capacity & (capacity - 1):
+        raise ValueError(f"capacity must be a power of two >= num_candidates, got {capacity}")
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
     built = _kernels()
+    interp = streaming._interpreting()
+    if chunk is None:  # at least K chunks where the vocabulary allows: a useful tau
+        chunk = min(2048, max(64, 1 << max(0, (vocab // k_cand).bit_length() - 1)))
+    if chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two, got {chunk}")
     num_chunks = triton.cdiv(vocab, chunk)
+    ns = max(triton.next_power_of_2(num_chunks), k_cand)
     dev = logits.device
-    keys = torch.empty(num_rows, num_chunks, k_cand, dtype=torch.int64, device=dev)
     cmax = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=dev)
     csum = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=dev)
+    count = torch.empty(num_rows, dtype=torch.int32, device=dev)
+    tau = torch.empty(num_rows, dtype=torch.float32, device=dev)
+    cand = torch.empty(num_rows, capacity, dtype=torch.int64, device=dev)
     temperature = temperature.to(torch.float32).contiguous()
     warps = 1 if interp else 8
     split = 4 if interp else 8
     v2 = triton.next_power_of_2(vocab)
     block_v = min(v2, max(64, v2 // 16)) if interp else min(v2, 1024)
-    nc = triton.next_power_of_2(num_chunks * k_cand)
     # The interpreter pays per tile op, not per element: as many rows per program as the
-    # largest tile ([rows, K, K], [rows, NC], [rows, SPLIT, BLOCK_V]) allows there.
-    widest = max(k_cand * k_cand, chunk, nc, split * block_v)
+    # largest tile ([rows, K, K], [rows, CAP], [rows, SPLIT, BLOCK_V]) allows there.
+    widest = max(k_cand * k_cand, chunk, capacity, ns, split * block_v)
     block_b = min(triton.next_power_of_2(num_rows), max(1, (1 << 20) // widest)) if interp else 1
     method = 2 if interp else (0 if built["has_topk"] else 1)
     grid_b = triton.cdiv(num_rows, block_b)
-    built["candidates"][(grid_b, num_chunks)](
-        logits, logits.stride(0), temperature, keys, cmax, csum, num_rows, vocab, num_chunks,
-        BLOCK_B=block_b, CHUNK=chunk, K=k_cand, METHOD=method, num_warps=warps,
+    use_tau = num_chunks >= k_cand
+    stride = logits.stride(0)
+    built["chunk_stats"][(grid_b, num_chunks)](
+        logits, stride, temperature, cmax, csum, count, num_rows, vocab, num_chunks,
+        BLOCK_B=block_b, CHUNK=chunk, num_warps=warps,
+    )  # fmt: skip
+    if use_tau:
+        built["threshold"][(grid_b,)](
+            cmax, tau, num_rows, num_chunks, BLOCK_B=block_b, NS=ns, K=k_cand, METHOD=method,
+            num_warps=1 if interp else 4,
+        )  # fmt: skip
+    built["compact"][(grid_b, num_chunks)](
+        logits, stride, tau, count, cand, num_rows, vocab, capacity, BLOCK_B=block_b,
+        CHUNK=chunk, USE_TAU=use_tau, num_warps=warps,
     )  # fmt: skip
     built["draw"][(grid_b,)](
-        logits, logits.stride(0), temperature, top_k.to(torch.int32).contiguous(),
+        logits, stride, temperature, top_k.to(torch.int32).contiguous(),
         top_p.to(torch.float32).contiguous(), min_p.to(torch.float32).contiguous(),
         seed.to(torch.int64).contiguous(), offset.to(torch.int64).contiguous(),
-        keys, cmax, csum, out, num_rows, vocab, num_chunks, BLOCK_B=block_b,
-        NC=nc, NS=triton.next_power_of_2(num_chunks),
-        K=k_cand, METHOD=method, BLOCK_V=block_v, SPLIT=split,
+        cand, count, cmax, csum, out, num_rows, vocab, num_chunks, BLOCK_B=block_b,
+        CAP=capacity, NS=ns, K=k_cand, METHOD=method, BLOCK_V=block_v, SPLIT=split,
         ITERS=-(-30 // (split.bit_length() - 1)) + 1, num_warps=warps,
     )  # fmt: skip
     return out

@@ -57,16 +57,18 @@ def _reference(logits, temp, top_k, top_p, min_p, seed, offset):
     return TorchSamplingKernel().sample(*args), filter_weights(*args[:4]) > 0
 
 
-@pytest.mark.parametrize("vocab", [2, 32, 257, 1000])
+@pytest.mark.parametrize("vocab", [2, 32, 257, 1000, 5000])
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("num_candidates", [64, 4])
-def test_same_tokens_as_the_torch_kernel(vocab, ties, num_candidates):
-    """Both paths: with 64 candidates most rows decide on them; with 4, rows with top-k > 4
-    stream the row through the bisection kernel."""
-    args = _case(np.random.default_rng(vocab + 10 * ties + num_candidates), 256, vocab, ties)
-    got = triton_sample_logits(*args, num_candidates=num_candidates)
+@pytest.mark.parametrize(("num_candidates", "capacity"), [(64, 1024), (4, 1024), (64, 64)])
+def test_same_tokens_as_the_torch_kernel(vocab, ties, num_candidates, capacity):
+    """Every path: with 64 candidates most rows decide on them; with 4, rows with top-k > 4
+    stream the row through the bisection kernel; with 64 slots, rows whose candidate list
+    overflows (every logit, below 64 chunks) stream too."""
+    rng = np.random.default_rng(vocab + 10 * ties + num_candidates + capacity)
+    args = _case(rng, 256 if vocab < 5000 else 64, vocab, ties)
+    got = triton_sample_logits(*args, num_candidates=num_candidates, capacity=capacity)
     ref, kept = _reference(*args)
-    assert got.dtype == torch.int64 and got.shape == (256,)
+    assert got.dtype == torch.int64 and got.shape == ref.shape
     assert kept.gather(1, got[:, None]).all(), "a token outside the kept set"
     # same (seed, offset) -> same token, up to float summation order at a CDF boundary
     assert (got != ref).sum() <= 2, (got != ref).nonzero().flatten().tolist()
@@ -166,22 +168,30 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from layerzero_serve.kernels.triton import topk_sampling as m
 built = m._kernels()
-ptr = lambda names, t: {n: t for n in names.split()}
-csig = {**ptr("x_ptr temp_ptr cmax_ptr csum_ptr", "*fp32"), "keys_ptr": "*i64",
-        **ptr("stride_b B V S", "i32"), **ptr("BLOCK_B CHUNK K METHOD", "constexpr")}
-dsig = {**ptr("x_ptr temp_ptr top_p_ptr min_p_ptr cmax_ptr csum_ptr", "*fp32"),
-        "top_k_ptr": "*i32", **ptr("seed_ptr offset_ptr keys_ptr out_ptr", "*i64"),
-        **ptr("stride_b B V S", "i32"),
-        **ptr("BLOCK_B NC NS K METHOD BLOCK_V SPLIT ITERS", "constexpr")}
-methods = (0, 1) if built["has_topk"] else (1,)
-for method in methods:
+t = lambda names, ty: {n: ty for n in names.split()}
+sigs = {
+    "chunk_stats": {**t("x_ptr temp_ptr cmax_ptr csum_ptr", "*fp32"), "count_ptr": "*i32",
+                    **t("stride_b B V S", "i32"), **t("BLOCK_B CHUNK", "constexpr")},
+    "threshold": {**t("cmax_ptr tau_ptr", "*fp32"), **t("B S", "i32"),
+                  **t("BLOCK_B NS K METHOD", "constexpr")},
+    "compact": {**t("x_ptr tau_ptr", "*fp32"), "count_ptr": "*i32", "cand_ptr": "*i64",
+                **t("stride_b B V CAP", "i32"), **t("BLOCK_B CHUNK USE_TAU", "constexpr")},
+    "draw": {**t("x_ptr temp_ptr top_p_ptr min_p_ptr cmax_ptr csum_ptr", "*fp32"),
+             **t("top_k_ptr count_ptr", "*i32"),
+             **t("seed_ptr offset_ptr cand_ptr out_ptr", "*i64"), **t("stride_b B V S", "i32"),
+             **t("BLOCK_B CAP NS K METHOD BLOCK_V SPLIT ITERS", "constexpr")},
+}
+for method in ((0, 1) if built["has_topk"] else (1,)):
+    consts = {
+        "chunk_stats": dict(BLOCK_B=1, CHUNK=1024),
+        "threshold": dict(BLOCK_B=1, NS=128, K=64, METHOD=method),
+        "compact": dict(BLOCK_B=1, CHUNK=1024, USE_TAU=True),
+        "draw": dict(BLOCK_B=1, CAP=1024, NS=128, K=64, METHOD=method, BLOCK_V=1024, SPLIT=8,
+                     ITERS=11),
+    }
     for cc in (80, 90):
-        for fn, sig, consts in (
-            (built["candidates"], csig, dict(BLOCK_B=1, CHUNK=2048, K=64, METHOD=method)),
-            (built["draw"], dsig, dict(BLOCK_B=1, NC=4096, NS=64, K=64, METHOD=method,
-                                       BLOCK_V=1024, SPLIT=8, ITERS=11)),
-        ):
-            src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        for name, sig in sigs.items():
+            src = ASTSource(fn=built[name], signature=sig, constexprs=consts[name])
             try:
                 triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": 8})
             except Exception as e:
