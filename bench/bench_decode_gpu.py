@@ -197,15 +197,18 @@ def main() -> None:
             f"batch 1 ctx {ctx}: {r['step_ms_median']:.3f} ms/token, roofline "
             f"{floor_ms:.3f} ms -> {r['fraction_of_roofline']:.1%}"
         )
-    # the same shape with sampling eager after the decode graph (A/B in this run)
-    sampler_graphs, eng.runner.sampler_graphs = eng.runner.sampler_graphs, None
-    r = decode_run(eng, 1, 128, args.tokens)
-    eng.runner.sampler_graphs = sampler_graphs
-    res["batch1_ctx128_eager_sampling"] = r
-    print(
-        f"batch 1 ctx 128, eager sampling: {r['step_ms_median']:.3f} ms/token "
-        f"(sampler graphs: {res['batch1_ctx128']['step_ms_median']:.3f})"
-    )
+    # A/B in this run: sampling replayed from sampler graphs vs run eagerly after the decode
+    # graph, alternating so that drift does not favour either
+    ab: dict[str, list[float]] = {"sampler_graphs": [], "eager_sampling": []}
+    graphs = eng.runner.sampler_graphs
+    for batch, ctx, steps in ((1, 128, args.tokens), (64, 2048, 32)):
+        for rep in range(2):
+            for mode in ("eager_sampling", "sampler_graphs") if rep else ab:
+                eng.runner.sampler_graphs = graphs if mode == "sampler_graphs" else None
+                ms = decode_run(eng, batch, ctx, steps)["step_ms_median"]
+                res.setdefault(f"ab_batch{batch}_ctx{ctx}", {}).setdefault(mode, []).append(ms)
+        print(f"batch {batch} ctx {ctx} A/B ms/step:", res[f"ab_batch{batch}_ctx{ctx}"])
+    eng.runner.sampler_graphs = graphs
     r = decode_run(eng, 64, 2048, 64)
     floor_ms = (wbytes + 64 * 2048 * kv_bytes_per_token) / bw * 1e3
     r |= {"roofline_ms": floor_ms, "ratio_to_floor": r["step_ms_median"] / floor_ms}

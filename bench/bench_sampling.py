@@ -75,6 +75,19 @@ def kernels(device: str, vocab: int) -> dict[str, object]:
     return out
 
 
+def capture_step(sampler: Sampler, logits: torch.Tensor, batch) -> torch.cuda.CUDAGraph:
+    """``sampler.sample(logits, batch)`` captured in a CUDA graph (after a warm-up run)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        sampler.sample(logits, batch)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sampler.sample(logits, batch)
+    return graph
+
+
 def bench_batch(batch: int, vocab: int, device: str, repeats: int, warmup: int) -> dict:
     g = torch.Generator(device=device).manual_seed(batch)
     logits = torch.randn(batch, vocab, device=device, generator=g) * 3
@@ -130,6 +143,11 @@ def bench_batch(batch: int, vocab: int, device: str, repeats: int, warmup: int) 
             lambda s=sampler, b=prepared: s.sample(logits, b), device, repeats, warmup
         )
         row[f"{name}_sampler_step_speedup_vs_plain"] = base_l / row[f"{name}_sampler_step_ms"]
+        if device == "cuda":  # the step as the engine runs it: replayed from a CUDA graph
+            graph = capture_step(sampler, logits, prepared)
+            ms_g = median_ms(graph.replay, device, repeats, warmup)
+            row[f"{name}_sampler_graph_ms"] = ms_g
+            row[f"{name}_sampler_graph_speedup_vs_plain"] = base_l / ms_g
     return row
 
 
