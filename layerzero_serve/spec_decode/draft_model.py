@@ -10,8 +10,10 @@ over all requests at once (the first one also computes the tokens the target acc
 last call). Drafts are greedy, so the draft distribution ``q`` is one-hot and the verifier's
 rejection sampling stays lossless for sampled requests too.
 
-The draft runs eagerly (its forward passes are launched step by step); capturing its decode in
-CUDA graphs like the target's is not done yet.
+On CUDA (``graph_buckets`` given) the draft's decode steps replay CUDA graphs captured per
+batch bucket, like the target's, with its sampler's greedy argmax replayed from a graph too;
+the first step of each call (it computes the tokens accepted since the last call, several per
+request) and batches above the largest bucket run eagerly.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class DraftModelProposer(Proposer):
         device, dtype: as ``EngineConfig`` (use the target's resolved values).
         block_size, num_kv_blocks: the draft's own paged KV cache.
         max_num_seqs, max_model_len: batch and length limits (the target's).
+        graph_buckets: batch sizes whose decode step is captured as a CUDA graph (CUDA only;
+            None or empty: eager).
     """
 
     name = "draft_model"
@@ -53,6 +57,7 @@ class DraftModelProposer(Proposer):
         num_kv_blocks: int = 1024,
         max_num_seqs: int = 256,
         max_model_len: int | None = None,
+        graph_buckets: Sequence[int] | None = None,
     ) -> None:
         # Imported here: the engine stack imports this package (config -> proposer).
         from layerzero_serve.config import EngineConfig
@@ -96,6 +101,12 @@ class DraftModelProposer(Proposer):
         sampler = Sampler(seed=0, max_num_seqs=max_num_seqs)
         self.runner = ModelRunner(loaded.model, shape, self.kv_cache, sampler, dev, max_num_seqs)
         self.max_len = loaded.resolved.max_model_len
+        if graph_buckets and dev.type == "cuda":
+            buckets = sorted(
+                {check_int("graph_buckets", b, 1, max_num_seqs) for b in graph_buckets}
+            )
+            self.runner.set_decode_buckets(buckets, self.max_len)
+            self.runner.enable_graphs(buckets, self.max_len, progress=False)
         self.vocab_size = mc.vocab_size
         self._greedy = SamplingParams(temperature=0.0, max_tokens=self.max_len)
         self._mirrors: dict[str, Request] = {}

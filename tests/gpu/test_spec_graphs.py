@@ -94,3 +94,21 @@ def test_verify_replay_equals_eager_for_every_bucket():
             hidden = g.model(g.input_ids[: batch * q], g.positions[: batch * q], cap.dispatch, meta)
             ref = g.model.compute_logits(hidden)[: n * q]
         assert torch.equal(got, ref), f"bucket {batch}: {(got - ref).abs().max().item()}"
+
+
+def test_draft_model_decode_replays_its_own_graphs():
+    """A draft model (here the target's own preset: it proposes the target's tokens) captures
+    its decode per bucket; greedy output with its drafts is the plain output, in graph mode."""
+    ref, _ = _run("float32")
+    got, eng = _run(
+        "float32",
+        speculative_method="draft_model",
+        speculative_model=MODEL,
+        num_speculative_tokens=4,
+        adaptive_speculation=False,
+    )
+    draft = eng.spec.proposer.runner
+    assert draft.graphs is not None and max(draft.graphs.buckets) <= 64
+    assert got == ref
+    s = eng.stats()["speculative"]
+    assert s["drafted_tokens"] > 0 and s["accepted_tokens"] > 0.9 * s["drafted_tokens"]

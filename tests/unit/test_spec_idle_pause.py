@@ -88,3 +88,15 @@ def test_without_adaptive_k_the_proposer_is_asked_every_step():
     for _ in range(50):
         coord.propose(reqs, 3)
     assert prop.calls == 50
+
+
+def test_draft_graph_buckets_only_on_cuda_with_graphs():
+    from layerzero_serve.spec_decode.coordinator import _draft_graph_buckets
+
+    cfg = SimpleNamespace(enforce_eager=False, max_graph_batch=None, max_num_seqs=256)
+    cuda = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    assert _draft_graph_buckets(cfg, cuda) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert _draft_graph_buckets(cfg, SimpleNamespace(device=SimpleNamespace(type="cpu"))) is None
+    assert (
+        _draft_graph_buckets(SimpleNamespace(**{**vars(cfg), "enforce_eager": True}), cuda) is None
+    )
