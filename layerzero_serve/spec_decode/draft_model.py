@@ -19,6 +19,7 @@ request) and batches above the largest bucket run eagerly.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,6 +28,8 @@ import torch
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.spec_decode.proposer import MAX_K, Proposer, check_int
 from layerzero_serve.types import Request, SchedulerOutput
+
+logger = logging.getLogger("layerzero_serve")
 
 
 class DraftModelProposer(Proposer):
@@ -106,7 +109,11 @@ class DraftModelProposer(Proposer):
                 {check_int("graph_buckets", b, 1, max_num_seqs) for b in graph_buckets}
             )
             self.runner.set_decode_buckets(buckets, self.max_len)
-            self.runner.enable_graphs(buckets, self.max_len, progress=False)
+            try:
+                self.runner.enable_graphs(buckets, self.max_len, progress=False)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # drafts stay exact
+                logger.warning("draft model: CUDA-graph capture failed (%s); running eagerly", e)
+                self.runner.graphs = self.runner.sampler_graphs = None
         self.vocab_size = mc.vocab_size
         self._greedy = SamplingParams(temperature=0.0, max_tokens=self.max_len)
         self._mirrors: dict[str, Request] = {}
