@@ -110,7 +110,7 @@ def host_time_per_step(eng: Engine, batch: int, steps: int = 50) -> dict:
 def hf_peer(tokens: int, context: int) -> dict:
     import transformers
 
-    from layerzero_serve.models.dummy import DUMMY_PRESETS
+    from layerzero_serve._models.dummy import DUMMY_PRESETS
 
     cfg = transformers.LlamaConfig(
         **{

@@ -67,7 +67,7 @@ def _plan(w, lens, table, **kw):
 def run_case(batch: int, ctx: int, cap_len: int, ws: torch.Tensor) -> dict:
     import flashinfer
 
-    from layerzero_serve.kernels.triton.paged_decode import triton_paged_decode
+    from layerzero_serve.kernels._triton.paged_decode import triton_paged_decode
 
     width = -(-cap_len // BS)
     blocks = batch * width + 1

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import median_time, write_result  # noqa: E402
 
 from layerzero_serve.kv_cache import KVCacheManager  # noqa: E402
-from layerzero_serve.kv_cache.block_pool import BlockPool  # noqa: E402
-from layerzero_serve.kv_cache.hashing import hash_full_blocks, resolve_hash_fn  # noqa: E402
+from layerzero_serve.kv_cache._block_pool import BlockPool  # noqa: E402
+from layerzero_serve.kv_cache._hashing import hash_full_blocks, resolve_hash_fn  # noqa: E402
 from layerzero_serve.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from layerzero_serve.types import Request  # noqa: E402
 

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import RESULTS_DIR, environment  # noqa: E402
 
-from layerzero_serve.kernels.catalog import all_specs  # noqa: E402
+from layerzero_serve.kernels._catalog import all_specs  # noqa: E402
 from layerzero_serve.kernels.spec import KernelContext, Op  # noqa: E402
 from layerzero_serve.sampling import Sampler, SamplingParams  # noqa: E402
-from layerzero_serve.sampling.rows import CallRow  # noqa: E402
+from layerzero_serve.sampling._rows import CallRow  # noqa: E402
 
 
 def plain_torch_sample(probs, top_k, top_p, min_p, seed, offset) -> torch.Tensor:

@@ -29,8 +29,8 @@ from common import write_result  # noqa: E402
 from layerzero_serve.engine import Engine  # noqa: E402
 from layerzero_serve.sampling import SamplingParams  # noqa: E402
 from layerzero_serve.spec_decode import Proposer  # noqa: E402
-from layerzero_serve.spec_decode.adaptive import AdaptiveK  # noqa: E402
-from layerzero_serve.spec_decode.metrics import SpecDecodeMetrics  # noqa: E402
+from layerzero_serve.spec_decode._adaptive import AdaptiveK  # noqa: E402
+from layerzero_serve.spec_decode._metrics import SpecDecodeMetrics  # noqa: E402
 
 MODEL = "dummy:llama3-8b"
 K = 4

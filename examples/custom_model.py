@@ -12,7 +12,7 @@ from torch import nn
 
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
-from layerzero_serve.kv_cache.storage import build_block_table, build_positions, build_slot_mapping
+from layerzero_serve.kv_cache._storage import build_block_table, build_positions, build_slot_mapping
 from layerzero_serve.runner.attention import AttentionDispatch, build_attention
 from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
 from layerzero_serve.scheduler import Scheduler, SchedulerConfig

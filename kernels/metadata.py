@@ -78,7 +78,7 @@ class AttentionMetadata:
         ``seq_lens[i] - query_lens[i] .. seq_lens[i] - 1``. Host work; not graph-captured.
         """
         from layerzero_serve.errors import ValidationError
-        from layerzero_serve.kv_cache.storage import build_slot_mapping
+        from layerzero_serve.kv_cache._storage import build_slot_mapping
 
         q = np.asarray(query_lens, dtype=np.int64).reshape(-1)
         n = np.asarray(seq_lens, dtype=np.int64).reshape(-1)

@@ -3,7 +3,7 @@
 Correctness over speed. Every function runs on any device torch supports (CPU or CUDA) and
 computes attention in ``compute_dtype`` (float32 by default) whatever the storage dtype.
 
-KV cache layout per layer (see ``layerzero_serve.kv_cache.storage``):
+KV cache layout per layer (see ``layerzero_serve.kv_cache._storage``):
 ``kv_cache[num_blocks, 2, block_size, num_kv_heads, head_dim]`` with K at index 0 of dim 1 and V
 at index 1. A slot is ``block_id * block_size + offset``; slot ``-1`` (any negative slot) means
 "write nothing" (padding rows).

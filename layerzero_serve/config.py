@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from layerzero_serve.errors import ValidationError
-from layerzero_serve.kv_cache.hashing import HASH_ALGORITHMS
-from layerzero_serve.spec_decode.proposer import Proposer
+from layerzero_serve.kv_cache._hashing import HASH_ALGORITHMS
+from layerzero_serve.spec_decode._proposer import Proposer
 
 logger = logging.getLogger("layerzero_serve")
 

@@ -11,20 +11,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from layerzero_serve._model_source import LoadedModel, load_model_source
 from layerzero_serve.config import EngineConfig, kv_budget_bytes
 from layerzero_serve.errors import RequestRejectedError, ValidationError
 from layerzero_serve.kernels.spec import Op
 from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
-from layerzero_serve.model_source import LoadedModel, load_model_source
-from layerzero_serve.runner.cpu_threads import choose_cpu_threads
-from layerzero_serve.runner.memory import measure_graph_memory
-from layerzero_serve.runner.model_runner import ModelRunner, optimize_model
+from layerzero_serve.runner._cpu_threads import choose_cpu_threads
+from layerzero_serve.runner._memory import measure_graph_memory
+from layerzero_serve.runner._model_runner import ModelRunner, optimize_model
 from layerzero_serve.sampling import Sampler, SamplingParams
-from layerzero_serve.sampling.prompt_logprobs import StepTokens
+from layerzero_serve.sampling._prompt_logprobs import StepTokens
 from layerzero_serve.scheduler import Scheduler, SchedulerConfig
-from layerzero_serve.selection.device import probe_device
+from layerzero_serve.selection._device import probe_device
 from layerzero_serve.selection.plans import ModelShape, base_context, batch_buckets
-from layerzero_serve.spec_decode.coordinator import SpecCoordinator
+from layerzero_serve.spec_decode._coordinator import SpecCoordinator
 from layerzero_serve.types import Request, RequestOutput, TokenLogprob
 
 logger = logging.getLogger("layerzero_serve")

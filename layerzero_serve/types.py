@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from layerzero_serve.sampling.params import SamplingParams
+    from layerzero_serve.sampling._params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):

@@ -1,6 +1,6 @@
 """Continuous-batching scheduler (pure CPU). Installed as ``layerzero_serve.scheduler``."""
 
-from layerzero_serve.scheduler.config import SchedulerConfig
-from layerzero_serve.scheduler.scheduler import Runner, Scheduler
+from layerzero_serve.scheduler._config import SchedulerConfig
+from layerzero_serve.scheduler._scheduler import Runner, Scheduler
 
 __all__ = ["Runner", "Scheduler", "SchedulerConfig"]

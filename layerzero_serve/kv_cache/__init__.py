@@ -1,10 +1,10 @@
 """Paged KV cache: block pool, prefix cache, KV tensors and block-table metadata."""
 
-from layerzero_serve.kv_cache.block_pool import NULL_BLOCK_ID, Block, BlockPool
-from layerzero_serve.kv_cache.hashing import HASH_ALGORITHMS
-from layerzero_serve.kv_cache.integrity import IntegrityError
-from layerzero_serve.kv_cache.manager import KVCacheManager, PrefixMatch
-from layerzero_serve.kv_cache.storage import (
+from layerzero_serve.kv_cache._block_pool import NULL_BLOCK_ID, Block, BlockPool
+from layerzero_serve.kv_cache._hashing import HASH_ALGORITHMS
+from layerzero_serve.kv_cache._integrity import IntegrityError
+from layerzero_serve.kv_cache._manager import KVCacheManager, PrefixMatch
+from layerzero_serve.kv_cache._storage import (
     KVCache,
     KVCacheSpec,
     build_block_table,

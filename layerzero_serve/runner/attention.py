@@ -18,8 +18,8 @@ import torch
 from layerzero_serve.kernels.attention_api import KVWriter, PagedAttentionImpl
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.spec import KernelContext
-from layerzero_serve.kv_cache.storage import KVCache
-from layerzero_serve.selection.selector import KernelChoice
+from layerzero_serve.kv_cache._storage import KVCache
+from layerzero_serve.selection._selector import KernelChoice
 
 
 @dataclass(slots=True)
@@ -76,9 +76,9 @@ def build_attention(
     """
     from layerzero_serve.errors import ValidationError
     from layerzero_serve.kernels.spec import Op
-    from layerzero_serve.selection.device import probe_device
+    from layerzero_serve.selection._device import probe_device
+    from layerzero_serve.selection._selector import get_selector
     from layerzero_serve.selection.plans import ModelShape, base_context
-    from layerzero_serve.selection.selector import get_selector
 
     spec = kv_cache.spec
     hkv = spec.num_kv_heads

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from layerzero_serve.kernels.metadata import AttentionMetadata
-from layerzero_serve.kv_cache.storage import KVCache
+from layerzero_serve.kv_cache._storage import KVCache
 from layerzero_serve.runner.attention import AttentionDispatch
 
 logger = logging.getLogger("layerzero_serve")

@@ -5,10 +5,10 @@
 ``DeviceSample.to_host()`` (the step's one device-to-host copy) -> ``HostSample``.
 """
 
-from layerzero_serve.sampling.batch import SamplingBatch, SamplingPlan
-from layerzero_serve.sampling.outputs import DeviceSample, HostSample
-from layerzero_serve.sampling.params import SamplingParams
-from layerzero_serve.sampling.sampler import Sampler
+from layerzero_serve.sampling._batch import SamplingBatch, SamplingPlan
+from layerzero_serve.sampling._outputs import DeviceSample, HostSample
+from layerzero_serve.sampling._params import SamplingParams
+from layerzero_serve.sampling._sampler import Sampler
 
 __all__ = [
     "DeviceSample",

@@ -6,9 +6,8 @@
 """
 
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op, Reason, Rejection
-from layerzero_serve.selection.device import FAKE_DEVICES, DeviceInfo, fake_device, probe_device
-from layerzero_serve.selection.plans import ModelShape, batch_buckets, model_plans, select_plans
-from layerzero_serve.selection.policy import (
+from layerzero_serve.selection._device import FAKE_DEVICES, DeviceInfo, fake_device, probe_device
+from layerzero_serve.selection._policy import (
     Policy,
     PolicyError,
     configure,
@@ -17,8 +16,8 @@ from layerzero_serve.selection.policy import (
     prefer,
     reload_policy,
 )
-from layerzero_serve.selection.report import SelectionReport, explain
-from layerzero_serve.selection.selector import (
+from layerzero_serve.selection._report import SelectionReport, explain
+from layerzero_serve.selection._selector import (
     BackendState,
     Candidate,
     KernelChoice,
@@ -28,6 +27,7 @@ from layerzero_serve.selection.selector import (
     get_selector,
     set_selector,
 )
+from layerzero_serve.selection.plans import ModelShape, batch_buckets, model_plans, select_plans
 
 
 def select(op: Op, ctx: KernelContext) -> KernelChoice:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from layerzero_serve.kernels.spec import KernelContext, Op
-from layerzero_serve.selection.device import DeviceInfo
-from layerzero_serve.selection.selector import KernelChoice, Selector, get_selector
+from layerzero_serve.selection._device import DeviceInfo
+from layerzero_serve.selection._selector import KernelChoice, Selector, get_selector
 
 
 def batch_buckets(max_batch: int, step: int = 8) -> list[int]:

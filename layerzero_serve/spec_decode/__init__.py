@@ -3,7 +3,7 @@ sampling), acceptance metrics and the adaptive choice of the number of drafts.
 
 * :class:`Proposer` / :class:`NgramProposer`: up to ``k`` draft ids per request on the host.
 * :func:`rejection_sample` (torch reference) and the Triton kernel
-  ``layerzero_serve.kernels.triton.rejection_sampling``: verify ``[B, k]`` drafts against the
+  ``layerzero_serve.kernels._triton.rejection_sampling``: verify ``[B, k]`` drafts against the
   target's ``[B, k+1, V]`` distributions, CUDA-graph safe; :func:`draw_randoms` makes their
   random inputs; :func:`greedy_verify` for argmax-only greedy batches.
 * :class:`SpecDecodeMetrics`: acceptance counts, per position and per request.
@@ -12,7 +12,7 @@ sampling), acceptance metrics and the adaptive choice of the number of drafts.
 
 from __future__ import annotations
 
-from layerzero_serve.spec_decode.adaptive import (
+from layerzero_serve.spec_decode._adaptive import (
     AdaptiveK,
     LinearStepCost,
     StepCostModel,
@@ -20,11 +20,11 @@ from layerzero_serve.spec_decode.adaptive import (
     expected_speedup,
     expected_tokens,
 )
-from layerzero_serve.spec_decode.metrics import RequestSpecStats, SpecDecodeMetrics
-from layerzero_serve.spec_decode.ngram import NgramProposer, find_ngram_match
-from layerzero_serve.spec_decode.ngram_index import NgramIndex
-from layerzero_serve.spec_decode.proposer import MAX_K, Proposer
-from layerzero_serve.spec_decode.rejection import (
+from layerzero_serve.spec_decode._metrics import RequestSpecStats, SpecDecodeMetrics
+from layerzero_serve.spec_decode._ngram import NgramProposer, find_ngram_match
+from layerzero_serve.spec_decode._ngram_index import NgramIndex
+from layerzero_serve.spec_decode._proposer import MAX_K, Proposer
+from layerzero_serve.spec_decode._rejection import (
     TorchRejectionSampler,
     draw_randoms,
     greedy_verify,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from layerzero_serve.errors import ValidationError
-from layerzero_serve.spec_decode.proposer import MAX_K, Proposer, check_int
+from layerzero_serve.spec_decode._proposer import MAX_K, Proposer, check_int
 from layerzero_serve.types import Request, SchedulerOutput
 
 logger = logging.getLogger("layerzero_serve")
@@ -63,10 +63,10 @@ class DraftModelProposer(Proposer):
         graph_buckets: Sequence[int] | None = None,
     ) -> None:
         # Imported here: the engine stack imports this package (config -> proposer).
+        from layerzero_serve._model_source import load_model_source
         from layerzero_serve.config import EngineConfig
         from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
-        from layerzero_serve.model_source import load_model_source
-        from layerzero_serve.runner.model_runner import ModelRunner, optimize_model
+        from layerzero_serve.runner._model_runner import ModelRunner, optimize_model
         from layerzero_serve.sampling import Sampler, SamplingParams
         from layerzero_serve.selection.plans import ModelShape
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from layerzero_serve.kernels.sampling_api import draw_inverse_cdf, filter_weights
-from layerzero_serve.sampling.params import SamplingParams
-from layerzero_serve.sampling.processors import FAILURE_DETAILS, row_max_and_flags
-from layerzero_serve.spec_decode.rejection import greedy_verify
+from layerzero_serve.sampling._params import SamplingParams
+from layerzero_serve.sampling._processors import FAILURE_DETAILS, row_max_and_flags
+from layerzero_serve.spec_decode._rejection import greedy_verify
 
 
 def can_speculate(params: SamplingParams | None) -> bool:

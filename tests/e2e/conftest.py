@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerzero_serve.default_model import ensure_default_model
+from layerzero_serve._default_model import ensure_default_model
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from layerzero_serve.cli import main
+from layerzero_serve._cli import main
 from layerzero_serve.config import EngineConfig
 from layerzero_serve.engine import Engine
 from layerzero_serve.errors import RequestRejectedError, ValidationError

@@ -59,7 +59,7 @@ class _Flaky:
     """A decode kernel that fails at run time (an injected fault)."""
 
     def __init__(self, ctx):
-        from layerzero_serve.kernels.torch_backend import TorchPagedAttention
+        from layerzero_serve.kernels._torch_backend import TorchPagedAttention
 
         self.inner = TorchPagedAttention(ctx)
         self.name = "flaky.decode"
@@ -75,7 +75,7 @@ class _Flaky:
 
 
 def _selector_with_flaky() -> Selector:
-    from layerzero_serve.kernels.catalog import all_specs
+    from layerzero_serve.kernels._catalog import all_specs
 
     sel = Selector(specs=list(all_specs()))
     sel.register(

@@ -1,7 +1,7 @@
 """Logit parity with Hugging Face transformers (the oracle) for every supported architecture.
 
 Tiny random checkpoints are written with ``save_pretrained`` (fp32), loaded with
-``layerzero_serve.models.load_model`` and run through a small paged reference attention defined
+``layerzero_serve._models.load_model`` and run through a small paged reference attention defined
 here (it honours ``slot_mapping`` / ``block_tables`` like the runtime's kernels do). Checked:
 prefill of single prompts, several prompts packed in one forward, and chunked prefill followed
 by token-by-token decode through the paged cache, all against ``hf(input_ids).logits``.
@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
+from layerzero_serve._models import LlamaForCausalLM, load_model
 from layerzero_serve.kernels.metadata import AttentionMetadata
-from layerzero_serve.models import LlamaForCausalLM, load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -252,7 +252,7 @@ def test_drafts_cut_by_a_tiny_token_budget_keep_greedy_output(budget):
 def test_stop_token_inside_accepted_drafts(monkeypatch):
     """The draft model equal to the target accepts every draft, so stops land inside runs of
     accepted drafts: the tokens after the stop are dropped, the blocks committed and freed."""
-    from layerzero_serve.scheduler.scheduler import Scheduler
+    from layerzero_serve.scheduler._scheduler import Scheduler
 
     cut = []
     append = Scheduler._append

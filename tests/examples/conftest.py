@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from layerzero_serve.default_model import ensure_default_model
+from layerzero_serve._default_model import ensure_default_model
 from layerzero_serve.selection import configure, set_selector
 
 

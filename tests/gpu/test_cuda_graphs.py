@@ -81,7 +81,7 @@ def test_graph_decode_kernels_are_selected_per_bucket(engine):
 def test_flashinfer_graph_decode_replay_equals_eager():
     """FlashInfer's decode locked for the graphs (plan per step on the host, fixed buffers per
     bucket): replay equals the eager run of the same padded batch under the same plan."""
-    from layerzero_serve.kernels.backends import probe_backend
+    from layerzero_serve.kernels._backends import probe_backend
     from layerzero_serve.selection import configure
 
     if not probe_backend("flashinfer").available:

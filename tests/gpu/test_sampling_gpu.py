@@ -21,11 +21,11 @@ if not torch.cuda.is_available():  # pragma: no cover - CPU CI
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
 from test_sampling_reference import filtered_probs, gof_pvalue, logits_from_probs  # noqa: E402
 
-from layerzero_serve.kernels.catalog import all_specs  # noqa: E402
+from layerzero_serve.kernels._catalog import all_specs  # noqa: E402
 from layerzero_serve.kernels.sampling_api import TorchSamplingKernel  # noqa: E402
 from layerzero_serve.kernels.spec import KernelContext, Op  # noqa: E402
 from layerzero_serve.sampling import Sampler, SamplingParams  # noqa: E402
-from layerzero_serve.sampling.rows import CallRow  # noqa: E402
+from layerzero_serve.sampling._rows import CallRow  # noqa: E402
 
 DEV = "cuda"
 

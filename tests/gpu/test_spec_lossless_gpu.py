@@ -27,10 +27,10 @@ from test_spec_lossless import (  # noqa: E402
     single_position_failures,
 )
 
-from layerzero_serve.kernels.triton.rejection_sampling import (  # noqa: E402
+from layerzero_serve.kernels._triton.rejection_sampling import (  # noqa: E402
     triton_rejection_sample,
 )
-from layerzero_serve.spec_decode.rejection import draw_randoms, rejection_sample  # noqa: E402
+from layerzero_serve.spec_decode._rejection import draw_randoms, rejection_sample  # noqa: E402
 
 TRIALS = 1_000_000
 SAMPLERS = {"torch": rejection_sample, "triton": triton_rejection_sample}

@@ -22,18 +22,19 @@ import numpy as np
 import pytest
 import torch
 
-from layerzero_serve.kernels import backends, torch_ref
-from layerzero_serve.kernels.backends import (
+from layerzero_serve.kernels import _backends as backends
+from layerzero_serve.kernels import torch_ref
+from layerzero_serve.kernels._backends import (
     BACKENDS,
     BackendStatus,
     clear_probe_cache,
     probe_all,
     probe_backend,
 )
-from layerzero_serve.kernels.catalog import all_specs
+from layerzero_serve.kernels._catalog import all_specs
+from layerzero_serve.kernels._torch_backend import TorchPagedAttention
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.spec import KernelContext, Op, Reason
-from layerzero_serve.kernels.torch_backend import TorchPagedAttention
 
 ATTN_OPS = (Op.ATTN_DECODE, Op.ATTN_PREFILL, Op.ATTN_VERIFY)
 THIRD_PARTY = ("flashinfer", "flash_attn", "flash_attn_interface", "xformers", "liger_kernel")
@@ -133,7 +134,7 @@ def test_every_spec_has_unique_name_known_backend_and_factory():
 def test_importing_the_catalog_imports_no_kernel_library():
     code = (
         "import sys\n"
-        "from layerzero_serve.kernels.catalog import all_specs\n"
+        "from layerzero_serve.kernels._catalog import all_specs\n"
         "all_specs()\n"
         f"print([m for m in {THIRD_PARTY!r} if m in sys.modules])\n"
     )
@@ -654,7 +655,7 @@ def _need_cuda():
 
 
 def _device_ctx(op, dtype, d, hq, hkv, bs, batch, q_len, graph=False):
-    from layerzero_serve.selection.device import generation_of
+    from layerzero_serve.selection._device import generation_of
 
     major, minor = torch.cuda.get_device_capability()
     sm = major * 10 + minor

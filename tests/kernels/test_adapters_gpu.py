@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from layerzero_serve.kernels import torch_ref
-from layerzero_serve.kernels.backends import probe_backend
-from layerzero_serve.kernels.catalog import all_specs
+from layerzero_serve.kernels._backends import probe_backend
+from layerzero_serve.kernels._catalog import all_specs
+from layerzero_serve.kernels._torch_backend import TorchPagedAttention
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.spec import KernelContext, Op
-from layerzero_serve.kernels.torch_backend import TorchPagedAttention
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -99,7 +99,7 @@ def _check(impl, cache, meta, hq, d, dtype, rng):
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_flashinfer_decode_matches_reference(dtype, bs, gqa, batch):
     _need("flashinfer")
-    from layerzero_serve.kernels.flashinfer_backend import FlashInferDecode
+    from layerzero_serve.kernels._flashinfer_backend import FlashInferDecode
 
     rng = np.random.default_rng(batch * 100 + gqa * 10 + bs)
     hkv, d = 2 if gqa > 1 else 8, 128
@@ -124,7 +124,7 @@ def test_flashinfer_decode_matches_reference(dtype, bs, gqa, batch):
 )
 def test_flashinfer_prefill_matches_reference(dtype, bs, gqa, kind):
     _need("flashinfer")
-    from layerzero_serve.kernels.flashinfer_backend import FlashInferPrefill
+    from layerzero_serve.kernels._flashinfer_backend import FlashInferPrefill
 
     d, hkv = 128, 2
     rng = np.random.default_rng(hash((bs, gqa, kind)) % 2**32)
@@ -142,7 +142,7 @@ def test_flashinfer_prefill_matches_reference(dtype, bs, gqa, kind):
 
 def test_flashinfer_decode_graph_replay_matches_eager():
     _need("flashinfer")
-    from layerzero_serve.kernels.flashinfer_backend import FlashInferDecode
+    from layerzero_serve.kernels._flashinfer_backend import FlashInferDecode
 
     dtype, d, hkv, hq, bs, b = torch.bfloat16, 128, 2, 8, 16, 8
     rng = np.random.default_rng(5)
@@ -189,7 +189,7 @@ def test_unavailable_adapters_report_a_reason(backend):
 
 def test_liger_ops_match_torch():
     _need("liger_kernel")
-    from layerzero_serve.kernels.liger_backend import LigerRMSNorm, LigerRoPE, LigerSwiGLU
+    from layerzero_serve.kernels._liger_backend import LigerRMSNorm, LigerRoPE, LigerSwiGLU
 
     torch.manual_seed(0)
     x = torch.randn(37, 512, dtype=torch.bfloat16, device="cuda")
@@ -224,7 +224,7 @@ def test_flashinfer_append_kv_writes_what_the_torch_scatter_writes(dtype, bs):
     """Mixed step (prefill, extend, decodes) plus trailing padding tokens: the cache after the
     FlashInfer append is bitwise the cache after the reference scatter."""
     _need("flashinfer")
-    from layerzero_serve.kernels.flashinfer_backend import FlashInferKVAppend
+    from layerzero_serve.kernels._flashinfer_backend import FlashInferKVAppend
 
     rng = np.random.default_rng(bs)
     q_lens, kv_lens = [37, 5, 1, 1, 1], [37, 300, 1, 4096, 17]
@@ -267,7 +267,7 @@ def test_flashinfer_sampling_matches_the_filtered_distribution(k, top_p, min_p):
     _need("flashinfer")
     from scipy.stats import chisquare
 
-    from layerzero_serve.kernels.flashinfer_backend import FlashInferSampling
+    from layerzero_serve.kernels._flashinfer_backend import FlashInferSampling
 
     rng = np.random.default_rng(k)
     vocab, rows, calls = 257, 20000, 50
@@ -294,7 +294,7 @@ def test_flashinfer_sampling_matches_the_filtered_distribution(k, top_p, min_p):
 
 def test_flashinfer_sampling_replays_in_a_cuda_graph_with_fresh_draws():
     _need("flashinfer")
-    from layerzero_serve.kernels.flashinfer_backend import FlashInferSampling
+    from layerzero_serve.kernels._flashinfer_backend import FlashInferSampling
 
     rows, vocab = 64, 32000
     s = FlashInferSampling(None)

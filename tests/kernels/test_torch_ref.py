@@ -25,7 +25,7 @@ from layerzero_serve.kernels.torch_ref import (
     paged_decode,
     write_kv,
 )
-from layerzero_serve.kv_cache.storage import build_block_table, build_slot_mapping
+from layerzero_serve.kv_cache._storage import build_block_table, build_slot_mapping
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (atol, rtol) of outputs in the given dtype vs the float64 oracle on the same (rounded) inputs:

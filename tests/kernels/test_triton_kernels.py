@@ -1,4 +1,4 @@
-"""The Triton kernels (kernels/triton/) against a float64 torch oracle written here.
+"""The Triton kernels (kernels/_triton/) against a float64 torch oracle written here.
 
 The oracle gathers each sequence's K/V block by block from the Python list of its block ids
 (never through the block table tensor), builds the causal mask from explicit positions and
@@ -24,16 +24,16 @@ import torch
 pytest.importorskip("triton")
 
 from layerzero_serve.kernels import torch_ref  # noqa: E402
-from layerzero_serve.kernels.metadata import AttentionMetadata  # noqa: E402
-from layerzero_serve.kernels.spec import KernelContext, Op  # noqa: E402
-from layerzero_serve.kernels.triton.backend import SPECS, TritonPagedAttention  # noqa: E402
-from layerzero_serve.kernels.triton.kv_write import triton_write_kv  # noqa: E402
-from layerzero_serve.kernels.triton.paged_decode import (  # noqa: E402
+from layerzero_serve.kernels._triton.backend import SPECS, TritonPagedAttention  # noqa: E402
+from layerzero_serve.kernels._triton.kv_write import triton_write_kv  # noqa: E402
+from layerzero_serve.kernels._triton.paged_decode import (  # noqa: E402
     choose_num_splits,
     triton_paged_decode,
 )
-from layerzero_serve.kernels.triton.paged_prefill import triton_paged_prefill  # noqa: E402
-from layerzero_serve.kv_cache.storage import build_block_table  # noqa: E402
+from layerzero_serve.kernels._triton.paged_prefill import triton_paged_prefill  # noqa: E402
+from layerzero_serve.kernels.metadata import AttentionMetadata  # noqa: E402
+from layerzero_serve.kernels.spec import KernelContext, Op  # noqa: E402
+from layerzero_serve.kv_cache._storage import build_block_table  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 CPU = "cpu"

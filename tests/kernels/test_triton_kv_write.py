@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from layerzero_serve.kernels import torch_ref  # noqa: E402
-from layerzero_serve.kernels.triton.kv_write import triton_write_kv  # noqa: E402
+from layerzero_serve.kernels._triton.kv_write import triton_write_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

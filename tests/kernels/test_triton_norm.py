@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerzero_serve.kernels.triton.norm import TritonRMSNorm, triton_add_rmsnorm, triton_rmsnorm
+from layerzero_serve.kernels._triton.norm import TritonRMSNorm, triton_add_rmsnorm, triton_rmsnorm
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}

@@ -15,13 +15,13 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from layerzero_serve.kernels.catalog import all_specs  # noqa: E402
-from layerzero_serve.kernels.spec import KernelContext, Op, Reason  # noqa: E402
-from layerzero_serve.kernels.triton.rejection_sampling import (  # noqa: E402
+from layerzero_serve.kernels._catalog import all_specs  # noqa: E402
+from layerzero_serve.kernels._triton.rejection_sampling import (  # noqa: E402
     TritonRejectionSampler,
     triton_rejection_sample,
 )
-from layerzero_serve.spec_decode.rejection import draw_randoms, rejection_sample  # noqa: E402
+from layerzero_serve.kernels.spec import KernelContext, Op, Reason  # noqa: E402
+from layerzero_serve.spec_decode._rejection import draw_randoms, rejection_sample  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

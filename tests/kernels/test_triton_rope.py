@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from layerzero_serve.kernels.triton.rope import triton_rope_  # noqa: E402
-from layerzero_serve.models.layers import apply_rope  # noqa: E402
+from layerzero_serve._models.layers import apply_rope  # noqa: E402
+from layerzero_serve.kernels._triton.rope import triton_rope_  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
 
 from test_sampling_reference import filtered_probs, gof_pvalue, logits_from_probs  # noqa: E402
 
-from layerzero_serve.kernels.catalog import all_specs  # noqa: E402
-from layerzero_serve.kernels.sampling_api import TorchSamplingKernel, filter_weights  # noqa: E402
-from layerzero_serve.kernels.spec import KernelContext, Op  # noqa: E402
-from layerzero_serve.kernels.triton.sampling import (  # noqa: E402
+from layerzero_serve.kernels._catalog import all_specs  # noqa: E402
+from layerzero_serve.kernels._triton.sampling import (  # noqa: E402
     TritonSamplingKernel,
     triton_sample,
 )
+from layerzero_serve.kernels.sampling_api import TorchSamplingKernel, filter_weights  # noqa: E402
+from layerzero_serve.kernels.spec import KernelContext, Op  # noqa: E402
 from layerzero_serve.sampling import Sampler, SamplingParams  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,7 +146,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from layerzero_serve.kernels.triton import sampling
+from layerzero_serve.kernels._triton import sampling
 sig = {"probs_ptr": "*fp32", "stride_b": "i32", "top_k_ptr": "*i32", "top_p_ptr": "*fp32",
        "min_p_ptr": "*fp32", "seed_ptr": "*i64", "offset_ptr": "*i64", "out_ptr": "*i64",
        "B": "i32", "V": "i32", "BLOCK_B": "constexpr", "BLOCK_V": "constexpr",

@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_sampling_reference import filtered_probs, gof_pvalue  # noqa: E402
 from test_triton_sampling import ALPHA_PER_CASE, CASES, _case_logits  # noqa: E402
 
-from layerzero_serve.kernels.catalog import all_specs  # noqa: E402
-from layerzero_serve.kernels.sampling_api import TorchSamplingKernel, filter_weights  # noqa: E402
-from layerzero_serve.kernels.spec import KernelContext, Op  # noqa: E402
-from layerzero_serve.kernels.triton.topk_sampling import (  # noqa: E402
+from layerzero_serve.kernels._catalog import all_specs  # noqa: E402
+from layerzero_serve.kernels._triton.topk_sampling import (  # noqa: E402
     TritonTopKSamplingKernel,
     triton_sample_logits,
 )
+from layerzero_serve.kernels.sampling_api import TorchSamplingKernel, filter_weights  # noqa: E402
+from layerzero_serve.kernels.spec import KernelContext, Op  # noqa: E402
 from layerzero_serve.sampling import Sampler, SamplingParams  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,7 +166,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from layerzero_serve.kernels.triton import topk_sampling as m
+from layerzero_serve.kernels._triton import topk_sampling as m
 built = m._kernels()
 t = lambda names, ty: {n: ty for n in names.split()}
 sigs = {

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from layerzero_serve.cli import main
+from layerzero_serve._cli import main
 from layerzero_serve.selection import configure, reload_policy, set_selector
 
 

@@ -1,4 +1,4 @@
-"""Config parsing, checkpoint loading and dummy presets of ``layerzero_serve.models``."""
+"""Config parsing, checkpoint loading and dummy presets of ``layerzero_serve._models``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from layerzero_serve.errors import MissingWeightError, UnsupportedModelError, ValidationError
-from layerzero_serve.models import (
+from layerzero_serve._models import (
     DUMMY_PRESETS,
     LlamaForCausalLM,
     ModelConfig,
@@ -18,7 +17,8 @@ from layerzero_serve.models import (
     load_config,
     load_model,
 )
-from layerzero_serve.models.layers import rope_inv_freq
+from layerzero_serve._models.layers import rope_inv_freq
+from layerzero_serve.errors import MissingWeightError, UnsupportedModelError, ValidationError
 
 transformers = pytest.importorskip("transformers")
 
@@ -404,7 +404,7 @@ def test_meta_construction_stays_cheap(tmp_path):
     code = (
         "import sys, torch\n"
         "if 'torch._dynamo' in sys.modules: print('preloaded'); raise SystemExit\n"
-        "from layerzero_serve.models import LlamaForCausalLM, build_dummy_model, load_config\n"
+        "from layerzero_serve._models import LlamaForCausalLM, build_dummy_model, load_config\n"
         "build_dummy_model('dummy:tiny')\n"
         f"LlamaForCausalLM(load_config({str(tmp_path)!r}), device='meta')\n"
         "print('torch._dynamo' in sys.modules)\n"

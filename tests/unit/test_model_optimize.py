@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from layerzero_serve._models import build_dummy_model
+from layerzero_serve._models.layers import apply_rope
 from layerzero_serve.kernels import torch_ref
 from layerzero_serve.kernels.metadata import AttentionMetadata
-from layerzero_serve.models import build_dummy_model
-from layerzero_serve.models.layers import apply_rope
 
 
 def _dense_attn(layer, q, k, v, meta: AttentionMetadata):

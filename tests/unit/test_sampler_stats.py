@@ -19,7 +19,7 @@ import torch
 from test_sampling_reference import filtered_probs, gof_pvalue, logits_from_probs
 
 from layerzero_serve.sampling import Sampler, SamplingParams
-from layerzero_serve.sampling.rows import CallRow
+from layerzero_serve.sampling._rows import CallRow
 
 N_DRAWS = 100_000
 ALPHA = 1e-3

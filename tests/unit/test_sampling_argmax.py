@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerzero_serve.sampling.processors import greedy_and_flags, row_argmax, row_max_and_flags
+from layerzero_serve.sampling._processors import greedy_and_flags, row_argmax, row_max_and_flags
 
 
 @pytest.mark.parametrize("vocab", [32000, 128256, 151936, 4099])

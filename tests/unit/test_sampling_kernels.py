@@ -20,7 +20,7 @@ from layerzero_serve.kernels.sampling_api import (
 )
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
 from layerzero_serve.sampling import Sampler, SamplingParams
-from layerzero_serve.sampling.kernels import select_sampling_kernels
+from layerzero_serve.sampling._kernels import select_sampling_kernels
 from layerzero_serve.selection import BackendState, Selector, configure, reload_policy
 
 M64 = (1 << 64) - 1
@@ -187,7 +187,7 @@ def _clean_policy():
 
 
 def _selector(fake: _FakeKernel) -> Selector:
-    from layerzero_serve.kernels.torch_backend import SPECS as TORCH_SPECS
+    from layerzero_serve.kernels._torch_backend import SPECS as TORCH_SPECS
 
     torch_sampler = next(s for s in TORCH_SPECS if s.op == Op.SAMPLING)
     spec = KernelSpec(

@@ -10,8 +10,8 @@ import torch
 from test_sampling_reference import process_logits as ref_process
 
 from layerzero_serve.sampling import Sampler, SamplingParams
-from layerzero_serve.sampling.processors import FAILURE_DETAILS, process_logits
-from layerzero_serve.sampling.rows import CallRow
+from layerzero_serve.sampling._processors import FAILURE_DETAILS, process_logits
+from layerzero_serve.sampling._rows import CallRow
 
 V = 64
 EOS = 2

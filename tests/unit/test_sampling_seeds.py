@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from layerzero_serve.sampling import Sampler, SamplingParams
-from layerzero_serve.sampling.rows import CallRow
+from layerzero_serve.sampling._rows import CallRow
 
 V = 48
 STEPS = 20

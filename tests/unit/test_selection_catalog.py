@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from layerzero_serve.kernels.catalog import all_specs
+from layerzero_serve.kernels._catalog import all_specs
 from layerzero_serve.kernels.spec import Op, Reason
 from layerzero_serve.selection import (
     FAKE_DEVICES,

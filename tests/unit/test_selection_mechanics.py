@@ -20,7 +20,7 @@ from layerzero_serve.selection import (
     prefer,
     reload_policy,
 )
-from layerzero_serve.selection.policy import parse_env_policy
+from layerzero_serve.selection._policy import parse_env_policy
 
 OK = BackendState(True, "1.0", "")
 CTX = KernelContext(Op.ATTN_DECODE, sm=90, generation="hopper", dtype="bfloat16", head_dim=128)
@@ -222,7 +222,7 @@ def test_locked_runtime_failure_reraises():
 def test_import_failure_makes_backend_unavailable(monkeypatch):
     import importlib
 
-    from layerzero_serve.selection.selector import _probe_backends
+    from layerzero_serve.selection._selector import _probe_backends
 
     real = importlib.import_module
 
@@ -231,7 +231,7 @@ def test_import_failure_makes_backend_unavailable(monkeypatch):
             raise ImportError("libcudart.so.13: cannot open shared object file")
         return real(name, *a, **k)
 
-    kb = pytest.importorskip("layerzero_serve.kernels.backends")
+    kb = pytest.importorskip("layerzero_serve.kernels._backends")
     kb.clear_probe_cache()
     monkeypatch.setattr(importlib, "import_module", fake_import)
     st = _probe_backends("flashinfer")
@@ -290,7 +290,7 @@ def test_cached_lookups_make_no_new_decisions():
 
 
 def test_register_backend_makes_a_user_kernel_selectable():
-    from layerzero_serve.kernels.catalog import all_specs
+    from layerzero_serve.kernels._catalog import all_specs
 
     sel = Selector(specs=list(all_specs()))
     spec = KernelSpec(

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from layerzero_serve.errors import ValidationError
-from layerzero_serve.spec_decode.adaptive import (
+from layerzero_serve.spec_decode._adaptive import (
     AdaptiveK,
     LinearStepCost,
     TableStepCost,

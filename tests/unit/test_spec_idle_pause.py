@@ -7,7 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from layerzero_serve.sampling import SamplingParams
-from layerzero_serve.spec_decode.coordinator import MAX_IDLE_PAUSE, SpecCoordinator
+from layerzero_serve.spec_decode._coordinator import MAX_IDLE_PAUSE, SpecCoordinator
 
 
 class CountingProposer:
@@ -91,7 +91,7 @@ def test_without_adaptive_k_the_proposer_is_asked_every_step():
 
 
 def test_draft_graph_buckets_only_on_cuda_with_graphs():
-    from layerzero_serve.spec_decode.coordinator import _draft_graph_buckets
+    from layerzero_serve.spec_decode._coordinator import _draft_graph_buckets
 
     cfg = SimpleNamespace(enforce_eager=False, max_graph_batch=None, max_num_seqs=256)
     cuda = SimpleNamespace(device=SimpleNamespace(type="cuda"))

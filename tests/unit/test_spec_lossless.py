@@ -21,7 +21,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from layerzero_serve.spec_decode.rejection import draw_randoms, rejection_sample
+from layerzero_serve.spec_decode._rejection import draw_randoms, rejection_sample
 
 TRIALS = int(os.environ.get("LZ_SPEC_TRIALS", "40000"))
 JOINT_SEQS = 5 * TRIALS  # sequences are cheaper than pairs (8 tokens, 4 steps at most)

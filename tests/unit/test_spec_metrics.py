@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layerzero_serve.errors import ValidationError
-from layerzero_serve.spec_decode.metrics import RequestSpecStats, SpecDecodeMetrics
+from layerzero_serve.spec_decode._metrics import RequestSpecStats, SpecDecodeMetrics
 
 
 def test_counts_per_position_and_aggregate():

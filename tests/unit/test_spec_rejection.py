@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from layerzero_serve.errors import ValidationError
-from layerzero_serve.kernels.catalog import all_specs
+from layerzero_serve.kernels._catalog import all_specs
 from layerzero_serve.kernels.spec import KernelContext, Op
-from layerzero_serve.spec_decode.rejection import (
+from layerzero_serve.spec_decode._rejection import (
     TorchRejectionSampler,
     draw_randoms,
     greedy_verify,

@@ -1,0 +1,354 @@
+"""Sampling straight from logits: exact top-K candidates, then filters and the draw on those
+candidates (no softmax over the vocabulary, no sort of it).
+
+``triton_sample_logits(logits, temperature, top_k, top_p, min_p, seed, offset) -> int64 [B]``
+draws with the semantics and random numbers of :mod:`layerzero_serve.kernels.sampling_api`
+from ``softmax(logits / temperature)``. Four launches, the logits read twice:
+
+1. ``_chunk_stats`` (grid ``B x S`` chunks): each chunk's max logit and softmax partial sum.
+2. ``_threshold`` (grid ``B``): ``tau``, the K-th largest chunk maximum. Those K maxima are K
+   distinct logits, so every one of the row's first K tokens has ``x >= tau``.
+3. ``_compact`` (grid ``B x S``): logits ``>= tau`` are appended, as unique int64 keys
+   ``(order-preserving bits of x) << 32 | (2^31 - 1 - id)``, to the row's candidate list
+   (typically ~100 entries for 128k logits). Keys sort by descending logit and, among equal
+   logits, ascending id: the ranking's tie rule, so ties at tau or at any cut are exact.
+4. ``_draw`` (grid ``B``): the K largest candidate keys are the first K tokens of the ranking.
+   When ``top_k <= K``, or when top-k is off and the top-p prefix closes within those K (its
+   mass reaches ``top_p`` of the full softmax mass, known from the partials), every filter is
+   decided on them: top-k by rank, top-p by the mass before each rank, min-p against the best
+   weight; then the inverse CDF in token-id order with ``counter_uniform(seed, offset)``
+   (pairwise prefix sums over ``K x K``). Any other row (top-k above K, plain sampling, a wide
+   top-p, a candidate list past its capacity) streams its row through the bisection kernel of
+   :mod:`~layerzero_serve.kernels._triton.sampling` on ``exp((x - x_max) / T)``.
+
+Position-invariant (a row's token depends on its logits, parameters, seed and offset only; the
+atomic append order does not matter, the keys are ranked) and graph-safe (no host
+synchronisation; grids depend on shapes only). Rows whose logits hold NaN or +inf, or are all
+-inf, return some token in ``[0, V)``; the sampler flags those rows and discards it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from layerzero_serve.kernels._triton import sampling as streaming
+from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
+
+__all__ = ["SPECS", "TritonTopKSamplingKernel", "triton_sample_logits"]
+
+tl = None
+_counter_uniform = _sample_rows = None  # the streaming module's jitted helpers, set on first use
+_JIT_NAMES = ("_top_keys", "_decode_keys", "_chunk_stats", "_threshold", "_compact", "_draw")
+_built: dict = {}
+
+K_DEFAULT = 64  # candidates per row: top_k <= 64 (the common 20/40/50) never streams the row
+CAP_DEFAULT = 1024  # logits >= tau kept per row (typically ~100); more: that row streams
+KEY_NONE = -(2**63)  # sorts below every real key (masked tail of the last chunk)
+
+
+def _kernels():
+    if not _built:
+        import triton
+        import triton.language
+
+        g = globals()
+        g["tl"] = triton.language
+        streaming._kernel()  # decorates the streaming kernel's helpers, used by the slow path
+        for name in ("_counter_uniform", "_sample_rows"):
+            g[name] = getattr(streaming, name)
+        for name in _JIT_NAMES:
+            g[name] = triton.jit(g[name])
+        for name in ("_chunk_stats", "_threshold", "_compact", "_draw"):
+            _built[name.strip("_")] = g[name]
+        _built["has_topk"] = hasattr(triton.language, "topk")
+    return _built
+
+
+def _top_keys(keys, BLOCK_B: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+              METHOD: tl.constexpr):  # fmt: skip
+    """The ``K`` largest of each row's ``N`` unique int64 keys (``[BLOCK_B, N]`` ->
+    ``[BLOCK_B, K]``), in descending order (``K`` divides ``N``). METHOD 0: ``tl.topk``; 1:
+    ``tl.sort`` (Triton without topk); 2: K max-extractions (the interpreter, whose sort runs a
+    Python callback per element)."""
+    if METHOD == 0:
+        top = tl.topk(keys, K)
+    elif METHOD == 1:
+        ranked = tl.reshape(tl.sort(keys, descending=True), [BLOCK_B, N // K, K])
+        first = tl.arange(0, N // K)[None, :, None] == 0
+        top = tl.sum(tl.where(first, ranked, 0), 1)
+    else:
+        rank = tl.arange(0, K)[None, :]
+        top = tl.zeros([BLOCK_B, K], tl.int64)
+        for i in range(K):
+            best = tl.max(keys, 1)
+            top = tl.where(rank == i, best[:, None], top)
+            keys = tl.where(keys == best[:, None], -9223372036854775807 - 1, keys)
+    return top
+
+
+def _decode_keys(keys):
+    """(logit float32, token id int32) of each key."""
+    hi = (keys >> 32).to(tl.int32)
+    bits = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
+    ids = 0x7FFFFFFF - (keys & 0xFFFFFFFF).to(tl.int32)
+    return bits.to(tl.float32, bitcast=True), ids
+
+
+def _chunk_stats(x_ptr, stride_b, temp_ptr, cmax_ptr, csum_ptr, count_ptr, B, V, S,
+                 BLOCK_B: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """Per chunk: the max logit and ``sum(exp((x - max) / T))``; chunk 0 also zeroes the row's
+    candidate count (this launch precedes every append to it)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    chunk = tl.program_id(1)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = rmask[:, None] & (cols[None, :] < V)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_b + cols[None, :], mask=mask,
+                other=float("-inf"))  # fmt: skip
+    inv_t = 1.0 / tl.load(temp_ptr + rows, mask=rmask, other=1.0)
+    m = tl.max(x, 1)
+    s = tl.sum(tl.exp((x - m[:, None]) * inv_t[:, None]), 1)
+    s = tl.where(m == float("-inf"), 0.0, s)  # an all -inf chunk adds nothing
+    tl.store(cmax_ptr + rows * S + chunk, m, mask=rmask)
+    tl.store(csum_ptr + rows * S + chunk, s, mask=rmask)
+    zero = tl.zeros([BLOCK_B], tl.int32)
+    tl.store(count_ptr + rows, zero, mask=rmask & (zero + chunk == 0))
+
+
+def _threshold(cmax_ptr, tau_ptr, B, S, BLOCK_B: tl.constexpr, NS: tl.constexpr,
+               K: tl.constexpr, METHOD: tl.constexpr):  # fmt: skip
+    """``tau``: the K-th largest chunk maximum. The K largest chunk maxima are K distinct
+    logits, so the row's K-th largest logit is >= tau: the first K tokens of the ranking all
+    have ``x >= tau`` (needs ``S >= K``)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    c = tl.arange(0, NS)
+    cmask = rmask[:, None] & (c[None, :] < S)
+    m = tl.load(cmax_ptr + rows[:, None] * S + c[None, :], mask=cmask, other=float("-inf"))
+    bits = m.to(tl.int32, bitcast=True)
+    order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    keys = (order.to(tl.int64) << 32) | c[None, :].to(tl.int64)  # unique per row
+    keys = tl.where(cmask, keys, -9223372036854775807 - 1)
+    top = _top_keys(keys, BLOCK_B, NS, K, METHOD)
+    tau, _ = _decode_keys(tl.min(top, 1))
+    tl.store(tau_ptr + rows, tau, mask=rmask)
+
+
+def _compact(x_ptr, stride_b, tau_ptr, count_ptr, cand_ptr, B, V, CAP, BLOCK_B: tl.constexpr,
+             CHUNK: tl.constexpr, USE_TAU: tl.constexpr):  # fmt: skip
+    """Append the keys of the chunk's logits ``>= tau`` (finite) to the row's candidate list
+    (an atomic counter gives each chunk its range; the order does not matter, the keys are
+    ranked later). Keys past ``CAP`` are dropped; the count still says how many there were."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    cols = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    mask = rmask[:, None] & (cols[None, :] < V)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_b + cols[None, :], mask=mask,
+                other=float("-inf"))  # fmt: skip
+    if USE_TAU:
+        tau = tl.load(tau_ptr + rows, mask=rmask, other=float("inf"))
+        survive = mask & (x >= tau[:, None]) & (x > float("-inf"))
+    else:
+        survive = mask & (x > float("-inf"))
+    n = tl.sum(survive.to(tl.int32), 1)
+    start = tl.atomic_add(count_ptr + rows, n, mask=rmask & (n > 0))
+    pos = start[:, None] + tl.cumsum(survive.to(tl.int32), 1) - 1
+    bits = x.to(tl.int32, bitcast=True)
+    order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed order == float order
+    keys = (order.to(tl.int64) << 32) | (0x7FFFFFFF - cols[None, :]).to(tl.int64)
+    dst = cand_ptr + rows.to(tl.int64)[:, None] * CAP + pos
+    tl.store(dst, keys, mask=survive & (pos < CAP))
+
+
+def _draw(x_ptr, stride_b, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr,
+          cand_ptr, count_ptr, cmax_ptr, csum_ptr, out_ptr, B, V, S, BLOCK_B: tl.constexpr,
+          CAP: tl.constexpr, NS: tl.constexpr, K: tl.constexpr, METHOD: tl.constexpr,
+          BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, ITERS: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    r64 = rows.to(tl.int64)
+    k = tl.load(top_k_ptr + rows, mask=rmask, other=1)
+    top_p = tl.load(top_p_ptr + rows, mask=rmask, other=1.0)
+    min_p = tl.load(min_p_ptr + rows, mask=rmask, other=0.0)
+    inv_t = 1.0 / tl.load(temp_ptr + rows, mask=rmask, other=1.0)
+    seed = tl.load(seed_ptr + rows, mask=rmask, other=0)
+    offset = tl.load(offset_ptr + rows, mask=rmask, other=0)
+    count = tl.load(count_ptr + rows, mask=rmask, other=0)
+
+    j = tl.arange(0, CAP)
+    kmask = rmask[:, None] & (j[None, :] < count[:, None])
+    keys = tl.load(cand_ptr + r64[:, None] * CAP + j[None, :], mask=kmask,
+                   other=-9223372036854775807 - 1)  # fmt: skip
+    top = _top_keys(keys, BLOCK_B, CAP, K, METHOD)  # [BB, K]: the ranking's first K tokens
+    x, ids = _decode_keys(top)
+    valid = top != -9223372036854775807 - 1
+    x0 = tl.max(tl.where(valid, x, float("-inf")), 1)  # each row's largest logit
+    w = tl.where(valid, tl.exp((x - x0[:, None]) * inv_t[:, None]), 0.0)  # rank order
+
+    c = tl.arange(0, NS)
+    cmask = rmask[:, None] & (c[None, :] < S)
+    cm = tl.load(cmax_ptr + rows[:, None] * S + c[None, :], mask=cmask, other=float("-inf"))
+    cs = tl.load(csum_ptr + rows[:, None] * S + c[None, :], mask=cmask, other=0.0)
+    z_all = tl.sum(tl.where(cs > 0, cs * tl.exp((cm - x0[:, None]) * inv_t[:, None]), 0.0), 1)
+
+    rank = tl.arange(0, K)
+    in_k = rank[None, :] < k[:, None]  # all ranks when k > K (top-k off: k == V)
+    wk = tl.where(in_k, w, 0.0)
+    mass_k = tl.sum(wk, 1)
+    z_k = tl.where(k <= K, mass_k, z_all)  # the mass top-p's fraction refers to
+    target = top_p * z_k
+    before = tl.cumsum(wk, 1) - wk  # mass strictly before each rank
+    keep = in_k & ((before < target[:, None]) | (top_p[:, None] >= 1.0))
+    keep &= (w >= min_p[:, None]) & (w > 0.0)  # min-p: the best weight is exp(0) = 1
+    closes = (top_p < 1.0) & (k >= V) & (mass_k >= target)
+    exact = ((k <= K) | closes) & (count <= CAP)
+
+    kw = tl.where(keep, w, 0.0)
+    goal = _counter_uniform(seed, offset) * tl.sum(kw, 1)
+    # inverse CDF in token-id order: the kept mass at ids <= each candidate's id
+    le = ids[:, None, :] <= ids[:, :, None]  # [BB, i, j]: id_j <= id_i
+    cdf = tl.sum(tl.where(le, kw[:, None, :], 0.0), 2)
+    hit = tl.min(tl.where(keep & (cdf > goal[:, None]), ids, 0x7FFFFFFF), 1)
+    last = tl.max(tl.where(keep, ids, -1), 1)
+    token = tl.where(hit < 0x7FFFFFFF, hit, last)
+    if tl.max((rmask & (exact == 0)).to(tl.int32), 0) > 0:  # stream (rare on real logits)
+        base = x_ptr + r64[:, None] * stride_b
+        slow = _sample_rows(base, rmask, k, top_p, min_p, seed, offset, x0, inv_t, V,
+                            BLOCK_B, BLOCK_V, SPLIT, ITERS, True)  # fmt: skip
+        token = tl.where(exact, token, slow)
+    token = tl.minimum(tl.maximum(token, 0), V - 1)  # degenerate rows still index in range
+    tl.store(out_ptr + rows, token.to(tl.int64), mask=rmask)
+
+
+def triton_sample_logits(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    *,
+    num_candidates: int = K_DEFAULT,
+    capacity: int = CAP_DEFAULT,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """One token per row of ``softmax(logits / temperature)`` after top-k -> top-p -> min-p.
+
+    Args:
+        logits: float32 ``[B, V]`` (processed: penalties, bias and masks applied), unit stride
+            along V.
+        temperature: float32 ``[B]``, > 0.
+        top_k, top_p, min_p, seed, offset: as :meth:`SamplingKernel.sample`, ``[B]``.
+        num_candidates: ``K``, a power of two; rows with ``top_k <= K`` never stream the row
+            (unless more than ``capacity`` logits reach the row's tau).
+        capacity: candidate slots per row (a power of two >= K).
+        chunk: logits per program of the per-chunk passes (a power of two; default: the
+            largest one leaving at least K chunks, within 64..2048).
+
+    Returns int64 ``[B]``. Graph-safe (no host synchronisation; scratch ``[B, capacity]``
+    int64 and a few ``[B, S]`` float32).
+    """
+    import triton
+
+    num_rows, vocab = logits.shape
+    if logits.dtype != torch.float32 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be float32 with unit stride along V, got {logits.dtype}")
+    k_cand = num_candidates
+    if k_cand < 2 or k_cand & (k_cand - 1):
+        raise ValueError(f"num_candidates must be a power of two >= 2, got {k_cand}")
+    if capacity < k_cand or capacity & (capacity - 1):
+        raise ValueError(f"capacity must be a power of two >= num_candidates, got {capacity}")
+    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows == 0:
+        return out
+    built = _kernels()
+    interp = streaming._interpreting()
+    if chunk is None:  # at least K chunks where the vocabulary allows: a useful tau
+        chunk = min(2048, max(64, 1 << max(0, (vocab // k_cand).bit_length() - 1)))
+    if chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two, got {chunk}")
+    num_chunks = triton.cdiv(vocab, chunk)
+    ns = max(triton.next_power_of_2(num_chunks), k_cand)
+    dev = logits.device
+    cmax = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=dev)
+    csum = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=dev)
+    count = torch.empty(num_rows, dtype=torch.int32, device=dev)
+    tau = torch.empty(num_rows, dtype=torch.float32, device=dev)
+    cand = torch.empty(num_rows, capacity, dtype=torch.int64, device=dev)
+    temperature = temperature.to(torch.float32).contiguous()
+    warps = 1 if interp else 8
+    split = 4 if interp else 8
+    v2 = triton.next_power_of_2(vocab)
+    block_v = min(v2, max(64, v2 // 16)) if interp else min(v2, 1024)
+    # The interpreter pays per tile op, not per element: as many rows per program as the
+    # largest tile ([rows, K, K], [rows, CAP], [rows, SPLIT, BLOCK_V]) allows there.
+    widest = max(k_cand * k_cand, chunk, capacity, ns, split * block_v)
+    block_b = min(triton.next_power_of_2(num_rows), max(1, (1 << 20) // widest)) if interp else 1
+    method = 2 if interp else (0 if built["has_topk"] else 1)
+    grid_b = triton.cdiv(num_rows, block_b)
+    use_tau = num_chunks >= k_cand
+    stride = logits.stride(0)
+    built["chunk_stats"][(grid_b, num_chunks)](
+        logits, stride, temperature, cmax, csum, count, num_rows, vocab, num_chunks,
+        BLOCK_B=block_b, CHUNK=chunk, num_warps=warps,
+    )  # fmt: skip
+    if use_tau:
+        built["threshold"][(grid_b,)](
+            cmax, tau, num_rows, num_chunks, BLOCK_B=block_b, NS=ns, K=k_cand, METHOD=method,
+            num_warps=1 if interp else 4,
+        )  # fmt: skip
+    built["compact"][(grid_b, num_chunks)](
+        logits, stride, tau, count, cand, num_rows, vocab, capacity, BLOCK_B=block_b,
+        CHUNK=chunk, USE_TAU=use_tau, num_warps=warps,
+    )  # fmt: skip
+    built["draw"][(grid_b,)](
+        logits, stride, temperature, top_k.to(torch.int32).contiguous(),
+        top_p.to(torch.float32).contiguous(), min_p.to(torch.float32).contiguous(),
+        seed.to(torch.int64).contiguous(), offset.to(torch.int64).contiguous(),
+        cand, count, cmax, csum, out, num_rows, vocab, num_chunks, BLOCK_B=block_b,
+        CAP=capacity, NS=ns, K=k_cand, METHOD=method, BLOCK_V=block_v, SPLIT=split,
+        ITERS=-(-30 // (split.bit_length() - 1)) + 1, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+class TritonTopKSamplingKernel:
+    """``Op.SAMPLING`` from logits (``takes_logits``): the sampler skips its softmax and calls
+    :meth:`sample_logits`; :meth:`sample` serves callers that hold probabilities."""
+
+    name = "triton.topk_sampling"
+    position_invariant = True
+    takes_logits = True
+
+    def __init__(self, ctx: KernelContext | None = None) -> None:
+        self.ctx = ctx
+
+    def sample_logits(self, logits, temperature, top_k, top_p, min_p, seed, offset):
+        return triton_sample_logits(logits, temperature, top_k, top_p, min_p, seed, offset)
+
+    def sample(self, probs, top_k, top_p, min_p, seed, offset) -> torch.Tensor:
+        # log p is a logit vector of the same distribution at temperature 1
+        ones = torch.ones(probs.shape[0], dtype=torch.float32, device=probs.device)
+        return triton_sample_logits(probs.log(), ones, top_k, top_p, min_p, seed, offset)
+
+
+def _factory(ctx: KernelContext) -> TritonTopKSamplingKernel:
+    return TritonTopKSamplingKernel(ctx)
+
+
+SPECS = [
+    KernelSpec(
+        "triton.topk_sampling",
+        Op.SAMPLING,
+        "triton",
+        priority=110,
+        graph_safe=True,
+        device_types=frozenset({"cuda"}),
+        min_sm=70,
+        factory=_factory,
+        doc="kernels/_triton/topk_sampling.py: from logits, exact top-64 candidates per row "
+        "(one read of the logits), filters and an inverse-CDF draw on them; other rows stream "
+        "through triton.sampling's bisection; position-invariant, no host sync",
+    ),
+]

@@ -1,0 +1,48 @@
+"""Turn ``EngineConfig.model`` into a loaded model: a checkpoint directory, a dummy preset, or
+the embedded default model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layerzero_serve._models import ModelConfig, build_dummy_model, load_config, load_model
+from layerzero_serve._models.dummy import dummy_config
+from layerzero_serve.config import DEFAULT_MODEL, EngineConfig, ResolvedConfig, resolve
+from layerzero_serve.errors import ValidationError
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: torch.nn.Module
+    config: ModelConfig
+    path: Path | None  # checkpoint directory (None for dummy weights)
+    resolved: ResolvedConfig
+
+
+def load_model_source(cfg: EngineConfig) -> LoadedModel:
+    """Load ``cfg.model`` onto the resolved device and dtype."""
+    name = cfg.model
+    if name.startswith("dummy:"):
+        mc = dummy_config(name)
+        res = resolve(cfg, mc.max_position_embeddings, mc.torch_dtype)
+        model = build_dummy_model(name, res.dtype, res.device, seed=cfg.seed)
+        return LoadedModel(model, mc, None, res)
+    if name == DEFAULT_MODEL:
+        from layerzero_serve._default_model import ensure_default_model
+
+        path = ensure_default_model()
+    else:
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValidationError(
+                "model",
+                name,
+                "a checkpoint directory with config.json, 'dummy:<preset>' or 'default'",
+            )
+    mc = load_config(path)
+    res = resolve(cfg, mc.max_position_embeddings, mc.torch_dtype)
+    model = load_model(path, dtype=res.dtype, device=res.device)
+    return LoadedModel(model, mc, path, res)

@@ -1,0 +1,366 @@
+"""The KV cache interface the scheduler sees: prefix matching, slot allocation, commit, free.
+
+Owns the block pool and, per request, its list of blocks. The scheduler never touches blocks
+directly; it asks:
+
+* ``match_prefix(request)``: longest run of cached full blocks (never the last known token);
+* ``allocate_slots(request, n, hits, lookahead)``: room for ``n`` new tokens; atomic;
+* ``commit(request)``: publish blocks that became full once their KV was written;
+* ``free(request)`` and ``fork(parent, child)``;
+* ``check_integrity()`` for tests and debugging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from layerzero_serve.errors import ValidationError
+from layerzero_serve.kv_cache._block_pool import Block, BlockPool
+from layerzero_serve.kv_cache._hashing import BlockHashFn, resolve_hash_fn, root_hash
+from layerzero_serve.types import Request
+
+
+@dataclass(slots=True)
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of which served from the cache
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+@dataclass(slots=True)
+class PrefixMatch:
+    """Result of ``match_prefix``: blocks to reuse and the tokens they cover."""
+
+    blocks: list[Block]
+    num_tokens: int
+
+
+_NO_MATCH = PrefixMatch([], 0)
+
+
+class KVCacheManager:
+    """Block bookkeeping for all requests.
+
+    Args:
+        num_blocks: blocks in the pool, including the reserved null block (>= 2).
+        block_size: tokens per block (>= 1).
+        enable_prefix_caching: share full blocks between requests with equal prefixes.
+        hash_algo: ``"sha256"`` (default) or ``"fast"`` (64-bit, tokens verified on every hit).
+        hash_fn: optional custom ``(parent, token_ids) -> hashable``; always verified on hits.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        hash_algo: str = "sha256",
+        hash_fn: BlockHashFn | None = None,
+    ) -> None:
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValidationError("block_size", block_size, "an integer >= 1")
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        fn, self._root_seed, self._verify = resolve_hash_fn(hash_algo)
+        if hash_fn is not None:
+            fn, self._verify = hash_fn, True
+        self._hash_fn: Callable = fn
+        self._req_blocks: dict[str, list[Block]] = {}
+        self._req_block_ids: dict[str, list[int]] = {}
+        self._num_committed: dict[str, int] = {}  # leading blocks of the request already hashed
+        self._requests: dict[str, Request] = {}
+        self.stats = PrefixCacheStats()
+        self.pending_copies: list[tuple[int, int]] = []
+
+    # ---- queries ---------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.pool.num_blocks - 1
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that an allocation can take now (free and evictable cached ones)."""
+        return self.pool.num_free
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The request's block table (a live list: read, never mutate)."""
+        return self._req_block_ids.get(request_id, [])
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- hashing ---------------------------------------------------------------------------
+    def _ensure_hashes(self, request: Request, num_full_blocks: int) -> list[Hashable]:
+        hashes = request.block_hashes
+        if len(hashes) < num_full_blocks:
+            fn, bs, toks = self._hash_fn, self.block_size, request.all_token_ids
+            parent = (
+                hashes[-1]
+                if hashes
+                else root_hash(fn, self._root_seed, request.cache_salt, request.adapter_id)
+            )
+            for b in range(len(hashes), num_full_blocks):
+                parent = fn(parent, toks[b * bs : (b + 1) * bs])
+                hashes.append(parent)
+        return hashes
+
+    def _root_ref(self, request: Request) -> tuple:
+        return ("root", request.cache_salt, request.adapter_id)
+
+    # ---- prefix matching -------------------------------------------------------------------
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted lookup in ``stats`` (the scheduler calls it once per admission)."""
+        if not self.enable_prefix_caching:
+            return
+        self.stats.queries += num_tokens
+        self.stats.hits += num_hit_tokens
+
+    def match_prefix(self, request: Request, record_stats: bool = True) -> PrefixMatch:
+        """Longest chain of cached blocks equal to the request's leading full blocks.
+
+        Never covers the last known token: at least one token is left to compute, so the step
+        produces logits. Takes no references; pass the result to ``allocate_slots``. With
+        ``record_stats`` the lookup is counted in ``stats`` (the scheduler counts only the
+        lookups of admissions that succeed, through ``record_prefix_lookup``).
+        """
+        if not self.enable_prefix_caching:
+            return _NO_MATCH
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        if record_stats:
+            self.stats.queries += request.num_tokens
+        if max_blocks <= 0:
+            return _NO_MATCH
+        hashes = self._ensure_hashes(request, max_blocks)
+        found = (self._match_verified if self._verify else self._match_by_hash)(
+            request, hashes, max_blocks
+        )
+        n = len(found) * self.block_size
+        if record_stats:
+            self.stats.hits += n
+        return PrefixMatch(found, n)
+
+    def _match_by_hash(self, request: Request, hashes: list, max_blocks: int) -> list[Block]:
+        """Collision-free hashes: any block under the hash is the right one."""
+        found = []
+        lookup = self.pool.lookup
+        for i in range(max_blocks):
+            bucket = lookup(hashes[i])
+            if bucket is None:
+                break
+            found.append(next(iter(bucket.values())))
+        return found
+
+    def _match_verified(self, request: Request, hashes: list, max_blocks: int) -> list[Block]:
+        """Hashes may collide: a candidate must hold the request's tokens and hang off a block
+        matched one level up (or the request's root). All valid chains are followed level by
+        level, so duplicate copies of a prefix never hide a longer match."""
+        bs, toks = self.block_size, request.all_token_ids
+        frontier: dict[object, Block | None] = {self._root_ref(request): None}
+        levels: list[dict[object, Block | None]] = []
+        for i in range(max_blocks):
+            bucket = self.pool.lookup(hashes[i])
+            if bucket is None:
+                break
+            want = tuple(toks[i * bs : (i + 1) * bs])
+            nxt: dict[object, Block | None] = {}
+            for cand in bucket.values():
+                if cand.token_ids == want and cand.parent_ref in frontier:
+                    nxt[(cand.block_id, cand.gen)] = cand
+            if not nxt:
+                break
+            levels.append(nxt)
+            frontier = nxt
+        found: list[Block] = []
+        for level in reversed(levels):  # walk back from any deepest block through its parents
+            block = level[found[-1].parent_ref] if found else next(iter(level.values()))
+            found.append(block)
+        found.reverse()
+        return found
+
+    # ---- allocation ------------------------------------------------------------------------
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        prefix: PrefixMatch | None = None,
+        num_lookahead_tokens: int = 0,
+    ) -> list[int] | None:
+        """Make room for ``num_new_tokens`` after the computed ones (and after ``prefix`` hits,
+        given on a request's admission), plus ``num_lookahead_tokens`` speculative slots.
+
+        Returns the request's block table, or None when the pool is short; then nothing changed.
+        Copy-on-write: writing into a partially filled block shared after ``fork`` first moves
+        the writer to a private copy, recorded in ``pending_copies``.
+        """
+        if num_new_tokens < 0 or num_lookahead_tokens < 0:
+            raise ValidationError(
+                "num_new_tokens/num_lookahead_tokens",
+                (num_new_tokens, num_lookahead_tokens),
+                ">= 0",
+            )
+        rid = request.request_id
+        blocks = self._req_blocks.get(rid)
+        bs = self.block_size
+        if blocks is not None and prefix is None:  # fast path: a running request's next tokens
+            computed = request.num_computed_tokens
+            reserve = num_new_tokens + num_lookahead_tokens
+            if computed + reserve <= len(blocks) * bs and (
+                computed % bs == 0 or reserve == 0 or blocks[computed // bs].ref_cnt == 1
+            ):
+                if computed % bs == 0 or blocks[computed // bs].ref_cnt == 1:
+                    request.kv_capacity = len(blocks) * bs
+                return self._req_block_ids[rid]
+        hits = prefix.blocks if prefix is not None else ()
+        if hits and blocks:
+            raise ValidationError("prefix", f"{len(hits)} blocks", "only on a request's admission")
+        num_blocks = len(blocks) if blocks is not None else 0
+        computed = request.num_computed_tokens + len(hits) * bs
+        total = computed + num_new_tokens + num_lookahead_tokens
+        num_new_blocks = -(-total // bs) - num_blocks - len(hits)
+        # Copy-on-write when any slot this call reserves (new or lookahead) lies in a partial
+        # block shared with a fork.
+        cow = (
+            computed % bs != 0
+            and num_new_tokens + num_lookahead_tokens > 0
+            and num_blocks > computed // bs
+            and blocks[computed // bs].ref_cnt > 1
+        )
+        need = max(num_new_blocks, 0) + cow
+        if hits:
+            need += sum(1 for b in hits if b.ref_cnt == 0)
+        pool = self.pool
+        if need > pool.num_free:
+            return None  # nothing changed, not even a table for a new request
+        if blocks is None:
+            blocks = self._req_blocks[rid] = []
+            self._req_block_ids[rid] = []
+            self._num_committed[rid] = 0
+            self._requests[rid] = request
+        ids = self._req_block_ids[rid]
+        if hits:
+            pool.touch(hits)
+            blocks.extend(hits)
+            ids.extend(b.block_id for b in hits)
+            self._num_committed[rid] = len(hits)
+        if cow:
+            self._copy_on_write(blocks, ids, computed // bs)
+        if num_new_blocks > 0:
+            new = pool.allocate(num_new_blocks)
+            blocks.extend(new)
+            ids.extend(b.block_id for b in new)
+        request.kv_block_ids = ids
+        request.kv_capacity = len(blocks) * bs
+        return ids
+
+    def _copy_on_write(self, blocks: list[Block], ids: list[int], idx: int) -> None:
+        shared = blocks[idx]
+        (private,) = self.pool.allocate(1)
+        self.pool.free((shared,))
+        blocks[idx] = private
+        ids[idx] = private.block_id
+        self.pending_copies.append((shared.block_id, private.block_id))
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """(src, dst) block pairs the runner must copy before the next forward."""
+        out, self.pending_copies = self.pending_copies, []
+        return out
+
+    # ---- commit / free / fork --------------------------------------------------------------
+    def commit(self, request: Request) -> None:
+        """Publish the request's blocks that are full of computed tokens (KV written)."""
+        if not self.enable_prefix_caching:
+            return
+        rid = request.request_id
+        done = self._num_committed.get(rid)
+        if done is None:
+            return
+        num_full = min(request.num_computed_tokens // self.block_size, len(self._req_blocks[rid]))
+        if num_full <= done:
+            return
+        hashes = self._ensure_hashes(request, num_full)
+        blocks, bs, toks = self._req_blocks[rid], self.block_size, request.all_token_ids
+        parent_ref = (
+            self._root_ref(request)
+            if done == 0
+            else (blocks[done - 1].block_id, blocks[done - 1].gen)
+        )
+        for i in range(done, num_full):
+            block = blocks[i]
+            if block.block_hash is None:
+                parent_hash = hashes[i - 1] if i else None
+                token_ids = tuple(toks[i * bs : (i + 1) * bs])
+                self.pool.cache_block(block, hashes[i], parent_hash, token_ids, parent_ref)
+            parent_ref = (block.block_id, block.gen)
+        self._num_committed[rid] = num_full
+
+    def free(self, request: Request) -> None:
+        """Release all of the request's blocks, tail first. Idempotent."""
+        rid = request.request_id
+        blocks = self._req_blocks.pop(rid, None)
+        if blocks is None:
+            return
+        del self._req_block_ids[rid]
+        del self._num_committed[rid]
+        del self._requests[rid]
+        request.kv_block_ids = []
+        request.kv_capacity = 0
+        self.pool.free(reversed(blocks))
+
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Keep only the blocks needed for ``num_tokens`` slots (speculative rollback, aborted
+        lookahead). Committed (hashed) blocks are never trimmed."""
+        rid = request.request_id
+        blocks = self._req_blocks.get(rid)
+        if blocks is None:
+            return
+        keep = max(self.blocks_needed(num_tokens), self._num_committed[rid])
+        if keep < len(blocks):
+            extra = blocks[keep:]
+            del blocks[keep:]
+            del self._req_block_ids[rid][keep:]
+            request.kv_capacity = min(request.kv_capacity, keep * self.block_size)
+            self.pool.free(reversed(extra))
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Give ``child`` the parent's blocks by reference (parallel sampling). The child must
+        be fresh; it inherits the parent's computed tokens. A shared partial block is copied on
+        the first write by either side."""
+        if child.request_id in self._req_blocks:
+            raise ValidationError("child.request_id", child.request_id, "a request with no blocks")
+        pid = parent.request_id
+        # Only blocks holding computed tokens are shared: the parent's lookahead blocks past
+        # them are unwritten and stay its own (sharing them would let both sides write there).
+        keep = self.blocks_needed(parent.num_computed_tokens)
+        blocks = self._req_blocks.get(pid, [])[:keep]
+        self.pool.touch(blocks)
+        self._req_blocks[child.request_id] = list(blocks)
+        self._req_block_ids[child.request_id] = [b.block_id for b in blocks]
+        self._num_committed[child.request_id] = min(self._num_committed.get(pid, 0), keep)
+        self._requests[child.request_id] = child
+        # A shared partial block must be copied before either side writes into it: cap both
+        # at their computed tokens so their next write takes the allocating (copying) path.
+        computed = parent.num_computed_tokens
+        child.kv_block_ids = self._req_block_ids[child.request_id]
+        child.kv_capacity = computed
+        if computed % self.block_size:
+            parent.kv_capacity = min(parent.kv_capacity, computed)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.block_hashes = list(parent.block_hashes)
+
+    def owned_blocks(self) -> dict[str, list[Block]]:
+        return self._req_blocks
+
+    def check_integrity(self) -> None:
+        """Assert every pool invariant (see ``integrity.check_integrity``)."""
+        from layerzero_serve.kv_cache._integrity import check_integrity
+
+        check_integrity(self)

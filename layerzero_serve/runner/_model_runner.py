@@ -1,0 +1,358 @@
+"""Executes one scheduled step: inputs -> forward -> logits of sampling rows -> tokens.
+
+Kernels are chosen once per plan at construction (``select`` per phase); each step only reads
+the decisions. An automatically chosen kernel that raises marks its backend unhealthy, the
+plans are re-selected (the next candidate takes over) and the step is retried; a locked
+kernel's failure, or the torch reference's, propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from layerzero_serve.kernels.spec import Op
+from layerzero_serve.kv_cache._storage import KVCache, build_block_table
+from layerzero_serve.runner._input_batch import prepare_batch
+from layerzero_serve.runner._sampler_graphs import SamplerGraphs
+from layerzero_serve.runner.attention import AttentionDispatch, select_dispatch
+from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
+from layerzero_serve.sampling import Sampler
+from layerzero_serve.sampling._prompt_logprobs import (
+    StepTokens,
+    any_prompt_logprobs,
+    prompt_logprobs,
+)
+from layerzero_serve.selection._device import probe_device
+from layerzero_serve.selection._selector import Selector, get_selector
+from layerzero_serve.selection.plans import ModelShape, base_context
+from layerzero_serve.types import SchedulerOutput
+
+logger = logging.getLogger("layerzero_serve")
+REFERENCE_BACKEND = "torch"
+
+
+@dataclass(slots=True)
+class StepTimings:
+    """Cumulative host wall time per phase, in seconds (GPU phases are synchronised only when
+    ``sync`` is set, otherwise device time lands in whichever phase waits for it)."""
+
+    schedule: float = 0.0
+    prepare: float = 0.0
+    forward: float = 0.0
+    sample: float = 0.0
+    update: float = 0.0
+    steps: int = 0
+    sync: bool = False
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("schedule", "prepare", "forward", "sample", "update")}
+
+
+def optimize_model(
+    model: torch.nn.Module,
+    shape: ModelShape,
+    device: torch.device,
+    block_size: int,
+    max_num_seqs: int,
+    selector: Selector | None = None,
+) -> None:
+    """GPU fast path, before memory is measured: fuse the q/k/v and gate/up projections and
+    install the RMSNorm/SwiGLU/RoPE kernels the selection engine picks for this device."""
+    sel = selector or get_selector()
+    dev = probe_device(device)
+    impls = {}
+    for op in (Op.RMSNORM, Op.SWIGLU, Op.ROPE):
+        ctx = base_context(op, dev, shape, block_size, max_num_seqs, 0, True)
+        choice = sel.select(op, ctx)
+        impls[op] = choice.spec.factory(ctx) if choice.spec.factory else None
+        logger.info("%s kernel: %s", op.value, choice.name)
+    if hasattr(model, "optimize"):
+        model.optimize(
+            fuse=True, rmsnorm=impls[Op.RMSNORM], swiglu=impls[Op.SWIGLU], rope=impls[Op.ROPE]
+        )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the unfused weights' blocks go back before KV sizing
+
+
+class ModelRunner:
+    """Owns the model, the KV tensors, the attention dispatch and the sampler."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        shape: ModelShape,
+        kv_cache: KVCache,
+        sampler: Sampler,
+        device: torch.device,
+        max_num_seqs: int,
+        selector: Selector | None = None,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sampler = sampler
+        self.device = device
+        self.selector = selector or get_selector()
+        dev = probe_device(device)
+        bs = kv_cache.spec.block_size
+        self.plans = {
+            Op.ATTN_DECODE: base_context(Op.ATTN_DECODE, dev, shape, bs, max_num_seqs, 1, False),
+            Op.ATTN_PREFILL: base_context(Op.ATTN_PREFILL, dev, shape, bs, max_num_seqs, 0, False),
+            Op.KV_WRITE: base_context(Op.KV_WRITE, dev, shape, bs, max_num_seqs, 0, False),
+        }
+        self._dev_info, self._shape = dev, shape
+        self._split_cfg: tuple[list[int], int] | None = None  # set_decode_buckets
+        self.attn = self._select_kernels()
+        # the sampling plan: the sampler selects its kernels from it, once
+        self.plans[Op.SAMPLING] = base_context(Op.SAMPLING, dev, shape, bs, max_num_seqs, 1, False)
+        sampler.bind(device, shape.vocab_size, max_num_seqs, self.selector, self.plans[Op.SAMPLING])
+        self.timings = StepTimings()
+        self.graphs: DecodeGraphRunner | None = None
+        self.sampler_graphs: SamplerGraphs | None = None  # sampling replayed per (bucket, plan)
+        self.spec_verifier = None  # set by the engine when speculative decoding is on
+        self.verify_graphs: DecodeGraphRunner | None = None
+
+    # ---- CUDA graphs -------------------------------------------------------------------------
+    def set_decode_buckets(self, buckets: list[int], max_model_len: int) -> None:
+        """Make eager decode split each sequence's KV exactly as the captured bucket it would
+        pad to (same split count, hence the same numerics): with this, greedy output is the same
+        with graphs on and off. Called with the graph buckets even when graphs are off."""
+        width = -(-max_model_len // self.kv_cache.spec.block_size)
+        self._split_cfg = (sorted(buckets), width * self.kv_cache.spec.block_size)
+        self._apply_split_rule(self.attn.decode.impl)
+
+    def _apply_split_rule(self, impl: object) -> None:
+        cfg = self._split_cfg
+        if cfg is None or not hasattr(impl, "split_rule") or self.device.type != "cuda":
+            return
+        from layerzero_serve.kernels._triton.paged_decode import choose_num_splits, num_sms
+
+        buckets, bound = cfg
+        heads, sms = self._shape.num_kv_heads, num_sms(self.device)
+        ceiling = np.asarray(buckets)
+
+        def rule(n: int) -> int:
+            i = int(np.searchsorted(ceiling, n))
+            return choose_num_splits(int(ceiling[i]) if i < len(ceiling) else n, heads, bound, sms)
+
+        impl.split_rule = rule
+
+    def _bucket_dispatch(self, op: Op, q_len: int, batch: int) -> AttentionDispatch:
+        """The attention (``op`` with ``q_len`` tokens per row) and KV-write kernels of one
+        captured bucket, each selected once for that bucket's plan (graph mode on)."""
+        bs = self.kv_cache.spec.block_size
+        attn = base_context(op, self._dev_info, self._shape, bs, batch, q_len, True)
+        write = base_context(Op.KV_WRITE, self._dev_info, self._shape, bs, batch, 1, True)
+        dispatch = select_dispatch(self.kv_cache, self.selector, attn, write)
+        self._apply_split_rule(dispatch.decode.impl)
+        return dispatch
+
+    def _capture(self, op: Op, buckets: list[int], max_model_len: int, q_len: int, progress):
+        width = -(-max_model_len // self.kv_cache.spec.block_size)
+        graphs = DecodeGraphRunner(
+            self.model,
+            self.kv_cache,
+            partial(self._bucket_dispatch, op, q_len),
+            buckets,
+            width,
+            self.device,
+            q_len,
+        )
+        with torch.inference_mode():
+            graphs.capture(progress)
+        return graphs
+
+    def enable_graphs(self, buckets: list[int], max_model_len: int, progress: bool = True) -> None:
+        """Capture the decode forward for every bucket (needs CUDA)."""
+        self.graphs = self._capture(Op.ATTN_DECODE, buckets, max_model_len, 1, progress)
+        self.sampler_graphs = SamplerGraphs(self.sampler, self.graphs.logits_out)
+
+    def enable_verify_graphs(
+        self, buckets: list[int], max_model_len: int, q_len: int, progress: bool = True
+    ) -> None:
+        """Capture verification (``q_len`` tokens per row) for every bucket (needs CUDA)."""
+        self.verify_graphs = self._capture(Op.ATTN_VERIFY, buckets, max_model_len, q_len, progress)
+
+    def _graph_logits(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Logits of a pure decode step through the captured graphs, or None to run eagerly."""
+        g = self.graphs
+        n = len(out.requests)
+        if g is None or n > g.max_batch or any(c != 1 for c in out.num_scheduled):
+            return None
+        if any(
+            s + 1 != len(r.all_token_ids) for r, s in zip(out.requests, out.starts, strict=True)
+        ):
+            return None  # a 1-token prefill chunk short of the prompt's end: no sampling
+        bs = self.kv_cache.spec.block_size
+        starts = np.asarray(out.starts, dtype=np.int64)
+        table = build_block_table(out.block_ids)
+        ids = np.fromiter(
+            (r.all_token_ids[s] for r, s in zip(out.requests, out.starts, strict=True)),
+            dtype=np.int64,
+            count=n,
+        )
+        slots = table[np.arange(n), starts // bs].astype(np.int64) * bs + starts % bs
+        return g.run(ids, starts, slots, starts + 1, table)
+
+    def _select_kernels(self) -> AttentionDispatch:
+        p = self.plans
+        attn = select_dispatch(
+            self.kv_cache, self.selector, p[Op.ATTN_DECODE], p[Op.KV_WRITE], p[Op.ATTN_PREFILL]
+        )
+        self._apply_split_rule(attn.decode.impl)
+        logger.info("eager kernels: %s", attn.name)
+        return attn
+
+    def _sync(self) -> None:
+        if self.timings.sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _forward(self, batch) -> torch.Tensor:
+        while True:
+            phase = self.attn.begin_step(batch.meta)
+            try:
+                return self.model(batch.input_ids, batch.positions, self.attn, batch.meta)
+            except Exception as e:
+                # Blame the KV writer when it raised, else the phase's attention kernel.
+                culprit = self.attn.writer.choice if self.attn.failed_write else phase.choice
+                backend = culprit.spec.backend
+                if culprit.locked or backend == REFERENCE_BACKEND:
+                    raise
+                # Re-running the step rewrites the same K/V slots: the retry is idempotent.
+                self.selector.mark_unhealthy(backend, e)
+                self.attn = self._select_kernels()
+
+    # ---- speculative verification ------------------------------------------------------------
+    def _graph_verify(self, out: SchedulerOutput, results) -> tuple | None:
+        """A step of decode-like rows (some with drafts) through the verification graphs:
+        verifies the drafted rows (their tokens go into ``results``) and returns
+        ``(logits of the other rows, their row indices)``; None when it does not fit."""
+        g = self.verify_graphs
+        reqs, starts, counts = out.requests, out.starts, out.num_scheduled
+        n, q = len(reqs), g.q_len
+        if n > g.max_batch or max(counts) > q:
+            return None
+        for r, s, c in zip(reqs, starts, counts, strict=True):
+            if s + c != len(r.all_token_ids) + len(r.spec_token_ids) or c != 1 + len(
+                r.spec_token_ids
+            ):
+                return None  # a prefill chunk in the step: run it eagerly
+        bs = self.kv_cache.spec.block_size
+        st = np.asarray(starts, dtype=np.int64)
+        cnt = np.asarray(counts, dtype=np.int64)
+        table = build_block_table(out.block_ids)
+        pos = st[:, None] + np.arange(q)[None, :]
+        real = np.arange(q)[None, :] < cnt[:, None]
+        col = np.minimum(pos // bs, table.shape[1] - 1)
+        slots = np.where(
+            real, table[np.arange(n)[:, None], col].astype(np.int64) * bs + pos % bs, -1
+        )
+        ids = np.zeros((n, q), dtype=np.int64)
+        for i, r in enumerate(reqs):
+            ids[i, 0] = r.all_token_ids[starts[i]]
+            if r.spec_token_ids:
+                ids[i, 1 : 1 + len(r.spec_token_ids)] = r.spec_token_ids
+        logits = g.run(ids.ravel(), pos.ravel(), slots.ravel(), st + q, table)
+        rows = [i for i, r in enumerate(reqs) if r.spec_token_ids]
+        flat = np.concatenate([i * q + np.arange(counts[i]) for i in rows])
+        self._verify_rows(logits[torch.from_numpy(flat).to(logits.device)], out, rows, results)
+        verified = set(rows)
+        others = [i for i in range(n) if i not in verified]
+        if not others:
+            return logits[:0], others
+        first = torch.tensor([i * q for i in others], device=logits.device)
+        return logits[first], others
+
+    def _verify_rows(self, logits: torch.Tensor, out: SchedulerOutput, rows: list[int], results):
+        """Verify the drafts of schedule ``rows`` from ``logits`` (``[sum(1 + d_i), V]``, each
+        row's positions in order); their tokens and failures go into ``results``."""
+        reqs = [out.requests[i] for i in rows]
+        failed: dict[int, str] = {}
+        drafts = [r.spec_token_ids for r in reqs]
+        tokens = self.spec_verifier.verify(logits, reqs, drafts, failed)
+        for i, toks in zip(rows, tokens, strict=True):
+            results[i].extend(toks)
+        for j, detail in failed.items():  # degenerate logits: only that request fails
+            results.failed[rows[j]] = detail
+
+    def _verify(self, out: SchedulerOutput, batch, hidden: torch.Tensor, results) -> list[int]:
+        """Verify the drafts of every row that carries some (logits at all its ``1 + d``
+        positions); fills those rows' tokens and returns the other sampling rows."""
+        reqs = out.requests
+        rows = [i for i, r in enumerate(reqs) if r.spec_token_ids]
+        qsl = batch.meta.query_start_loc_cpu
+        idx = np.concatenate([np.arange(qsl[i], qsl[i + 1]) for i in rows])
+        logits = self.model.compute_logits(hidden[torch.from_numpy(idx).to(hidden.device)])
+        self._verify_rows(logits, out, rows, results)
+        verified = set(rows)
+        return [i for i in batch.sample_rows if i not in verified]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepTokens:
+        """Run the step; returns the sampled token ids of each row (empty when a row does not
+        sample, a prefill chunk short of the prompt's end, or when its sampling failed), with
+        the failures, logprobs and prompt logprobs of the step attached (``StepTokens``)."""
+        tm = self.timings
+        t0 = time.perf_counter()
+        self.kv_cache.copy_blocks(out.blocks_to_copy)
+        results = StepTokens([] for _ in out.requests)
+        logits = got = None
+        sample_bucket = None  # set when the step's sampling can replay a sampler graph
+        speculating = self.spec_verifier is not None and any(r.spec_token_ids for r in out.requests)
+        if speculating and self.verify_graphs is not None:
+            got = self._graph_verify(out, results)
+        elif self.graphs is not None:
+            logits = self._graph_logits(out)
+            if logits is not None:
+                got = (logits, list(range(len(out.requests))))
+                if self.sampler_graphs is not None:
+                    sample_bucket = self.graphs.bucket_for(len(out.requests))
+        if got is not None:  # the step ran through a captured graph
+            logits, sample_rows = got
+            t1 = time.perf_counter()
+        else:
+            batch = prepare_batch(out, self.kv_cache.spec.block_size, self.device)
+            sample_rows = batch.sample_rows
+            self._sync()
+            t1 = time.perf_counter()
+            hidden = self._forward(batch)
+            if speculating:
+                sample_rows = self._verify(out, batch, hidden, results)
+            if sample_rows:
+                index = batch.sample_indices
+                if len(sample_rows) != len(batch.sample_rows):  # verification rows left out
+                    keep = set(sample_rows)
+                    pos = [j for j, row in enumerate(batch.sample_rows) if row in keep]
+                    index = index[torch.tensor(pos, device=index.device)]
+                logits = self.model.compute_logits(hidden[index])
+            if any_prompt_logprobs(out.requests):
+                qsl = batch.meta.query_start_loc_cpu
+                results.prompt_logprobs = prompt_logprobs(self.model, hidden, out, qsl)
+        if sample_rows:
+            self._sync()
+            t2 = time.perf_counter()
+            reqs = [out.requests[i] for i in sample_rows]
+            if sample_bucket is not None:
+                res = self.sampler_graphs.sample(reqs, sample_bucket)
+            else:
+                res = self.sampler.sample(logits, self.sampler.prepare(reqs)).to_host()
+            for row, tok, lp in zip(sample_rows, res.tokens, res.logprobs, strict=True):
+                results[row].append(tok)
+                if lp is not None:
+                    results.logprobs[row] = lp
+            for k, detail in res.failed.items():
+                results[sample_rows[k]].clear()
+                results.failed[sample_rows[k]] = detail
+        else:
+            self._sync()
+            t2 = time.perf_counter()
+        t3 = time.perf_counter()
+        tm.prepare += t1 - t0
+        tm.forward += t2 - t1
+        tm.sample += t3 - t2
+        return results

@@ -1,0 +1,219 @@
+"""Per-request sampling parameters.
+
+``SamplingParams`` is immutable and validated on construction: every out-of-range field raises
+``ValidationError`` (a ``ValueError``) whose ``param`` is the field name and whose ``allowed``
+says the accepted range. Integer fields reject ``bool`` (``True`` is not a token count) and
+accept any integral number (Python ``int``, NumPy integers), stored as plain ``int``; float
+fields reject NaN, infinities and ``bool`` and are stored as plain ``float``. Token-id fields
+are checked against a model's vocabulary by :meth:`SamplingParams.validate_for_vocab`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from layerzero_serve.errors import ValidationError
+from layerzero_serve.sampling import _validate as v
+from layerzero_serve.sampling._validate import INT64_MAX, INT64_MIN
+
+__all__ = ["INT64_MAX", "INT64_MIN", "MAX_LOGPROBS", "MAX_N", "SamplingParams"]
+
+MAX_N = 256
+MAX_LOGPROBS = 20
+MAX_PENALTY = 2.0  # presence / frequency penalty range, as in the OpenAI API
+MAX_BIAS = 100.0  # logit bias range, as in the OpenAI API
+LOGPROBS_MODES = ("raw", "processed")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick the next token of one request.
+
+    Fields (defaults in brackets):
+
+    * ``n`` [1]: sequences to generate for the request, 1..256 (they share the prompt's KV).
+    * ``temperature`` [1.0]: finite, >= 0. Logits are divided by it; 0 means greedy (argmax).
+    * ``top_p`` [1.0]: nucleus mass in (0, 1]; 1 disables it. Keeps the smallest set of most
+      likely tokens whose probability sums to at least ``top_p``.
+    * ``top_k`` [0]: keep the ``top_k`` most likely tokens; 0 or -1 disables it, otherwise >= 1.
+      A value larger than the vocabulary is clamped to the vocabulary size (i.e. no filtering).
+    * ``min_p`` [0.0]: in [0, 1]; drop tokens whose probability is below ``min_p`` times the
+      probability of the most likely token (after temperature, top-k and top-p). 0 disables it.
+    * ``seed`` [None]: int in the int64 range; a seeded request's tokens do not depend on its
+      batch position or batch mates. None = a seed drawn from the sampler's own generator.
+    * ``max_tokens`` [16]: maximum number of generated tokens, >= 1.
+    * ``stop_token_ids`` [()]: token ids (non-negative ints) that end generation; any iterable of
+      ints is accepted and stored as a tuple.
+    * ``ignore_eos`` [False]: keep generating after the EOS token (bool).
+    * ``repetition_penalty`` [1.0]: finite, > 0; for every token in the prompt or the output so
+      far, a positive logit is divided by it and a negative one multiplied (1 = off).
+    * ``presence_penalty`` [0.0], ``frequency_penalty`` [0.0]: in [-2, 2]; subtracted from the
+      logit of every token of the *output* so far, once (presence) or once per occurrence
+      (frequency).
+    * ``logit_bias`` [None]: dict token id -> bias in [-100, 100], added to the logits; stored as
+      ``((id, bias), ...)`` sorted by id.
+    * ``min_tokens`` [0]: in [0, max_tokens]; EOS and the stop ids cannot be sampled before this
+      many output tokens.
+    * ``allowed_token_ids`` [None]: only these ids can be sampled (a non-empty iterable).
+    * ``bad_token_ids`` [()]: these ids are never sampled.
+    * ``logprobs`` [None]: None = off; n in [0, 20]: each output token comes with its logprob,
+      rank and the ``n`` most likely tokens' logprobs.
+    * ``prompt_logprobs`` [None]: the same for every prompt token (from the model's raw logits).
+    * ``logprobs_mode`` ["raw"]: "raw" = log-softmax of the model's logits; "processed" = of the
+      distribution actually sampled from (after penalties, bias, masks, temperature and filters;
+      ``-inf`` outside the kept set; greedy rows: the processed logits without temperature).
+
+    Processing order (``sampling.processors``): logit bias and allowed/bad masks, the
+    min-tokens mask, then the penalties; then greedy argmax or temperature -> top-k -> top-p ->
+    min-p -> draw.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logprobs_mode: str = "raw"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise through object.__setattr__
+
+        allowed = f"int in [1, {MAX_N}]"
+        n = v.as_int("n", self.n, allowed)
+        if not 1 <= n <= MAX_N:
+            raise ValidationError("n", self.n, allowed)
+        set_(self, "n", n)
+
+        allowed = "finite float >= 0 (0 = greedy)"
+        temperature = v.as_float("temperature", self.temperature, allowed)
+        if temperature < 0.0:
+            raise ValidationError("temperature", self.temperature, allowed)
+        set_(self, "temperature", temperature)
+
+        allowed = "float in (0, 1]"
+        top_p = v.as_float("top_p", self.top_p, allowed)
+        if not 0.0 < top_p <= 1.0:
+            raise ValidationError("top_p", self.top_p, allowed)
+        set_(self, "top_p", top_p)
+
+        allowed = "int: -1 or 0 (disabled) or >= 1"
+        top_k = v.as_int("top_k", self.top_k, allowed)
+        if top_k < -1:
+            raise ValidationError("top_k", self.top_k, allowed)
+        set_(self, "top_k", top_k)
+
+        set_(self, "min_p", v.float_in("min_p", self.min_p, 0.0, 1.0, "float in [0, 1]"))
+
+        if self.seed is not None:
+            allowed = f"None or int in [{INT64_MIN}, {INT64_MAX}]"
+            seed = v.as_int("seed", self.seed, allowed)
+            if not INT64_MIN <= seed <= INT64_MAX:
+                raise ValidationError("seed", self.seed, allowed)
+            set_(self, "seed", seed)
+
+        allowed = "int >= 1"
+        max_tokens = v.as_int("max_tokens", self.max_tokens, allowed)
+        if max_tokens < 1:
+            raise ValidationError("max_tokens", self.max_tokens, allowed)
+        set_(self, "max_tokens", max_tokens)
+
+        set_(self, "stop_token_ids", v.token_ids("stop_token_ids", self.stop_token_ids))
+        if not isinstance(self.ignore_eos, bool):
+            raise ValidationError("ignore_eos", self.ignore_eos, "bool")
+        self._check_processors(set_)
+        self._check_logprobs(set_)
+
+    def _check_processors(self, set_) -> None:
+        allowed = "finite float > 0 (1 = off)"
+        rep = v.as_float("repetition_penalty", self.repetition_penalty, allowed)
+        if rep <= 0.0:
+            raise ValidationError("repetition_penalty", self.repetition_penalty, allowed)
+        set_(self, "repetition_penalty", rep)
+        for name in ("presence_penalty", "frequency_penalty"):
+            allowed = f"float in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 = off)"
+            value = v.float_in(name, getattr(self, name), -MAX_PENALTY, MAX_PENALTY, allowed)
+            set_(self, name, value)
+        set_(self, "logit_bias", v.logit_bias(self.logit_bias, MAX_BIAS))
+
+        allowed = f"int in [0, max_tokens={self.max_tokens}]"
+        min_tokens = v.as_int("min_tokens", self.min_tokens, allowed)
+        if not 0 <= min_tokens <= self.max_tokens:
+            raise ValidationError("min_tokens", self.min_tokens, allowed)
+        set_(self, "min_tokens", min_tokens)
+
+        if self.allowed_token_ids is not None:
+            ids = v.token_ids("allowed_token_ids", self.allowed_token_ids)
+            if not ids:
+                raise ValidationError("allowed_token_ids", ids, "None or at least one token id")
+            set_(self, "allowed_token_ids", ids)
+        set_(self, "bad_token_ids", v.token_ids("bad_token_ids", self.bad_token_ids))
+
+    def _check_logprobs(self, set_) -> None:
+        set_(self, "logprobs", v.optional_count("logprobs", self.logprobs, MAX_LOGPROBS))
+        set_(
+            self,
+            "prompt_logprobs",
+            v.optional_count("prompt_logprobs", self.prompt_logprobs, MAX_LOGPROBS),
+        )
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValidationError("logprobs_mode", self.logprobs_mode, " or ".join(LOGPROBS_MODES))
+
+    # ---- derived -------------------------------------------------------------------------------
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when sampling reduces to argmax: ``temperature == 0`` or ``top_k == 1``."""
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @property
+    def has_token_mask(self) -> bool:
+        """Logit bias, allowed or bad ids: a per-request additive row over the vocabulary."""
+        has_ids = self.allowed_token_ids is not None or bool(self.bad_token_ids)
+        return bool(self.logit_bias) or has_ids
+
+    def validate_for_vocab(self, vocab_size: int) -> None:
+        """Check every token-id field against a vocabulary of ``vocab_size`` tokens.
+
+        Raises ``ValidationError`` naming the field (``stop_token_ids``, ``logit_bias``,
+        ``allowed_token_ids``, ``bad_token_ids``) for an id outside ``[0, vocab_size)``, or when
+        the allowed and bad ids leave no token to sample; ``ValidationError("vocab_size", ...)``
+        when ``vocab_size`` is not an int >= 1.
+        """
+        vocab = v.as_int("vocab_size", vocab_size, "int >= 1")
+        if vocab < 1:
+            raise ValidationError("vocab_size", vocab_size, "int >= 1")
+        v.ids_in_vocab("stop_token_ids", self.stop_token_ids, vocab, self.stop_token_ids)
+        bias_ids = [t for t, _ in self.logit_bias]
+        v.ids_in_vocab("logit_bias", bias_ids, vocab, dict(self.logit_bias))
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            v.ids_in_vocab("allowed_token_ids", allowed, vocab, allowed)
+        v.ids_in_vocab("bad_token_ids", self.bad_token_ids, vocab, self.bad_token_ids)
+        bad = set(self.bad_token_ids)
+        if (len(bad) >= vocab) if allowed is None else set(allowed) <= bad:
+            raise ValidationError(
+                "bad_token_ids",
+                self.bad_token_ids,
+                "ids that leave at least one token to sample (allowed_token_ids minus these)",
+            )

@@ -1,0 +1,287 @@
+"""select(op, ctx) -> KernelChoice: filter by constraints, availability, health and policy;
+score by priority, policy boosts and measured timings; cache per context.
+
+Deterministic for a given context, policy, registry and health state: ties break by name.
+Called once per plan (start-up, each captured bucket), never per step or per layer; ``stats``
+counts calls so tests can prove it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from layerzero_serve import _envs as envs
+from layerzero_serve.errors import ValidationError
+from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op, Reason, Rejection
+from layerzero_serve.selection import _policy as policy_mod
+
+logger = logging.getLogger("layerzero_serve")
+
+
+class SelectionError(ValidationError):
+    """No kernel can run the op here, or a locked kernel cannot."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    name: str
+    backend: str
+    score: float | None  # None when rejected
+    rejection: Rejection | None
+    chosen: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KernelChoice:
+    """The decision for one (op, context): the kernel and why every other candidate lost."""
+
+    op: Op
+    ctx: KernelContext
+    spec: KernelSpec
+    score: float
+    locked: bool
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(slots=True)
+class SelectorStats:
+    select_calls: int = 0
+    cold_selections: int = 0
+    fallbacks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendState:
+    available: bool
+    version: str | None
+    reason: str
+
+
+def _probe_backends(name: str) -> BackendState:
+    from layerzero_serve.kernels._backends import probe_backend
+
+    st = probe_backend(name)
+    return BackendState(st.available, st.version, st.reason)
+
+
+def _default_specs() -> list[KernelSpec]:
+    from layerzero_serve.kernels._catalog import all_specs
+
+    return list(all_specs())
+
+
+@dataclass
+class Selector:
+    """Kernel registry + decision cache.
+
+    Args:
+        specs: the registry (default: every adapter's SPECS from kernels.catalog).
+        backends: ``name -> BackendState`` (default: a real probe of the installed libraries);
+            a Mapping gives a fixed availability set (tests, what-if planning).
+        timings: ``{kernel name: {context key: seconds}}`` measured on this device; where two
+            or more candidates have a timing, the faster scores higher.
+    """
+
+    specs: list[KernelSpec] | None = None
+    backends: Callable[[str], BackendState] | Mapping[str, BackendState] | None = None
+    timings: Mapping[str, Mapping[str, float]] | None = None
+    stats: SelectorStats = field(default_factory=SelectorStats)
+
+    def __post_init__(self) -> None:
+        self._specs: dict[str, KernelSpec] = {}
+        self._unhealthy: dict[str, str] = {}
+        self._cache: dict[KernelContext, KernelChoice] = {}
+        self._cache_epoch = -1
+        self._backend_cache: dict[str, BackendState] = {}
+        self._backend_overrides: dict[str, BackendState] = {}
+        for s in self.specs if self.specs is not None else _default_specs():
+            self.register(s)
+        if self.timings is None and envs.timing_table():
+            self.timings = json.loads(Path(envs.timing_table()).read_text())
+
+    # ---- registry ----------------------------------------------------------------------------
+    def register(self, spec: KernelSpec, replace: bool = False) -> None:
+        """Add a kernel (for example a user's own Triton kernel)."""
+        if spec.name in self._specs and not replace:
+            raise ValidationError("spec.name", spec.name, "a name not already registered")
+        self._specs[spec.name] = spec
+        self._bump()
+
+    def unregister(self, name: str) -> None:
+        self._specs.pop(name, None)
+        self._bump()
+
+    def kernels(self, op: Op | None = None) -> list[KernelSpec]:
+        return sorted(
+            (s for s in self._specs.values() if op is None or s.op == op), key=lambda s: s.name
+        )
+
+    def _bump(self) -> None:
+        """Registry or health changed: every cached decision may be stale."""
+        self._cache.clear()
+
+    # ---- backends and health -----------------------------------------------------------------
+    def register_backend(
+        self, name: str, available: bool = True, version: str | None = None, reason: str = ""
+    ) -> None:
+        """Declare a backend the probe does not know (a user's own kernels, for example), or
+        override the probe's verdict for one it does. Takes precedence over ``backends``."""
+        if not isinstance(name, str) or not name:
+            raise ValidationError("name", name, "a non-empty backend name")
+        self._backend_overrides[name] = BackendState(bool(available), version, reason)
+        self._bump()
+
+    def backend_state(self, name: str) -> BackendState:
+        override = self._backend_overrides.get(name)
+        if override is not None:
+            return override
+        if isinstance(self.backends, Mapping):
+            return self.backends.get(name, BackendState(False, None, "not in the availability set"))
+        st = self._backend_cache.get(name)
+        if st is None:
+            st = (self.backends or _probe_backends)(name)
+            self._backend_cache[name] = st
+        return st
+
+    def mark_unhealthy(self, backend: str, error: BaseException | str) -> None:
+        """A backend raised at run time: automatic choices skip it from now on."""
+        self._unhealthy[backend] = (
+            f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+        )
+        self.stats.fallbacks += 1
+        logger.warning("kernel backend %s marked unhealthy: %s", backend, self._unhealthy[backend])
+        self._bump()
+
+    def unhealthy(self) -> dict[str, str]:
+        return dict(self._unhealthy)
+
+    # ---- selection ---------------------------------------------------------------------------
+    def select(self, op: Op, ctx: KernelContext) -> KernelChoice:
+        """The kernel for ``op`` in ``ctx`` (``ctx.op`` must equal ``op``). Cached."""
+        self.stats.select_calls += 1
+        ep = policy_mod.epoch()
+        if ep != self._cache_epoch:
+            self._cache.clear()
+            self._cache_epoch = ep
+        hit = self._cache.get(ctx)
+        if hit is not None:
+            return hit
+        if ctx.op != op:
+            raise ValidationError("ctx.op", ctx.op, f"equal to the op asked for ({op.value})")
+        choice = self._decide(op, ctx, policy_mod.effective_policy())
+        self._cache[ctx] = choice
+        self.stats.cold_selections += 1
+        return choice
+
+    def _reject(
+        self, spec: KernelSpec, ctx: KernelContext, pol: policy_mod.Policy, lock: str | None
+    ) -> Rejection | None:
+        if lock is not None and spec.name != lock:
+            return Rejection(Reason.NOT_LOCKED, f"{ctx.op.value} is locked to {lock}")
+        st = self.backend_state(spec.backend)
+        if not st.available:
+            return Rejection(Reason.BACKEND_UNAVAILABLE, f"{spec.backend}: {st.reason}")
+        if spec.backend in self._unhealthy:
+            return Rejection(
+                Reason.BACKEND_UNHEALTHY,
+                f"{spec.backend} failed at run time: {self._unhealthy[spec.backend]}",
+            )
+        if lock is None:
+            pat = pol.denied(spec)
+            if pat is not None:
+                return Rejection(Reason.DENIED_BY_POLICY, f"denied by pattern {pat!r}")
+            if not pol.allowed(spec):
+                return Rejection(
+                    Reason.NOT_ALLOWED_BY_POLICY, f"not in the allow list {list(pol.allow)}"
+                )
+        return spec.supports(ctx)
+
+    def _timing_bonus(self, specs: Iterable[KernelSpec], ctx: KernelContext) -> dict[str, float]:
+        if not self.timings:
+            return {}
+        key = context_key(ctx)
+        measured = {
+            s.name: self.timings[s.name][key] for s in specs if key in self.timings.get(s.name, {})
+        }
+        if len(measured) < 2:
+            return {}
+        best = min(measured.values())
+        return {n: 100.0 * best / t for n, t in measured.items()}
+
+    def _decide(self, op: Op, ctx: KernelContext, pol: policy_mod.Policy) -> KernelChoice:
+        lock = pol.locks.get(op)
+        specs = self.kernels(op)
+        if lock is not None and lock not in self._specs:
+            raise SelectionError(
+                f"lock.{op.value}",
+                lock,
+                f"a registered {op.value} kernel: {[s.name for s in specs]}",
+            )
+        rejections = {s.name: self._reject(s, ctx, pol, lock) for s in specs}
+        ok = [s for s in specs if rejections[s.name] is None]
+        bonus = self._timing_bonus(ok, ctx)
+        scores = {s.name: s.priority + pol.boost(s) + bonus.get(s.name, 0.0) for s in ok}
+        if not ok:
+            if lock is not None:
+                raise SelectionError(
+                    f"lock.{op.value}",
+                    lock,
+                    "a kernel that can run here",
+                    f"it cannot: {rejections[lock]}",
+                )
+            why = "; ".join(f"{n}: {r}" for n, r in rejections.items()) or "none registered"
+            raise SelectionError("op", op.value, "an op with a runnable kernel", why)
+        best = max(ok, key=lambda s: (scores[s.name], s.name))
+        cands = tuple(
+            Candidate(
+                s.name, s.backend, scores.get(s.name), rejections[s.name], s.name == best.name
+            )
+            for s in specs
+        )
+        return KernelChoice(op, ctx, best, scores[best.name], lock is not None, cands)
+
+    # ---- run-time fallback -------------------------------------------------------------------
+    def run_with_fallback(self, op: Op, ctx: KernelContext, call: Callable[[KernelChoice], object]):
+        """``call(choice)`` with the selected kernel; if it raises and the choice was automatic,
+        mark the backend unhealthy and retry with the next candidate. A locked choice re-raises."""
+        while True:
+            choice = self.select(op, ctx)
+            try:
+                return call(choice)
+            except Exception as e:
+                if choice.locked:
+                    raise
+                self.mark_unhealthy(choice.spec.backend, e)
+
+
+def context_key(ctx: KernelContext) -> str:
+    """Stable text key of a context for timing tables."""
+    return (
+        f"{ctx.op.value}|{ctx.dtype}|d{ctx.head_dim}|h{ctx.num_q_heads}/{ctx.num_kv_heads}"
+        f"|bs{ctx.block_size}|b{ctx.batch_bucket}|q{ctx.q_len}|g{int(ctx.graph_mode)}"
+    )
+
+
+_default: list[Selector] = []
+
+
+def get_selector() -> Selector:
+    """The process-wide selector (created on first use)."""
+    if not _default:
+        _default.append(Selector())
+    return _default[0]
+
+
+def set_selector(selector: Selector | None) -> None:
+    """Replace (or with None, reset) the process-wide selector."""
+    _default.clear()
+    if selector is not None:
+        _default.append(selector)

@@ -1,0 +1,260 @@
+"""Speculative decoding in the engine's step loop: drafts before the schedule, verification in
+the runner, acceptance bookkeeping after the update.
+
+Per step (all host work, microseconds per request):
+
+1. :meth:`SpecCoordinator.propose` picks ``k`` (adaptive: from the batch size and the measured
+   acceptance rate; 0 = plain decoding this step) and sets ``request.spec_token_ids`` for every
+   running request that is decode-ready and whose sampling is stateless per token
+   (:func:`~layerzero_serve.spec_decode.verifier.can_speculate`). The scheduler schedules such a
+   request with ``1 + d`` tokens; the KV manager reserves the lookahead slots.
+2. The runner verifies (:class:`~layerzero_serve.spec_decode.verifier.SpecVerifier`) and
+   returns the accepted drafts plus one target token per request.
+3. The scheduler's update rolls rejected positions back (``num_computed_tokens`` and empty
+   blocks); :meth:`SpecCoordinator.record` feeds the metrics and the adaptive ``k``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+
+import numpy as np
+
+from layerzero_serve.kernels.spec import Op
+from layerzero_serve.selection.plans import batch_buckets
+from layerzero_serve.spec_decode._adaptive import AdaptiveK, LinearStepCost
+from layerzero_serve.spec_decode._metrics import SpecDecodeMetrics
+from layerzero_serve.spec_decode._ngram import NgramProposer
+from layerzero_serve.spec_decode._proposer import Proposer
+from layerzero_serve.spec_decode.verifier import SpecVerifier, can_speculate
+from layerzero_serve.types import Request
+
+# While a batch size has no measured plain-step time, every this many steps one runs without
+# drafts so the adaptive choice can compare measured costs.
+PLAIN_PROBE_INTERVAL = 8
+# Adaptive mode: after a step whose proposer drafted nothing for any row, proposing pauses for
+# 1, 2, 4, ... up to this many steps (reset by the first draft): a proposer with nothing to
+# offer (n-gram lookup on non-repetitive text) otherwise costs its host time every step
+# (~0.3 ms at batch 64 with 4k contexts, about 5% of an 8B decode step) for no gain.
+MAX_IDLE_PAUSE = 64
+
+
+class MeasuredStepCost:
+    """Step times measured by the engine, per batch bucket: plain decode steps and verification
+    steps (EMA of wall time). ``step_time(n)`` answers the adaptive model's question (the time
+    of a step with ``n`` query tokens at the current batch size ``batch``) from measurements
+    when both kinds are known for the bucket, else from the default linear prior, so a ratio is
+    never formed from mixed units.
+
+    In graph mode a verification step costs the same for every ``k <= k_max`` (rows are padded
+    to ``k_max + 1`` tokens), so a measured verification time stands for all ``k``.
+    """
+
+    def __init__(self, buckets: list[int], decay: float = 0.8) -> None:
+        self.buckets = np.asarray(sorted(buckets) or [1])
+        self.decay = decay
+        self.plain: dict[int, float] = {}
+        self.verify: dict[int, float] = {}
+        self.batch = 1
+        self._bucket = self.bucket(1)  # the current batch's bucket (set_batch), looked up once
+        self._prior = LinearStepCost()
+
+    def set_batch(self, n: int) -> None:
+        """The batch size the next ``step_time`` questions are about (once per step)."""
+        self.batch = max(n, 1)
+        self._bucket = self.bucket(self.batch)
+
+    def bucket(self, n: int) -> int:
+        i = int(np.searchsorted(self.buckets, n))
+        return int(self.buckets[i]) if i < len(self.buckets) else n
+
+    def observe(self, batch: int, seconds: float, verifying: bool) -> None:
+        table = self.verify if verifying else self.plain
+        b = self.bucket(batch)
+        old = table.get(b)
+        table[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+
+    def measured(self, batch: int) -> bool:
+        b = self.bucket(batch)
+        return b in self.plain and b in self.verify
+
+    def step_time(self, num_query_tokens: int) -> float:
+        b = self._bucket
+        if b in self.plain and b in self.verify:
+            return self.plain[b] if num_query_tokens <= self.batch else self.verify[b]
+        return self._prior.step_time(num_query_tokens)
+
+
+def _draft_graph_buckets(cfg, resolved) -> list[int] | None:
+    """The draft model's CUDA-graph buckets: the target's, up to the verification graphs'
+    largest batch (a draft step is cheap; larger batches run it eagerly)."""
+    device = resolved.device if resolved is not None else None
+    if cfg.enforce_eager or device is None or getattr(device, "type", "cpu") != "cuda":
+        return None
+    from layerzero_serve.engine import MAX_VERIFY_GRAPH_BATCH
+
+    buckets = batch_buckets(cfg.max_graph_batch or min(cfg.max_num_seqs, 256))
+    return [b for b in buckets if b <= MAX_VERIFY_GRAPH_BATCH] or buckets[:1]
+
+
+class SpecCoordinator:
+    """Owns the proposer, the verifier, the metrics and the adaptive ``k``.
+
+    Args:
+        proposer: drafts per request (``NgramProposer`` for ``speculative_method="ngram"``).
+        verifier: the step's verification (its kernel chosen once by the selection engine).
+        k_max: most drafts per request and step.
+        adaptive: choose ``k`` per step (else always ``k_max``).
+    """
+
+    def __init__(
+        self,
+        proposer: Proposer,
+        verifier: SpecVerifier,
+        k_max: int,
+        adaptive: bool = True,
+        vocab_size: int = 1 << 62,
+    ) -> None:
+        self.proposer = proposer
+        self.verifier = verifier
+        self.vocab_size = vocab_size
+        self.k_max = k_max
+        self.costs = MeasuredStepCost(batch_buckets(256))
+        self.adaptive = AdaptiveK(k_max, step_cost=self.costs) if adaptive else None
+        self.metrics = SpecDecodeMetrics(k_max)
+        self.last_k = 0
+        self._steps = 0
+        self._idle_pause = 0  # steps left without proposing (adaptive mode)
+        self._idle_next = 1  # the next pause's length
+        # Proposers that keep per-request state take the ids (NgramProposer's incremental
+        # index); a user's proposer with the base signature gets tokens and k only.
+        params = inspect.signature(proposer.propose).parameters
+        self._pass_ids = "request_ids" in params
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg,
+        selector,
+        kernel_ctx,
+        resolved=None,
+        draft_kv_blocks: int = 1024,
+        seeds_of=None,
+    ) -> SpecCoordinator:
+        """Build from an EngineConfig; ``kernel_ctx`` is the rejection-sampling plan,
+        ``resolved`` the target's ResolvedConfig (device, dtype, max length) for a draft model,
+        ``draft_kv_blocks`` the draft's KV pool size in blocks, ``seeds_of`` the target
+        sampler's ``seeds_of`` (verification draws from the sampler's own streams)."""
+        choice = selector.select(Op.REJECTION_SAMPLING, kernel_ctx)
+        kernel = choice.spec.factory(kernel_ctx)
+        if isinstance(cfg.speculative_method, Proposer):
+            proposer = cfg.speculative_method  # the user's own
+        elif cfg.speculative_method == "draft_model":
+            from layerzero_serve.spec_decode.draft_model import DraftModelProposer
+
+            proposer = DraftModelProposer(
+                cfg.speculative_model,
+                kernel_ctx.vocab_size,
+                device=str(resolved.device) if resolved else cfg.device,
+                dtype=str(resolved.dtype).removeprefix("torch.") if resolved else cfg.dtype,
+                block_size=cfg.block_size,
+                num_kv_blocks=draft_kv_blocks,
+                max_num_seqs=cfg.max_num_seqs,
+                max_model_len=resolved.max_model_len if resolved else cfg.max_model_len,
+                graph_buckets=_draft_graph_buckets(cfg, resolved),
+            )
+        else:
+            proposer = NgramProposer(
+                k=cfg.num_speculative_tokens, min_n=cfg.ngram_min, max_n=cfg.ngram_max
+            )
+        verifier = SpecVerifier(kernel, seed=cfg.seed, seeds_of=seeds_of)
+        verifier.kernel_name = choice.name
+        return cls(
+            proposer,
+            verifier,
+            cfg.num_speculative_tokens,
+            cfg.adaptive_speculation,
+            kernel_ctx.vocab_size or (1 << 62),
+        )
+
+    def propose(self, running: Iterable[Request], num_running: int) -> None:
+        """Set this step's drafts on the decode-ready, speculation-capable running requests."""
+        if self.adaptive is not None:
+            self._steps += 1
+            self.costs.set_batch(num_running)
+            k = self.adaptive.choose(num_running)
+            if k and self.costs.measured(num_running):
+                k = self.k_max  # measured (graph) verification costs the same for every k
+            elif k and self._steps % PLAIN_PROBE_INTERVAL == 0:
+                k = 0  # no plain-step time for this batch size yet: measure one
+        else:
+            k = self.k_max
+        if k and self.adaptive is not None and self._idle_pause:
+            self._idle_pause -= 1  # the proposer had nothing lately: do not ask it this step
+            k = 0
+        self.last_k = k
+        if k == 0:
+            return
+        ready = [
+            r
+            for r in running
+            if r.num_computed_tokens == len(r.all_token_ids) - 1
+            and can_speculate(r.sampling_params)
+        ]
+        if not ready:
+            return
+        tokens = [r.all_token_ids for r in ready]
+        if self._pass_ids:
+            drafts = self.proposer.propose(tokens, k, request_ids=[r.request_id for r in ready])
+        else:
+            drafts = self.proposer.propose(tokens, k)
+        vocab_ok = self.vocab_size
+        drafted = False
+        for r, d in zip(ready, drafts, strict=True):
+            room = r.stop_len - len(r.all_token_ids) - 1  # leave room for the target's token
+            if d and room > 0:
+                d = [int(t) for t in d[: min(room, k)]]
+                # A draft id outside the vocabulary would reach the embedding gather: cut the
+                # drafts there (the verifier would reject it anyway).
+                bad = next((j for j, t in enumerate(d) if not 0 <= t < vocab_ok), len(d))
+                if bad:
+                    r.spec_token_ids = d[:bad]
+                    drafted = True
+        if self.adaptive is not None:
+            if drafted:
+                self._idle_next = 1
+            else:
+                self._idle_pause = self._idle_next
+                self._idle_next = min(2 * self._idle_next, MAX_IDLE_PAUSE)
+
+    def record(self, num_drafts: list[int], num_accepted: list[int], request_ids: list[str]):
+        """Fold one step's verification results into the metrics and the adaptive ``k``."""
+        if not num_drafts:
+            return
+        self.metrics.update(num_drafts, num_accepted, request_ids)
+        if self.adaptive is not None:
+            self.adaptive.update(num_drafts, num_accepted)
+
+    def observe_step(self, batch: int, seconds: float, verifying: bool) -> None:
+        """A pure decode step's wall time (``verifying``: it carried drafts)."""
+        self.costs.observe(batch, seconds, verifying)
+
+    def release(self, request_id: str) -> None:
+        self.proposer.release(request_id)
+        self.metrics.pop_request(request_id)
+
+    def stats(self) -> dict[str, object]:
+        m = self.metrics
+        return {
+            "method": self.proposer.name,
+            "k_max": self.k_max,
+            "last_k": self.last_k,
+            "drafts": int(m.total.num_drafts),
+            "drafted_tokens": int(m.total.num_draft_tokens),
+            "accepted_tokens": int(m.total.num_accepted_tokens),
+            "acceptance_rate": m.acceptance_rate,
+            "mean_accepted_length": m.mean_accepted_length,
+            "acceptance_rate_per_position": m.acceptance_rate_per_position().tolist(),
+            "verification_kernel": getattr(self.verifier, "kernel_name", ""),
+        }

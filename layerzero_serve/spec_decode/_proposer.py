@@ -1,0 +1,59 @@
+"""What every draft proposer offers the verifier: up to ``k`` draft token ids per request.
+
+A proposer may return fewer than ``k`` ids for a request (0 = no guess); the runner pads the
+drafts into ``draft_ids [B, k]`` with ``num_drafts [B]`` for verification (see
+:mod:`layerzero_serve.spec_decode._rejection`). Draft ids are not range-checked here: the verifier
+rejects ids outside the vocabulary on the device.
+"""
+
+from __future__ import annotations
+
+import abc
+import numbers
+from collections.abc import Sequence
+
+from layerzero_serve.errors import ValidationError
+
+__all__ = ["MAX_K", "Proposer", "check_int"]
+
+# Largest number of drafts per request and step: a verification pass of k + 1 query tokens per
+# request beyond this costs more than any acceptance rate can pay back.
+MAX_K = 64
+
+
+def check_int(name: str, value: object, low: int, high: int) -> int:
+    """``value`` as an int in ``[low, high]``, else ValidationError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValidationError(name, value, f"int in [{low}, {high}]")
+    if not low <= value <= high:
+        raise ValidationError(name, value, f"int in [{low}, {high}]")
+    return int(value)
+
+
+class Proposer(abc.ABC):
+    """A source of draft tokens.
+
+    Attributes:
+        name: short identifier for logs and metrics (``"ngram"``, ``"draft_model"``...).
+        needs_model: True when proposing runs a model on the device (the runner must schedule
+            its forward passes and KV); False for host-only proposers such as n-gram lookup.
+    """
+
+    name: str = "proposer"
+    needs_model: bool = False
+
+    @abc.abstractmethod
+    def propose(self, requests_tokens: Sequence[Sequence[int]], k: int) -> list[list[int]]:
+        """Draft continuations.
+
+        Args:
+            requests_tokens: per request, its prompt + output token ids so far (lists, tuples or
+                1-D integer numpy arrays).
+            k: most drafts per request, in ``[0, MAX_K]``.
+
+        Returns:
+            One list per request with at most ``k`` draft ids (possibly empty).
+        """
+
+    def release(self, request_id: str) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Forget per-request state (finished or aborted request). No-op by default."""

@@ -1,0 +1,350 @@
+"""Continuous batching in the phase-free model.
+
+Each step, every running request asks for ``num_tokens - num_computed_tokens`` tokens (1 for a
+decode, a chunk for a prefill, k+1 for a verification), decode-like requests first, under a
+token budget and a sequence budget; waiting requests are admitted behind them, prefix hits
+skipping computed tokens. When the pool runs dry the lowest-priority, latest-arrived running
+request is preempted by recompute: its blocks go back (their cached hashes usually make the
+resume cheap) and it waits at the head of its priority class.
+
+Pure CPU: imports only ``layerzero_serve.types`` and the KV cache manager interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from itertools import chain
+
+from layerzero_serve.errors import ValidationError
+from layerzero_serve.kv_cache._manager import KVCacheManager
+from layerzero_serve.scheduler._config import SchedulerConfig
+from layerzero_serve.scheduler._queues import RequestQueue, sort_key_for
+from layerzero_serve.types import (
+    Request,
+    RequestStatus,
+    SchedulerOutput,
+    StepOutputs,
+)
+
+# A runner turns a SchedulerOutput into the new token ids of each chunk (empty for a prefill
+# chunk that does not reach the end of the prompt).
+Runner = Callable[[SchedulerOutput], Sequence[Sequence[int]]]
+
+_RUNNING = RequestStatus.RUNNING
+
+
+def _lookahead(la: int, req: Request, end: int) -> int:
+    """Lookahead (draft) slots to reserve past ``end``: at most ``la`` and never past the
+    request's last position, so its block table stays within max_model_len (the captured
+    graphs' static width)."""
+    return la and max(0, min(la, req.stop_len - end))
+
+
+class Scheduler:
+    """Owns the requests and their lifecycle; the KV manager owns their blocks."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        key = sort_key_for(config.policy)
+        self.waiting = RequestQueue(key)
+        self.running = RequestQueue(key)
+        self.requests: dict[str, Request] = {}
+        self._finished_unreported: list[Request] = []
+        self._step_id = 0
+        self.num_preemptions = 0
+        # Longest sequence a request may reach: the model's limit or the whole pool, whichever
+        # is smaller, so a lone request can always make progress.
+        pool_tokens = kv.num_usable_blocks * kv.block_size - config.num_lookahead_tokens
+        self.max_seq_len = min(config.max_model_len, pool_tokens)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def add_request(self, request: Request) -> bool:
+        """Queue a request. A request that can never fit is finished at once as rejected (its
+        output comes with the next ``update``); returns False then."""
+        if request.request_id in self.requests:
+            raise ValidationError("request_id", request.request_id, "an id not already in use")
+        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
+            raise ValidationError("max_tokens", request.max_tokens, "an integer >= 1")
+        self.requests[request.request_id] = request
+        need = request.num_tokens + 1
+        if need > self.max_seq_len:
+            limit = "max_model_len" if self.max_seq_len == self.config.max_model_len else "KV pool"
+            self._finish(
+                request,
+                RequestStatus.FINISHED_REJECTED,
+                f"prompt of {request.num_tokens} tokens + 1 exceeds the {limit} "
+                f"({self.max_seq_len} tokens)",
+            )
+            return False
+        stops = set(request.stop_token_ids)
+        if request.eos_token_id is not None and not request.ignore_eos:
+            stops.add(request.eos_token_id)
+        request.stop_set = frozenset(stops)
+        request.stop_len = min(request.num_prompt_tokens + request.max_tokens, self.max_seq_len)
+        request.status = RequestStatus.WAITING
+        self.waiting.add(request)
+        return True
+
+    def abort(self, request_id: str) -> bool:
+        """Abort in any state; unknown or already finished ids are a no-op (returns False)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status.is_finished:
+            return False
+        if req.status == _RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._finish(req, RequestStatus.FINISHED_ABORTED, "aborted by the caller")
+        return True
+
+    def fail(self, request_id: str, detail: str) -> bool:
+        """End a request in error (``FINISHED_ERROR``): its own computation failed, e.g. its
+        logits were NaN. Its blocks go back now and its output (finish reason "error",
+        ``detail``) comes with the next ``update``; no other request is affected. Unknown or
+        finished ids are a no-op (returns False)."""
+        req = self.requests.get(request_id)
+        if req is None or req.status.is_finished:
+            return False
+        if req.status == _RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._finish(req, RequestStatus.FINISHED_ERROR, detail)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting) or bool(self.running) or bool(self._finished_unreported)
+
+    def _finish(self, req: Request, status: RequestStatus, detail: str = "") -> None:
+        req.status = status
+        req.finish_detail = detail
+        req.spec_token_ids = []
+        self.kv.free(req)
+        self._finished_unreported.append(req)
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.spec_token_ids = []
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add(req)
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Decide this step's work: running decode-like requests first (one token plus their
+        drafts), then running prefills in chunks, then admissions from the head of the waiting
+        queue. When blocks run out, requests are preempted from the tail of the running queue
+        (a victim already scheduled this step is unscheduled); no admissions in that step."""
+        cfg, kv = self.config, self.kv
+        max_tokens = cfg.max_num_batched_tokens
+        chunk_cap = cfg.max_prefill_chunk or max_tokens
+        la = cfg.num_lookahead_tokens
+        out = SchedulerOutput(self._step_id, [], [], [], [], 0, [], [])
+        reqs, starts, counts, tables = out.requests, out.starts, out.num_scheduled, out.block_ids
+        used = 0
+        prefills: list[Request] = []
+        deferring = True  # first pass: decode-like rows; prefills wait behind the None marker
+        for req in chain(list(self.running.items), (None,), prefills):
+            if req is None:
+                deferring = False
+                continue
+            if used >= max_tokens:
+                break
+            if req.status is not _RUNNING:
+                continue  # preempted earlier in this step
+            start = req.num_computed_tokens
+            spec = len(req.spec_token_ids)
+            want = len(req.all_token_ids) + spec - start
+            if want <= spec + 1:
+                n = min(want, max_tokens - used)
+                if n < want:  # the token budget cuts the drafts: verify only those scheduled
+                    del req.spec_token_ids[n - 1 :]
+            elif deferring:
+                prefills.append(req)
+                continue
+            else:
+                n = min(want, max_tokens - used, chunk_cap)
+            la_r = _lookahead(la, req, start + n) if la else 0  # no call on the hot path
+            if start + n + la_r <= req.kv_capacity:  # room already reserved: no KV call
+                ids = req.kv_block_ids
+            else:
+                ids = kv.allocate_slots(req, n, None, la_r)
+                if ids is None and req.spec_token_ids:  # no room for drafts: decode plainly
+                    req.spec_token_ids = []
+                    n = 1
+                    ids = kv.allocate_slots(req, 1, None, 0)
+            if ids is None:
+                ids, freed = self._make_room(out, req, n)
+                used -= freed
+                if ids is None:
+                    continue
+            reqs.append(req)
+            starts.append(start)
+            counts.append(n)
+            tables.append(ids)
+            used += n
+        if not out.preempted_ids:
+            used = self._admit(out, used, chunk_cap, la)
+        out.num_batched_tokens = used
+        out.blocks_to_copy = kv.take_pending_copies()
+        self._step_id += 1
+        return out
+
+    def _make_room(
+        self, out: SchedulerOutput, req: Request, n: int
+    ) -> tuple[list[int] | None, int]:
+        """Preempt from the tail of the running queue until ``req`` gets its ``n`` slots or is
+        itself the victim. Returns (block table or None, tokens given back by unscheduling
+        victims already scheduled in this step)."""
+        freed = 0
+        la = self.config.num_lookahead_tokens
+        while True:
+            victim = self.running.pop_back()
+            for j in range(len(out.requests) - 1, -1, -1):
+                if out.requests[j] is victim:  # scheduled earlier in this step: take it back
+                    freed += out.num_scheduled[j]
+                    for col in (out.requests, out.starts, out.num_scheduled, out.block_ids):
+                        del col[j]
+                    break
+            self._preempt(victim)
+            out.preempted_ids.append(victim.request_id)
+            if victim is req:
+                return None, freed
+            la_r = _lookahead(la, req, req.num_computed_tokens + n)
+            ids = self.kv.allocate_slots(req, n, None, la_r)
+            if ids is not None:
+                return ids, freed
+
+    def _admit(self, out: SchedulerOutput, used: int, chunk_cap: int, la: int) -> int:
+        kv, waiting, cfg = self.kv, self.waiting, self.config
+        budget = cfg.max_num_batched_tokens - used
+        while waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            req = waiting.peek()
+            prefix = kv.match_prefix(req, record_stats=False)
+            start = prefix.num_tokens
+            want = req.num_tokens - start
+            if not cfg.enable_chunked_prefill and want > budget:
+                break
+            n = min(want, budget, chunk_cap)
+            ids = kv.allocate_slots(req, n, prefix, _lookahead(la, req, start + n))
+            if ids is None:
+                break
+            kv.record_prefix_lookup(req.num_tokens, start)
+            waiting.pop_front()
+            req.num_computed_tokens = start
+            req.num_cached_tokens = start
+            req.status = _RUNNING
+            self.running.add(req)
+            out.requests.append(req)
+            out.starts.append(start)
+            out.num_scheduled.append(n)
+            out.block_ids.append(ids)
+            budget -= n
+        return cfg.max_num_batched_tokens - budget
+
+    def update(
+        self, output: SchedulerOutput, new_token_ids: Sequence[Sequence[int]]
+    ) -> StepOutputs:
+        """Apply a step's results: ``new_token_ids[i]`` are the tokens accepted for row i of
+        ``output`` (empty for a prefill chunk short of the prompt's end). Advances
+        ``num_computed_tokens``, commits full blocks to the prefix cache, appends tokens, checks
+        stop conditions and frees finished requests."""
+        kv = self.kv
+        bs = kv.block_size
+        rows: list[tuple] = []
+        finished: set[str] = set()
+        for req, start, n, toks in zip(
+            output.requests, output.starts, output.num_scheduled, new_token_ids, strict=True
+        ):
+            if req.status is not _RUNNING:
+                continue  # aborted or preempted after scheduling
+            if req.spec_token_ids:  # a verification row: its drafts followed `start`
+                self._update_verified(req, start, toks, rows, finished)
+                continue
+            end = req.num_computed_tokens = start + n
+            if end // bs > start // bs:  # a block became full: publish it
+                kv.commit(req)
+            if not toks:
+                continue
+            if len(toks) == 1:  # decode fast path: no stop -> stream the token and move on
+                t = toks[0]
+                all_ids = req.all_token_ids
+                all_ids.append(t)
+                if t not in req.stop_set and len(all_ids) < req.stop_len:
+                    num_out = len(all_ids) - len(req.prompt_token_ids)
+                    rows.append((req.request_id, [t], False, None, num_out))
+                    continue
+                del all_ids[-1]
+            status, new = self._append(req, toks)
+            if status is not None:
+                finished.add(req.request_id)
+                req.status = status
+                kv.free(req)
+            num_out = len(req.all_token_ids) - len(req.prompt_token_ids)
+            rows.append((req.request_id, new, status is not None, req.finish_reason, num_out))
+        if finished:
+            self.running.filter_out(finished)
+            for rid in finished:
+                del self.requests[rid]
+        for req in self._finished_unreported:
+            self.requests.pop(req.request_id, None)
+            rows.append(
+                (
+                    req.request_id,
+                    [],
+                    True,
+                    req.finish_reason,
+                    req.num_output_tokens,
+                    req.finish_detail,
+                )
+            )
+        self._finished_unreported.clear()
+        return StepOutputs(rows)
+
+    def _update_verified(
+        self, req: Request, start: int, toks: Sequence[int], rows: list, finished: set
+    ) -> None:
+        """Apply a verification: ``toks`` are the accepted drafts then one target token. The KV
+        is valid for the last token and the accepted drafts, i.e. up to ``start + len(toks)``;
+        the rejected positions are given back without copying: ``num_computed_tokens`` stops
+        there and blocks left empty return to the pool."""
+        req.spec_token_ids = []
+        kv = self.kv
+        if not toks:  # the row failed: the engine reports it
+            req.num_computed_tokens = start
+            return
+        status, new = self._append(req, toks)
+        end = req.num_computed_tokens = start + len(new)
+        if end // kv.block_size > start // kv.block_size:
+            kv.commit(req)
+        if status is not None:
+            finished.add(req.request_id)
+            req.status = status
+            kv.free(req)
+        else:
+            kv.trim(req, end)
+        num_out = len(req.all_token_ids) - len(req.prompt_token_ids)
+        rows.append((req.request_id, new, status is not None, req.finish_reason, num_out))
+
+    @staticmethod
+    def _append(req: Request, toks: Sequence[int]) -> tuple[RequestStatus | None, list[int]]:
+        """Append accepted tokens one by one, stopping at the first stop condition (tokens after
+        it are dropped). Returns (finish status or None, the tokens appended)."""
+        all_ids = req.all_token_ids
+        stop_set, stop_len = req.stop_set, req.stop_len
+        for n, t in enumerate(toks, 1):
+            all_ids.append(t)
+            if t in stop_set:
+                return RequestStatus.FINISHED_STOPPED, list(toks[:n])
+            if len(all_ids) >= stop_len:
+                return RequestStatus.FINISHED_LENGTH, list(toks[:n])
+        return None, list(toks)
+
+    def step(self, runner: Runner) -> StepOutputs:
+        """schedule -> runner -> update, the whole loop for one step."""
+        out = self.schedule()
+        toks = runner(out) if out.requests else []
+        return self.update(out, toks)
