@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import layerzero_serve.kv_cache as kvc
 from layerzero_serve.kernels.metadata import AttentionMetadata
-from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
-from layerzero_serve.kv_cache._storage import build_block_table, build_positions, build_slot_mapping
 from layerzero_serve.runner.attention import AttentionDispatch, build_attention
 from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
 from layerzero_serve.scheduler import Scheduler, SchedulerConfig
@@ -27,8 +26,7 @@ from_host = AttentionMetadata.from_host  # host arrays -> one step's attention m
 
 
 class TinyDecoder(nn.Module):
-    """``forward(input_ids [T], positions [T], attn, meta) -> hidden [T, HIDDEN]``; sequences
-    meet only in ``attn(layer, q [T, HQ, D], k/v [T, HKV, D], meta) -> [T, HQ, D]``."""
+    """Sequences meet only in ``attn(layer, q [T, HQ, D], k/v [T, HKV, D], meta)``."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -61,8 +59,8 @@ class PagedRunner:
 
     def __init__(self, model: TinyDecoder, device: torch.device, graphs: bool = False) -> None:
         self.model, self.device = model.to(device), device
-        spec = KVCacheSpec(LAYERS, HKV, D, BLOCK, torch.float32)
-        self.kv = KVCache(spec, NUM_BLOCKS, device=device)
+        spec = kvc.KVCacheSpec(LAYERS, HKV, D, BLOCK, torch.float32)
+        self.kv = kvc.KVCache(spec, NUM_BLOCKS, device=device)
         self.attn = build_attention(self.kv, HQ, device, max_num_seqs=len(PROMPTS))
         self.graphs, self.bucket_attn, self.replays, self.decode_batches = None, {}, [], []
         if graphs:  # the graphs bake in the KV tensors and a block table MAX_LEN // BLOCK wide
@@ -84,9 +82,11 @@ class PagedRunner:
     @torch.inference_mode()
     def __call__(self, out) -> list[list[int]]:
         starts, lens = np.asarray(out.starts), np.asarray(out.num_scheduled)
-        table = build_block_table(out.block_ids)
-        slots = build_slot_mapping(table, starts, lens, BLOCK)
-        pos = build_positions(starts, lens)[1]
+        table = kvc.build_block_table(out.block_ids)
+        slots, pos = (
+            kvc.build_slot_mapping(table, starts, lens, BLOCK),
+            kvc.build_positions(starts, lens)[1],
+        )
         reqs = zip(out.requests, starts, lens, strict=True)
         ids = np.concatenate([r.all_token_ids[s : s + n] for r, s, n in reqs])
         sampling = [out.samples(i) for i in range(len(lens))]
@@ -115,9 +115,8 @@ class PagedRunner:
 
 
 def generate(device: torch.device, graphs: bool = False) -> tuple[list[list[int]], PagedRunner]:
-    """Greedy tokens of every prompt, through the scheduler and the paged runner."""
     runner = PagedRunner(TinyDecoder(), device, graphs)
-    kv = KVCacheManager(NUM_BLOCKS, BLOCK)  # block ids for the runner's KVCache (same count)
+    kv = kvc.KVCacheManager(NUM_BLOCKS, BLOCK)  # block ids for the runner's KVCache (same count)
     sched = Scheduler(SchedulerConfig(4, 24, MAX_LEN), kv)  # 24 tokens/step: prefill in chunks
     tokens = {f"p{i}": [] for i in range(len(PROMPTS))}
     for rid, prompt, n in zip(tokens, PROMPTS, MAX_NEW, strict=True):
@@ -131,8 +130,8 @@ def generate(device: torch.device, graphs: bool = False) -> tuple[list[list[int]
 
 def main() -> dict:
     tokens, runner = generate(torch.device("cpu"))
-    print(f"kernels: {runner.attn.name}; decode batches {runner.decode_batches}; {tokens}")
     res = {"tokens": tokens, "decode_batches": runner.decode_batches, "kernels": runner.attn.name}
+    print(res)
     if not torch.cuda.is_available():  # no CUDA device: no CUDA-graph replay
         return res
     gpu_tokens, gpu = generate(torch.device("cuda"), graphs=True)

@@ -1,14 +1,11 @@
 """A speculative pipeline with a proposer of your own, plugged into the runtime's verifier.
 
-1. In the engine: any ``spec_decode.Proposer`` instance goes in ``speculative_method``. Each step
-   the engine asks it for drafts, schedules ``1 + d`` query tokens per request, verifies the
-   drafts losslessly against the model (greedy rows: the longest prefix matching the argmax) and
-   rolls rejected positions back, so greedy output is exactly plain decoding in fewer steps.
-2. On its own: ``SpecVerifier`` turns logits from any source into the tokens each request emits,
-   and ``rejection_sample`` verifies drafts against target / draft distributions you computed.
-
-The model is ``dummy:tiny`` (random weights; its greedy output falls into loops, which is what a
-context-lookup proposer catches). Runs on the CPU (``python examples/spec_pipeline.py``) in ~2 s.
+In the engine, any ``spec_decode.Proposer`` goes in ``speculative_method``: each step the engine
+asks it for drafts, verifies them losslessly in one pass (greedy rows: the longest prefix
+matching the argmax) and rolls rejected positions back, so greedy output is exactly plain
+decoding in fewer steps. On their own, ``SpecVerifier`` turns logits from any source into the
+tokens each request emits, and ``rejection_sample`` verifies drafts against distributions you
+computed. ``dummy:tiny`` (random weights, whose greedy output loops); CPU, ~2 s.
 """
 
 from __future__ import annotations
@@ -45,7 +42,6 @@ class FollowerProposer(Proposer):
 
 
 def generate(engine: Engine, params: SamplingParams) -> list[list[int]]:
-    """Drive the engine to completion; output token ids per prompt."""
     ids = [engine.add_request(p, params) for p in PROMPTS]
     got: dict[str, list[int]] = {i: [] for i in ids}
     while engine.has_unfinished():
@@ -55,8 +51,7 @@ def generate(engine: Engine, params: SamplingParams) -> list[list[int]]:
 
 
 def verifier_on_toy_logits() -> dict:
-    """``SpecVerifier`` on logits from any source: a toy bigram "model" (a ``[V, V]`` table whose
-    row ``t`` favours ``t + 1``) scores each request's last token and drafts."""
+    """``SpecVerifier`` on toy logits: a bigram table ``[V, V]`` (row t favours t + 1)."""
     vocab = 16
     noise = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)) * 0.5
     table = noise + 4.0 * torch.eye(vocab).roll(1, dims=1)  # logits of the token after t
@@ -75,9 +70,8 @@ def verifier_on_toy_logits() -> dict:
 
 
 def rejection_on_toy_distributions(num_rows: int = 20000) -> dict:
-    """``rejection_sample`` with a draft distribution ``q`` of yours against a target ``p``: the
-    first emitted token follows ``p`` whatever ``q`` is (lossless); position 0 accepts with
-    probability ``sum(min(p, q))``."""
+    """``rejection_sample`` with your draft ``q`` against a target ``p``: the first emitted token
+    follows ``p`` whatever ``q`` is; position 0 accepts with probability ``sum(min(p, q))``."""
     g = torch.Generator().manual_seed(1)
     p = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.06, 0.04])  # the target, at every position
     q = torch.tensor([0.10, 0.10, 0.50, 0.10, 0.10, 0.10])  # your draft model: quite wrong
@@ -90,52 +84,28 @@ def rejection_on_toy_distributions(num_rows: int = 20000) -> dict:
     out, num_accepted = rejection_sample(
         draft_ids, draft_probs, target_probs, uniforms, noise, num_drafts
     )  # out int64 [B, k+1] (-1 padded), num_accepted int32 [B]
-    return {
-        "p": p.tolist(),
-        "q": q.tolist(),
-        "first_token_counts": torch.bincount(out[:, 0], minlength=vocab).tolist(),
-        "accepted_first": int((num_accepted >= 1).sum()),
-        "num_rows": num_rows,
-    }
+    counts = torch.bincount(out[:, 0], minlength=vocab).tolist()
+    accepted = int((num_accepted >= 1).sum())
+    return {"p": p.tolist(), "q": q.tolist(), "first_token_counts": counts,
+            "accepted_first": accepted, "num_rows": num_rows}  # fmt: skip
 
 
 def main() -> dict:
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    engine = Engine(
-        model="dummy:tiny",
-        device="cpu",
-        speculative_method=FollowerProposer(),
-        num_speculative_tokens=K,
-        adaptive_speculation=False,  # always K drafts (True: K per step from the acceptance)
-    )
-    tokens = generate(engine, greedy)
+    engine = Engine(model="dummy:tiny", device="cpu", speculative_method=FollowerProposer(),
+                    num_speculative_tokens=K, adaptive_speculation=False)  # fmt: skip
+    tokens = generate(engine, greedy)  # adaptive_speculation=True: k per step from acceptance
     stats = engine.stats()
     s = stats["speculative"]
-    print(
-        f"{s['method']}: {s['accepted_tokens']}/{s['drafted_tokens']} draft tokens accepted "
-        f"({s['acceptance_rate']:.0%}), {s['mean_accepted_length']:.2f} per verification, "
-        f"{stats['steps']} engine steps for {MAX_TOKENS} tokens per request, "
-        f"verified by {s['verification_kernel']}"
-    )
-    print(
-        "acceptance per draft position:", [round(a, 2) for a in s["acceptance_rate_per_position"]]
-    )
-
-    toy = verifier_on_toy_logits()
+    print(f"{s['method']}: {s['accepted_tokens']}/{s['drafted_tokens']} drafts accepted, "
+          f"{stats['steps']} steps for {MAX_TOKENS} tokens per request, per position "
+          f"{[round(a, 2) for a in s['acceptance_rate_per_position']]}")  # fmt: skip
+    toy, rs = verifier_on_toy_logits(), rejection_on_toy_distributions()
     print("SpecVerifier on toy logits: drafts", toy["drafts"], "-> emitted", toy["tokens"])
-    rs = rejection_on_toy_distributions()
     freq = [round(c / rs["num_rows"], 3) for c in rs["first_token_counts"]]
-    target = [round(x, 3) for x in rs["p"]]
-    print(f"rejection_sample: first-token frequencies {freq}, target {target}")
-    return {
-        "prompts": PROMPTS,
-        "max_tokens": MAX_TOKENS,
-        "tokens": tokens,
-        "steps": stats["steps"],
-        "speculative": s,
-        "verifier": toy,
-        "rejection": rs,
-    }
+    print(f"rejection_sample: first-token frequencies {freq}, target {rs['p']}")
+    res = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "tokens": tokens, "steps": stats["steps"]}
+    return {**res, "speculative": s, "verifier": toy, "rejection": rs}
 
 
 if __name__ == "__main__":
