@@ -95,6 +95,19 @@ def bench_scheduler_step(
     }
 
 
+def bench_block_table(num_seqs: int = 256, blocks_per_seq: int = 128) -> dict:
+    """Host cost of one step's block table for a decode batch (256 x 128 blocks: batch 256 at
+    context 2048 with 16-token blocks), from the scheduler's per-request block id lists."""
+    from layerzero_serve.kv_cache import build_block_table
+
+    ids = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(num_seqs)]
+    return {
+        "per_step_us": median_time(lambda: build_block_table(ids)) * 1e6,
+        "num_seqs": num_seqs,
+        "blocks_per_seq": blocks_per_seq,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="results folder")
@@ -105,6 +118,7 @@ def main() -> None:
         "hash_fast": bench_hash("fast"),
         "scheduler_step_256": bench_scheduler_step(),
         "scheduler_step_256_gc_unfrozen": bench_scheduler_step(freeze_gc=False),
+        "block_table_256x128": bench_block_table(),
     }
     for k, v in res.items():
         print(f"{k:22s} {v}")
