@@ -97,12 +97,25 @@ def bench_scheduler_step(
 
 def bench_block_table(num_seqs: int = 256, blocks_per_seq: int = 128) -> dict:
     """Host cost of one step's block table for a decode batch (256 x 128 blocks: batch 256 at
-    context 2048 with 16-token blocks), from the scheduler's per-request block id lists."""
+    context 2048 with 16-token blocks), from the scheduler's per-request block id lists: a full
+    rebuild, and the runner's BlockTableCache in steady decoding."""
     from layerzero_serve.kv_cache import build_block_table
+    from layerzero_serve.kv_cache._storage import BlockTableCache
 
     ids = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(num_seqs)]
+    full = median_time(lambda: build_block_table(ids))
+    cache, step = BlockTableCache(), [0]
+
+    def cached_step() -> None:  # steady decoding: each row gains a block every 16 steps
+        step[0] += 1
+        if step[0] % 16 == 0:
+            for row in ids:
+                row.append(row[-1] + 1_000_000)
+        cache.build(ids, 0)
+
     return {
-        "per_step_us": median_time(lambda: build_block_table(ids)) * 1e6,
+        "per_step_us": full * 1e6,
+        "cached_per_step_us": median_time(cached_step) * 1e6,
         "num_seqs": num_seqs,
         "blocks_per_seq": blocks_per_seq,
     }

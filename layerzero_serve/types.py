@@ -141,6 +141,9 @@ class SchedulerOutput:
     num_batched_tokens: int
     blocks_to_copy: list[tuple[int, int]]
     preempted_ids: list[str]
+    # the KV manager's ``table_edits`` when the step was scheduled (-1: unknown): lets a runner
+    # keep block-table rows from the previous step while only appends happened
+    table_edits: int = -1
 
     @property
     def is_empty(self) -> bool:

@@ -190,6 +190,7 @@ class Scheduler:
             used = self._admit(out, used, chunk_cap, la)
         out.num_batched_tokens = used
         out.blocks_to_copy = kv.take_pending_copies()
+        out.table_edits = kv.table_edits
         self._step_id += 1
         return out
 

@@ -72,6 +72,9 @@ class KVCacheManager:
         self._hash_fn: Callable = fn
         self._req_blocks: dict[str, list[Block]] = {}
         self._req_block_ids: dict[str, list[int]] = {}
+        # Bumped whenever a live block id list changes other than by appending (copy-on-write,
+        # trim): a cached block table (runner) may keep rows only while this stays the same.
+        self.table_edits = 0
         self._num_committed: dict[str, int] = {}  # leading blocks of the request already hashed
         self._requests: dict[str, Request] = {}
         self.stats = PrefixCacheStats()
@@ -267,6 +270,7 @@ class KVCacheManager:
         self.pool.free((shared,))
         blocks[idx] = private
         ids[idx] = private.block_id
+        self.table_edits += 1
         self.pending_copies.append((shared.block_id, private.block_id))
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
@@ -327,6 +331,7 @@ class KVCacheManager:
             extra = blocks[keep:]
             del blocks[keep:]
             del self._req_block_ids[rid][keep:]
+            self.table_edits += 1
             request.kv_capacity = min(request.kv_capacity, keep * self.block_size)
             self.pool.free(reversed(extra))
 

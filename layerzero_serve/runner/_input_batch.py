@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from layerzero_serve.kernels.metadata import AttentionMetadata
-from layerzero_serve.kv_cache._storage import build_block_table, build_positions
+from layerzero_serve.kv_cache._storage import BlockTableCache, build_block_table, build_positions
 from layerzero_serve.types import SchedulerOutput
 
 
@@ -47,8 +47,14 @@ def _pin(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def prepare_batch(out: SchedulerOutput, block_size: int, device: torch.device) -> ForwardBatch:
-    """Build a ForwardBatch for ``out`` (host work + one copy per tensor). Not graph-captured."""
+def prepare_batch(
+    out: SchedulerOutput,
+    block_size: int,
+    device: torch.device,
+    tables: BlockTableCache | None = None,
+) -> ForwardBatch:
+    """Build a ForwardBatch for ``out`` (host work + one copy per tensor). Not graph-captured.
+    ``tables`` keeps block-table rows between steps (else the table is rebuilt)."""
     reqs = out.requests
     starts = np.asarray(out.starts, dtype=np.int64)
     lens = np.asarray(out.num_scheduled, dtype=np.int64)
@@ -63,7 +69,11 @@ def prepare_batch(out: SchedulerOutput, block_size: int, device: torch.device) -
             for r, s, e in zip(reqs, out.starts, ends.tolist(), strict=True)
         )
     )
-    table = build_block_table(out.block_ids)
+    table = (
+        build_block_table(out.block_ids)
+        if tables is None
+        else tables.build(out.block_ids, out.table_edits)
+    )
     seq_index, positions = build_positions(starts, lens)
     slots = (
         table[seq_index, positions // block_size].astype(np.int64) * block_size

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from layerzero_serve.kernels.spec import Op
-from layerzero_serve.kv_cache._storage import KVCache, build_block_table
+from layerzero_serve.kv_cache._storage import BlockTableCache, KVCache
 from layerzero_serve.runner._input_batch import prepare_batch
 from layerzero_serve.runner._sampler_graphs import SamplerGraphs
 from layerzero_serve.runner.attention import AttentionDispatch, select_dispatch
@@ -112,6 +112,7 @@ class ModelRunner:
         self.plans[Op.SAMPLING] = base_context(Op.SAMPLING, dev, shape, bs, max_num_seqs, 1, False)
         sampler.bind(device, shape.vocab_size, max_num_seqs, self.selector, self.plans[Op.SAMPLING])
         self.timings = StepTimings()
+        self._tables = BlockTableCache()  # block-table rows kept between steps
         self.graphs: DecodeGraphRunner | None = None
         self.sampler_graphs: SamplerGraphs | None = None  # sampling replayed per (bucket, plan)
         self.spec_verifier = None  # set by the engine when speculative decoding is on
@@ -190,7 +191,7 @@ class ModelRunner:
             return None  # a 1-token prefill chunk short of the prompt's end: no sampling
         bs = self.kv_cache.spec.block_size
         starts = np.asarray(out.starts, dtype=np.int64)
-        table = build_block_table(out.block_ids)
+        table = self._tables.build(out.block_ids, out.table_edits)
         ids = np.fromiter(
             (r.all_token_ids[s] for r, s in zip(out.requests, out.starts, strict=True)),
             dtype=np.int64,
@@ -245,7 +246,7 @@ class ModelRunner:
         bs = self.kv_cache.spec.block_size
         st = np.asarray(starts, dtype=np.int64)
         cnt = np.asarray(counts, dtype=np.int64)
-        table = build_block_table(out.block_ids)
+        table = self._tables.build(out.block_ids, out.table_edits)
         pos = st[:, None] + np.arange(q)[None, :]
         real = np.arange(q)[None, :] < cnt[:, None]
         col = np.minimum(pos // bs, table.shape[1] - 1)
@@ -316,7 +317,7 @@ class ModelRunner:
             logits, sample_rows = got
             t1 = time.perf_counter()
         else:
-            batch = prepare_batch(out, self.kv_cache.spec.block_size, self.device)
+            batch = prepare_batch(out, self.kv_cache.spec.block_size, self.device, self._tables)
             sample_rows = batch.sample_rows
             self._sync()
             t1 = time.perf_counter()

@@ -214,6 +214,7 @@ class DraftModelProposer(Proposer):
             sum(counts),
             self.kv.take_pending_copies(),
             [],
+            self.kv.table_edits,
         )
         tokens = self.runner.execute(out)
         going = []
