@@ -241,6 +241,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def streaming_params(
+    vocab: int, interp: bool, split: int | None = None, block_v: int | None = None
+) -> tuple[int, int, int]:
+    """(SPLIT, BLOCK_V, ITERS) of the streaming kernel for a vocabulary (defaults when None)."""
+    import triton
+
+    # A GPU wants one row per program and wide chunks; the interpreter pays per element of
+    # every tile op (NumPy), so it takes many rows per program and narrow chunks.
+    split = split or (4 if interp else 8)
+    v2 = triton.next_power_of_2(vocab)
+    # GPU: 1024 x 8 pivots with 8 warps holds the per-lane partial sums in 117 registers on
+    # sm_90 (no spills), two programs per SM
+    block_v = block_v or (min(v2, max(64, v2 // 16)) if interp else min(v2, 1024))
+    if split & (split - 1) or split < 2 or block_v & (block_v - 1):
+        raise ValueError(f"split {split} and block_v {block_v} must be powers of two (split >= 2)")
+    # Bit patterns of [0, 1] lie below 2^30 and each pass keeps 1/SPLIT of the range, rounded
+    # up: ceil(30 / log2(SPLIT)) passes leave two candidates, one more pass settles them.
+    return split, block_v, -(-30 // (split.bit_length() - 1)) + 1
+
+
 def triton_sample(
     probs: torch.Tensor,
     top_k: torch.Tensor,
@@ -265,21 +285,10 @@ def triton_sample(
     if num_rows == 0:
         return out
     interp = _interpreting()
-    # A GPU wants one row per program and wide chunks; the interpreter pays per element of
-    # every tile op (NumPy), so it takes many rows per program and narrow chunks.
-    split = split or (4 if interp else 8)
-    v2 = triton.next_power_of_2(vocab)
-    # GPU: 1024 x 8 pivots with 8 warps holds the per-lane partial sums in 117 registers on
-    # sm_90 (no spills), two programs per SM
-    block_v = block_v or (min(v2, max(64, v2 // 16)) if interp else min(v2, 1024))
-    if split & (split - 1) or split < 2 or block_v & (block_v - 1):
-        raise ValueError(f"split {split} and block_v {block_v} must be powers of two (split >= 2)")
+    split, block_v, iters = streaming_params(vocab, interp, split, block_v)
     if block_b is None:
         cap = max(1, _MAX_NUMEL // (split * block_v))  # the [BLOCK_B, SPLIT, BLOCK_V] tiles
         block_b = min(triton.next_power_of_2(num_rows), cap, 4096) if interp else 1
-    # Bit patterns of [0, 1] lie below 2^30 and each pass keeps 1/SPLIT of the range, rounded
-    # up: ceil(30 / log2(SPLIT)) passes leave two candidates, one more pass settles them.
-    iters = -(-30 // (split.bit_length() - 1)) + 1
     grid = (triton.cdiv(num_rows, block_b),)
     _kernel()[grid](
         probs,

@@ -29,6 +29,8 @@ synchronisation; grids depend on shapes only). Rows whose logits hold NaN or +in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from layerzero_serve.kernels._triton import sampling as streaming
@@ -38,12 +40,19 @@ __all__ = ["SPECS", "TritonTopKSamplingKernel", "triton_sample_logits"]
 
 tl = None
 _counter_uniform = _sample_rows = None  # the streaming module's jitted helpers, set on first use
-_JIT_NAMES = ("_top_keys", "_decode_keys", "_chunk_stats", "_threshold", "_compact", "_draw")
+_JIT_NAMES = (
+    "_top_keys",
+    "_sortable",
+    "_decode_keys",
+    "_chunk_stats",
+    "_threshold",
+    "_compact",
+    "_draw",
+)
 _built: dict = {}
 
 K_DEFAULT = 64  # candidates per row: top_k <= 64 (the common 20/40/50) never streams the row
 CAP_DEFAULT = 1024  # logits >= tau kept per row (typically ~100); more: that row streams
-KEY_NONE = -(2**63)  # sorts below every real key (masked tail of the last chunk)
 
 
 def _kernels():
@@ -86,6 +95,12 @@ def _top_keys(keys, BLOCK_B: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
     return top
 
 
+def _sortable(x):
+    """int32 bits of float32 ``x`` whose signed order is the float order (keys' high word)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
 def _decode_keys(keys):
     """(logit float32, token id int32) of each key."""
     hi = (keys >> 32).to(tl.int32)
@@ -125,9 +140,7 @@ def _threshold(cmax_ptr, tau_ptr, B, S, BLOCK_B: tl.constexpr, NS: tl.constexpr,
     c = tl.arange(0, NS)
     cmask = rmask[:, None] & (c[None, :] < S)
     m = tl.load(cmax_ptr + rows[:, None] * S + c[None, :], mask=cmask, other=float("-inf"))
-    bits = m.to(tl.int32, bitcast=True)
-    order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    keys = (order.to(tl.int64) << 32) | c[None, :].to(tl.int64)  # unique per row
+    keys = (_sortable(m).to(tl.int64) << 32) | c[None, :].to(tl.int64)  # unique per row
     keys = tl.where(cmask, keys, -9223372036854775807 - 1)
     top = _top_keys(keys, BLOCK_B, NS, K, METHOD)
     tau, _ = _decode_keys(tl.min(top, 1))
@@ -153,9 +166,7 @@ def _compact(x_ptr, stride_b, tau_ptr, count_ptr, cand_ptr, B, V, CAP, BLOCK_B: 
     n = tl.sum(survive.to(tl.int32), 1)
     start = tl.atomic_add(count_ptr + rows, n, mask=rmask & (n > 0))
     pos = start[:, None] + tl.cumsum(survive.to(tl.int32), 1) - 1
-    bits = x.to(tl.int32, bitcast=True)
-    order = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # signed order == float order
-    keys = (order.to(tl.int64) << 32) | (0x7FFFFFFF - cols[None, :]).to(tl.int64)
+    keys = (_sortable(x).to(tl.int64) << 32) | (0x7FFFFFFF - cols[None, :]).to(tl.int64)
     dst = cand_ptr + rows.to(tl.int64)[:, None] * CAP + pos
     tl.store(dst, keys, mask=survive & (pos < CAP))
 
@@ -249,7 +260,6 @@ def triton_sample_logits(
     Returns int64 ``[B]``. Graph-safe (no host synchronisation; scratch ``[B, capacity]``
     int64 and a few ``[B, S]`` float32).
     """
-    import triton
 
     num_rows, vocab = logits.shape
     if logits.dtype != torch.float32 or logits.stride(1) != 1:
@@ -263,54 +273,75 @@ def triton_sample_logits(
     if num_rows == 0:
         return out
     built = _kernels()
-    interp = streaming._interpreting()
-    if chunk is None:  # at least K chunks where the vocabulary allows: a useful tau
-        chunk = min(2048, max(64, 1 << max(0, (vocab // k_cand).bit_length() - 1)))
-    if chunk & (chunk - 1):
-        raise ValueError(f"chunk must be a power of two, got {chunk}")
-    num_chunks = triton.cdiv(vocab, chunk)
-    ns = max(triton.next_power_of_2(num_chunks), k_cand)
-    dev = logits.device
-    cmax = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=dev)
-    csum = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=dev)
+    lp = _launch_plan(num_rows, vocab, k_cand, capacity, chunk, built["has_topk"])
+    dev, bb, nc = logits.device, lp.block_b, lp.num_chunks
+    cmax = torch.empty(num_rows, nc, dtype=torch.float32, device=dev)
+    csum = torch.empty(num_rows, nc, dtype=torch.float32, device=dev)
     count = torch.empty(num_rows, dtype=torch.int32, device=dev)
     tau = torch.empty(num_rows, dtype=torch.float32, device=dev)
     cand = torch.empty(num_rows, capacity, dtype=torch.int64, device=dev)
     temperature = temperature.to(torch.float32).contiguous()
-    warps = 1 if interp else 8
-    split = 4 if interp else 8
-    v2 = triton.next_power_of_2(vocab)
-    block_v = min(v2, max(64, v2 // 16)) if interp else min(v2, 1024)
-    # The interpreter pays per tile op, not per element: as many rows per program as the
-    # largest tile ([rows, K, K], [rows, CAP], [rows, SPLIT, BLOCK_V]) allows there.
-    widest = max(k_cand * k_cand, chunk, capacity, ns, split * block_v)
-    block_b = min(triton.next_power_of_2(num_rows), max(1, (1 << 20) // widest)) if interp else 1
-    method = 2 if interp else (0 if built["has_topk"] else 1)
-    grid_b = triton.cdiv(num_rows, block_b)
-    use_tau = num_chunks >= k_cand
     stride = logits.stride(0)
-    built["chunk_stats"][(grid_b, num_chunks)](
-        logits, stride, temperature, cmax, csum, count, num_rows, vocab, num_chunks,
-        BLOCK_B=block_b, CHUNK=chunk, num_warps=warps,
+    built["chunk_stats"][(lp.grid_b, nc)](
+        logits, stride, temperature, cmax, csum, count, num_rows, vocab, nc,
+        BLOCK_B=bb, CHUNK=lp.chunk, num_warps=lp.warps,
     )  # fmt: skip
-    if use_tau:
-        built["threshold"][(grid_b,)](
-            cmax, tau, num_rows, num_chunks, BLOCK_B=block_b, NS=ns, K=k_cand, METHOD=method,
-            num_warps=1 if interp else 4,
+    if lp.use_tau:
+        built["threshold"][(lp.grid_b,)](
+            cmax, tau, num_rows, nc, BLOCK_B=bb, NS=lp.ns, K=k_cand, METHOD=lp.method,
+            num_warps=min(lp.warps, 4),
         )  # fmt: skip
-    built["compact"][(grid_b, num_chunks)](
-        logits, stride, tau, count, cand, num_rows, vocab, capacity, BLOCK_B=block_b,
-        CHUNK=chunk, USE_TAU=use_tau, num_warps=warps,
+    built["compact"][(lp.grid_b, nc)](
+        logits, stride, tau, count, cand, num_rows, vocab, capacity, BLOCK_B=bb,
+        CHUNK=lp.chunk, USE_TAU=lp.use_tau, num_warps=lp.warps,
     )  # fmt: skip
-    built["draw"][(grid_b,)](
+    built["draw"][(lp.grid_b,)](
         logits, stride, temperature, top_k.to(torch.int32).contiguous(),
         top_p.to(torch.float32).contiguous(), min_p.to(torch.float32).contiguous(),
         seed.to(torch.int64).contiguous(), offset.to(torch.int64).contiguous(),
-        cand, count, cmax, csum, out, num_rows, vocab, num_chunks, BLOCK_B=block_b,
-        CAP=capacity, NS=ns, K=k_cand, METHOD=method, BLOCK_V=block_v, SPLIT=split,
-        ITERS=-(-30 // (split.bit_length() - 1)) + 1, num_warps=warps,
+        cand, count, cmax, csum, out, num_rows, vocab, nc, BLOCK_B=bb,
+        CAP=capacity, NS=lp.ns, K=k_cand, METHOD=lp.method, BLOCK_V=lp.block_v,
+        SPLIT=lp.split, ITERS=lp.iters, num_warps=lp.warps,
     )  # fmt: skip
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class _LaunchPlan:
+    chunk: int
+    num_chunks: int
+    ns: int  # chunk maxima per row, padded to a power of two >= K
+    use_tau: bool  # at least K chunks: tau bounds the candidates
+    block_b: int
+    grid_b: int
+    method: int  # _top_keys METHOD
+    warps: int
+    split: int  # the streaming fallback's SPLIT, BLOCK_V and ITERS
+    block_v: int
+    iters: int
+
+
+def _launch_plan(rows: int, vocab: int, k: int, capacity: int, chunk: int | None,
+                 has_topk: bool) -> _LaunchPlan:  # fmt: skip
+    """Grid and tile sizes of :func:`triton_sample_logits` for this shape."""
+    import triton
+
+    interp = streaming._interpreting()
+    if chunk is None:  # at least K chunks where the vocabulary allows: a useful tau
+        chunk = min(2048, max(64, 1 << max(0, (vocab // k).bit_length() - 1)))
+    if chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two, got {chunk}")
+    num_chunks = triton.cdiv(vocab, chunk)
+    ns = max(triton.next_power_of_2(num_chunks), k)
+    split, block_v, iters = streaming.streaming_params(vocab, interp)
+    # The interpreter pays per tile op, not per element: as many rows per program as the
+    # largest tile ([rows, K, K], [rows, CAP], [rows, SPLIT, BLOCK_V]) allows there.
+    widest = max(k * k, chunk, capacity, ns, split * block_v)
+    block_b = min(triton.next_power_of_2(rows), max(1, (1 << 20) // widest)) if interp else 1
+    method = 2 if interp else (0 if has_topk else 1)
+    return _LaunchPlan(chunk, num_chunks, ns, num_chunks >= k, block_b,
+                       triton.cdiv(rows, block_b), method, 1 if interp else 8, split, block_v,
+                       iters)  # fmt: skip
 
 
 class TritonTopKSamplingKernel:
