@@ -116,13 +116,18 @@ class Engine:
             device,
             cfg.max_num_seqs,
         )
-        self.spec = self._speculation(cfg, loaded, shape, kv_cache) if speculating else None
+        # verification graphs (and a draft model's decode graphs) stop at a smaller batch
+        small = [b for b in buckets if b <= MAX_VERIFY_GRAPH_BATCH] or buckets[:1]
+        self.spec = (
+            self._speculation(cfg, loaded, shape, kv_cache, small if use_graphs else None)
+            if speculating
+            else None
+        )
         graph_len = min(max_len, self.scheduler.max_seq_len)
         self.runner.set_decode_buckets(buckets, graph_len)  # graphs on or off: same splits
         if use_graphs:
             self.runner.enable_graphs(buckets, graph_len)
             if self.spec is not None:  # verification graphs: k + 1 tokens per row
-                small = [b for b in buckets if b <= MAX_VERIFY_GRAPH_BATCH] or buckets[:1]
                 q = cfg.num_speculative_tokens + 1
                 self.runner.enable_verify_graphs(small, graph_len, q)
         eos_ids = list(mc.eos_token_ids)
@@ -141,9 +146,12 @@ class Engine:
             atexit.register(gc.unfreeze)
             _UNFREEZE_AT_EXIT.append(True)
 
-    def _speculation(self, cfg, loaded: LoadedModel, shape, kv_cache) -> SpecCoordinator:
+    def _speculation(
+        self, cfg, loaded: LoadedModel, shape, kv_cache, graph_buckets
+    ) -> SpecCoordinator:
         """Proposer, verifier (its kernel selected once for the plan), metrics and adaptive k;
-        the runner verifies through it."""
+        the runner verifies through it. ``graph_buckets``: a draft model's CUDA-graph buckets
+        (None: eager)."""
         ctx = base_context(
             Op.REJECTION_SAMPLING,
             probe_device(loaded.resolved.device),
@@ -160,6 +168,7 @@ class Engine:
             loaded.resolved,
             kv_cache.num_blocks,
             seeds_of=self.runner.sampler.seeds_of,
+            graph_buckets=graph_buckets,
         )
         self.runner.spec_verifier = spec.verifier
         return spec

@@ -86,18 +86,6 @@ class MeasuredStepCost:
         return self._prior.step_time(num_query_tokens)
 
 
-def _draft_graph_buckets(cfg, resolved) -> list[int] | None:
-    """The draft model's CUDA-graph buckets: the target's, up to the verification graphs'
-    largest batch (a draft step is cheap; larger batches run it eagerly)."""
-    device = resolved.device if resolved is not None else None
-    if cfg.enforce_eager or device is None or getattr(device, "type", "cpu") != "cuda":
-        return None
-    from layerzero_serve.engine import MAX_VERIFY_GRAPH_BATCH
-
-    buckets = batch_buckets(cfg.max_graph_batch or min(cfg.max_num_seqs, 256))
-    return [b for b in buckets if b <= MAX_VERIFY_GRAPH_BATCH] or buckets[:1]
-
-
 class SpecCoordinator:
     """Owns the proposer, the verifier, the metrics and the adaptive ``k``.
 
@@ -141,11 +129,13 @@ class SpecCoordinator:
         resolved=None,
         draft_kv_blocks: int = 1024,
         seeds_of=None,
+        graph_buckets=None,
     ) -> SpecCoordinator:
         """Build from an EngineConfig; ``kernel_ctx`` is the rejection-sampling plan,
         ``resolved`` the target's ResolvedConfig (device, dtype, max length) for a draft model,
         ``draft_kv_blocks`` the draft's KV pool size in blocks, ``seeds_of`` the target
-        sampler's ``seeds_of`` (verification draws from the sampler's own streams)."""
+        sampler's ``seeds_of`` (verification draws from the sampler's own streams),
+        ``graph_buckets`` a draft model's CUDA-graph buckets (None: it runs eagerly)."""
         choice = selector.select(Op.REJECTION_SAMPLING, kernel_ctx)
         kernel = choice.spec.factory(kernel_ctx)
         if isinstance(cfg.speculative_method, Proposer):
@@ -162,7 +152,7 @@ class SpecCoordinator:
                 num_kv_blocks=draft_kv_blocks,
                 max_num_seqs=cfg.max_num_seqs,
                 max_model_len=resolved.max_model_len if resolved else cfg.max_model_len,
-                graph_buckets=_draft_graph_buckets(cfg, resolved),
+                graph_buckets=graph_buckets,
             )
         else:
             proposer = NgramProposer(

@@ -90,13 +90,26 @@ def test_without_adaptive_k_the_proposer_is_asked_every_step():
     assert prop.calls == 50
 
 
-def test_draft_graph_buckets_only_on_cuda_with_graphs():
-    from layerzero_serve.spec_decode._coordinator import _draft_graph_buckets
+def test_draft_model_runs_eagerly_without_cuda_graphs(monkeypatch):
+    """The engine hands the draft model graph buckets only when it captures graphs itself
+    (CUDA, not enforce_eager): on the CPU the draft gets None and captures nothing."""
+    from layerzero_serve.engine import Engine
+    from layerzero_serve.spec_decode._coordinator import SpecCoordinator
 
-    cfg = SimpleNamespace(enforce_eager=False, max_graph_batch=None, max_num_seqs=256)
-    cuda = SimpleNamespace(device=SimpleNamespace(type="cuda"))
-    assert _draft_graph_buckets(cfg, cuda) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
-    assert _draft_graph_buckets(cfg, SimpleNamespace(device=SimpleNamespace(type="cpu"))) is None
-    assert (
-        _draft_graph_buckets(SimpleNamespace(**{**vars(cfg), "enforce_eager": True}), cuda) is None
+    seen = {}
+    build = SpecCoordinator.from_config.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen["graph_buckets"] = kwargs.get("graph_buckets", "missing")
+        return build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(SpecCoordinator, "from_config", classmethod(spy))
+    eng = Engine(
+        model="dummy:tiny",
+        device="cpu",
+        speculative_method="draft_model",
+        speculative_model="dummy:tiny",
+        num_speculative_tokens=2,
     )
+    assert seen["graph_buckets"] is None
+    assert eng.spec.proposer.runner.graphs is None
