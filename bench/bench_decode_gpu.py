@@ -199,14 +199,13 @@ def main() -> None:
         )
     # A/B in this run: sampling replayed from sampler graphs vs run eagerly after the decode
     # graph, alternating so that drift does not favour either
-    ab: dict[str, list[float]] = {"sampler_graphs": [], "eager_sampling": []}
     graphs = eng.runner.sampler_graphs
+    modes = ("sampler_graphs", "eager_sampling", "eager_sampling", "sampler_graphs")
     for batch, ctx, steps in ((1, 128, args.tokens), (64, 2048, 32)):
-        for rep in range(2):
-            for mode in ("eager_sampling", "sampler_graphs") if rep else ab:
-                eng.runner.sampler_graphs = graphs if mode == "sampler_graphs" else None
-                ms = decode_run(eng, batch, ctx, steps)["step_ms_median"]
-                res.setdefault(f"ab_batch{batch}_ctx{ctx}", {}).setdefault(mode, []).append(ms)
+        for mode in modes:
+            eng.runner.sampler_graphs = graphs if mode == "sampler_graphs" else None
+            ms = decode_run(eng, batch, ctx, steps)["step_ms_median"]
+            res.setdefault(f"ab_batch{batch}_ctx{ctx}", {}).setdefault(mode, []).append(ms)
         print(f"batch {batch} ctx {ctx} A/B ms/step:", res[f"ab_batch{batch}_ctx{ctx}"])
     eng.runner.sampler_graphs = graphs
     r = decode_run(eng, 64, 2048, 64)
