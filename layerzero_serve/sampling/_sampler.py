@@ -319,15 +319,18 @@ class Sampler:
         packed = pack(tokens, flags, raw, x, probs, batch)
         return DeviceSample(tokens, flags, packed, batch.num_logprobs)
 
+    def _kernel_for(self, plan: SamplingPlan) -> SamplingKernel:
+        """The kernel this plan draws with: a position-invariant one when a row is seeded."""
+        return self._invariant if plan.invariant else self._kernel
+
     def _from_logits(self, plan: SamplingPlan) -> bool:
-        kernel = self._invariant if plan.invariant else self._kernel
-        return getattr(kernel, "takes_logits", False)
+        return getattr(self._kernel_for(plan), "takes_logits", False)
 
     def _draw_from_logits(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor | None:
         """Tokens from a kernel that samples ``softmax(x / T)`` itself (no probabilities
         materialised); None when that kernel failed and the replacement takes probabilities.
         Greedy rows ask for top-k 1, the kernels' cheapest case (their token is the argmax)."""
-        kernel = self._invariant if batch.plan.invariant else self._kernel
+        kernel = self._kernel_for(batch.plan)
         top_k = batch.top_k.to(torch.int32)
         if batch.plan.any_greedy:
             top_k = torch.where((batch.flags & st.GREEDY) != 0, 1, top_k)
@@ -343,7 +346,7 @@ class Sampler:
 
     def _draw(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         plan = batch.plan
-        kernel = self._invariant if plan.invariant else self._kernel
+        kernel = self._kernel_for(plan)
         if not plan.filters and isinstance(kernel, TorchSamplingKernel):
             return draw_unfiltered(probs, batch.min_p, batch.seed, batch.offset)
         top_k = batch.top_k.to(torch.int32)
