@@ -138,7 +138,7 @@ class BlockTableCache:
     appended since are written. The same result as :func:`build_block_table` (zero padded),
     for a fraction of its host cost in steady decoding (a full rebuild converts every id).
 
-    Host only; returns a new contiguous array each step.
+    Host only; returns a new contiguous array each step (or a view, see :meth:`build`).
     """
 
     def __init__(self, width: int = 1, rows: int = 1) -> None:
@@ -147,9 +147,12 @@ class BlockTableCache:
         self._lens = [0] * len(self._table)
         self._edits = -1
 
-    def build(self, block_ids: Sequence[list[int]], edits: int = -1) -> np.ndarray:
+    def build(
+        self, block_ids: Sequence[list[int]], edits: int = -1, copy: bool = True
+    ) -> np.ndarray:
         """int32 ``[len(block_ids), max len]``; ``edits`` as ``SchedulerOutput.table_edits``
-        (-1: unknown, every row is rewritten)."""
+        (-1: unknown, every row is rewritten). ``copy=False`` returns a view that the next
+        build overwrites (for callers that copy it themselves, like the graph staging)."""
         n = len(block_ids)
         lens = list(map(len, block_ids))
         width = max(lens, default=0)
@@ -171,9 +174,10 @@ class BlockTableCache:
                     table[i, k:m] = 0
                 lists[i] = ids
             cached[i] = k
-        # a copy (tens of microseconds): callers keep it past the next build, and a contiguous
-        # array becomes a dense tensor
-        return table[:n, :width].copy()
+        # a copy (tens of microseconds) by default: callers keep it past the next build, and a
+        # contiguous array becomes a dense tensor
+        view = table[:n, :width]
+        return view.copy() if copy else view
 
     def _grow(self, rows: int, width: int) -> None:
         old = self._table

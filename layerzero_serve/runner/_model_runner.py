@@ -191,7 +191,7 @@ class ModelRunner:
             return None  # a 1-token prefill chunk short of the prompt's end: no sampling
         bs = self.kv_cache.spec.block_size
         starts = np.asarray(out.starts, dtype=np.int64)
-        table = self._tables.build(out.block_ids, out.table_edits)
+        table = self._tables.build(out.block_ids, out.table_edits, copy=False)  # staged by run()
         ids = np.fromiter(
             (r.all_token_ids[s] for r, s in zip(out.requests, out.starts, strict=True)),
             dtype=np.int64,
@@ -246,7 +246,7 @@ class ModelRunner:
         bs = self.kv_cache.spec.block_size
         st = np.asarray(starts, dtype=np.int64)
         cnt = np.asarray(counts, dtype=np.int64)
-        table = self._tables.build(out.block_ids, out.table_edits)
+        table = self._tables.build(out.block_ids, out.table_edits, copy=False)  # staged by run()
         pos = st[:, None] + np.arange(q)[None, :]
         real = np.arange(q)[None, :] < cnt[:, None]
         col = np.minimum(pos // bs, table.shape[1] - 1)
