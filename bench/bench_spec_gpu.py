@@ -115,36 +115,9 @@ def _measure(eng, prompts, tokens, spec):
     return res, seqs
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--model", default=MODEL, help="smoke-test on the CPU with dummy:tiny")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument(
-        "--parts", default="oracle,ngram,adaptive", help="comma-separated subset to run"
-    )
-    args = ap.parse_args()
-    eng = Engine(
-        model=args.model,
-        device=args.device,
-        dtype="bfloat16" if args.device != "cpu" else "float32",
-        max_model_len=1024,
-        max_num_seqs=64,
-        max_num_batched_tokens=8192,
-        speculative_method="ngram",
-        num_speculative_tokens=K,
-        adaptive_speculation=False,
-    )
-    spec = eng.spec
-    vocab = eng.vocab_size
-    rng = np.random.default_rng(0)
-    res: dict = {"model": args.model, "k": K, "oracle": [], "ngram": {}, "adaptive": []}
-    tok = args.tokens
-
-    parts = set(args.parts.split(","))
-    # (a) oracle proposer at batch 1, 8, 32, 64
-    for batch in (1, 8, 32, 64) if "oracle" in parts else ():
+def bench_oracle(eng, spec, vocab, rng, tok, res, out) -> None:
+    """(a) The oracle proposer at batch 1, 8, 32, 64 against the theoretical speedup."""
+    for batch in (1, 8, 32, 64):
         prompts = [rng.integers(0, vocab, size=64).tolist() for _ in range(batch)]
         plain, seqs = _measure(eng, prompts, tok, None)
         reference = {tuple(s[:16]): s for s in seqs}
@@ -177,26 +150,34 @@ def main() -> None:
             }
             res["oracle"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("plain", "speculative")}))
-            write_result("spec_gpu", res, args.out)
+            write_result("spec_gpu", res, out)
 
-    # (b) n-gram on a repetitive workload (prompt = a motif repeated)
+
+def _use_ngram(spec) -> None:
     from layerzero_serve.spec_decode import NgramProposer
 
     spec.proposer, spec._pass_ids = NgramProposer(k=K, min_n=2, max_n=4), True
-    if "ngram" in parts:
-        motif = rng.integers(0, vocab, size=32).tolist()
-        prompts = [motif * 8]
-        plain, _ = _measure(eng, prompts, 2 * tok, None)
-        got, _ = _measure(eng, prompts, 2 * tok, spec)
-        res["ngram"] = {
-            "plain": plain,
-            "speculative": got,
-            "speedup": got["tokens_per_s"] / plain["tokens_per_s"],
-        }
-        print("ngram:", json.dumps(res["ngram"]))
 
-    # (c) adaptive k with n-gram drafts on random prompts, batch 1..64
-    for batch in (1, 8, 32, 64) if "adaptive" in parts else ():
+
+def bench_ngram(eng, spec, vocab, rng, tok, res, out) -> None:
+    """(b) n-gram lookup on a repetitive workload (the prompt is a motif repeated)."""
+    _use_ngram(spec)
+    motif = rng.integers(0, vocab, size=32).tolist()
+    prompts = [motif * 8]
+    plain, _ = _measure(eng, prompts, 2 * tok, None)
+    got, _ = _measure(eng, prompts, 2 * tok, spec)
+    res["ngram"] = {
+        "plain": plain,
+        "speculative": got,
+        "speedup": got["tokens_per_s"] / plain["tokens_per_s"],
+    }
+    print("ngram:", json.dumps(res["ngram"]))
+
+
+def bench_adaptive(eng, spec, vocab, rng, tok, res, out) -> None:
+    """(c) Adaptive k with n-gram drafts on random prompts (little to accept), batch 1..64."""
+    _use_ngram(spec)
+    for batch in (1, 8, 32, 64):
         prompts = [rng.integers(0, vocab, size=64).tolist() for _ in range(batch)]
         plain, _ = _measure(eng, prompts, 2 * tok, None)
         spec.adaptive = AdaptiveK(K, step_cost=spec.costs)
@@ -211,6 +192,38 @@ def main() -> None:
         }
         res["adaptive"].append(row)
         print(json.dumps(row))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--model", default=MODEL, help="smoke-test on the CPU with dummy:tiny")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--parts", default="oracle,ngram,adaptive", help="comma-separated subset to run"
+    )
+    args = ap.parse_args()
+    eng = Engine(
+        model=args.model,
+        device=args.device,
+        dtype="bfloat16" if args.device != "cpu" else "float32",
+        max_model_len=1024,
+        max_num_seqs=64,
+        max_num_batched_tokens=8192,
+        speculative_method="ngram",
+        num_speculative_tokens=K,
+        adaptive_speculation=False,
+    )
+    spec = eng.spec
+    vocab = eng.vocab_size
+    rng = np.random.default_rng(0)
+    res: dict = {"model": args.model, "k": K, "oracle": [], "ngram": {}, "adaptive": []}
+    tok = args.tokens
+
+    parts = {"oracle": bench_oracle, "ngram": bench_ngram, "adaptive": bench_adaptive}
+    for name in args.parts.split(","):
+        parts[name](eng, spec, vocab, rng, tok, res, args.out)
     res["kernels"] = eng.stats()["kernels"]
     res["verification_kernel"] = spec.stats()["verification_kernel"]
     path = write_result("spec_gpu", res, args.out)
