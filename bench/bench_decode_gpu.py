@@ -147,6 +147,20 @@ def hf_peer(tokens: int, context: int) -> dict:
     }
 
 
+def sampler_graphs_ab(eng: Engine, res: dict, tokens: int) -> None:
+    """A/B in this run: sampling replayed from sampler graphs vs run eagerly after the decode
+    graph, alternating so that drift does not favour either; ``res["ab_batch*"]``."""
+    graphs = eng.runner.sampler_graphs
+    modes = ("sampler_graphs", "eager_sampling", "eager_sampling", "sampler_graphs")
+    for batch, ctx, steps in ((1, 128, tokens), (64, 2048, 32)):
+        for mode in modes:
+            eng.runner.sampler_graphs = graphs if mode == "sampler_graphs" else None
+            ms = decode_run(eng, batch, ctx, steps)["step_ms_median"]
+            res.setdefault(f"ab_batch{batch}_ctx{ctx}", {}).setdefault(mode, []).append(ms)
+        print(f"batch {batch} ctx {ctx} A/B ms/step:", res[f"ab_batch{batch}_ctx{ctx}"])
+    eng.runner.sampler_graphs = graphs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
@@ -197,17 +211,7 @@ def main() -> None:
             f"batch 1 ctx {ctx}: {r['step_ms_median']:.3f} ms/token, roofline "
             f"{floor_ms:.3f} ms -> {r['fraction_of_roofline']:.1%}"
         )
-    # A/B in this run: sampling replayed from sampler graphs vs run eagerly after the decode
-    # graph, alternating so that drift does not favour either
-    graphs = eng.runner.sampler_graphs
-    modes = ("sampler_graphs", "eager_sampling", "eager_sampling", "sampler_graphs")
-    for batch, ctx, steps in ((1, 128, args.tokens), (64, 2048, 32)):
-        for mode in modes:
-            eng.runner.sampler_graphs = graphs if mode == "sampler_graphs" else None
-            ms = decode_run(eng, batch, ctx, steps)["step_ms_median"]
-            res.setdefault(f"ab_batch{batch}_ctx{ctx}", {}).setdefault(mode, []).append(ms)
-        print(f"batch {batch} ctx {ctx} A/B ms/step:", res[f"ab_batch{batch}_ctx{ctx}"])
-    eng.runner.sampler_graphs = graphs
+    sampler_graphs_ab(eng, res, args.tokens)
     r = decode_run(eng, 64, 2048, 64)
     floor_ms = (wbytes + 64 * 2048 * kv_bytes_per_token) / bw * 1e3
     r |= {"roofline_ms": floor_ms, "ratio_to_floor": r["step_ms_median"] / floor_ms}
