@@ -18,6 +18,7 @@ ADAPTER_MODULES = (
     "layerzero_serve.kernels._flash_attn_backend",
     "layerzero_serve.kernels._xformers_backend",
     "layerzero_serve.kernels._triton.rejection_sampling",
+    "layerzero_serve.kernels._flashinfer_rejection",
     "layerzero_serve.spec_decode._rejection",
 )
 

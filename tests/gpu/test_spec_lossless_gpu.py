@@ -1,7 +1,8 @@
 """Speculative sampling on CUDA (GPU only): the lossless checks of
 tests/unit/test_spec_lossless.py with 10^6 trials per (p, q) pair and 10^6 sequences for the
-joint law, for the torch reference and the Triton kernel; the two agree bitwise on the same random
-inputs; both replay correctly inside a captured CUDA graph."""
+joint law, for the torch reference, the Triton kernel and (where installed) the FlashInfer
+adapter; torch and Triton agree bitwise on the same random inputs; all replay correctly inside a
+captured CUDA graph (FlashInfer: equal to its own eager run, since it draws its own randoms)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ from layerzero_serve.spec_decode._rejection import draw_randoms, rejection_sampl
 
 TRIALS = 1_000_000
 SAMPLERS = {"torch": rejection_sample, "triton": triton_rejection_sample}
+try:
+    from layerzero_serve.kernels._flashinfer_rejection import FlashInferRejectionSampler
+
+    SAMPLERS["flashinfer"] = FlashInferRejectionSampler()
+except ImportError:  # pragma: no cover - FlashInfer not installed
+    pass
 
 
 @pytest.mark.parametrize("impl", sorted(SAMPLERS))
@@ -85,5 +92,18 @@ def test_replays_inside_a_cuda_graph(impl):
         for dst, src in zip(static, fresh, strict=True):
             dst.copy_(src)
         graph.replay()
-        ref = rejection_sample(*fresh)
+        ref = (fn if impl == "flashinfer" else rejection_sample)(*fresh)
         assert torch.equal(out_ids, ref[0]) and torch.equal(num_acc, ref[1])
+
+
+@pytest.mark.skipif("flashinfer" not in SAMPLERS, reason="FlashInfer is not installed")
+def test_flashinfer_greedy_rows_equal_the_reference():
+    ids, draft, target, u, noise, nd, greedy = _inputs(seed=4)
+    hits = torch.rand(ids.shape, device="cuda") < 0.5
+    ids = torch.where(hits & (ids < target.shape[2]), target[:, :-1].argmax(-1), ids)
+    for q in (draft, None):
+        ref = rejection_sample(ids, q, target, u, noise, nd, greedy)
+        out = SAMPLERS["flashinfer"](ids, q, target, u, noise, nd, greedy)
+        assert torch.equal(out[0][greedy], ref[0][greedy])
+        assert torch.equal(out[1][greedy], ref[1][greedy])
+        assert bool((out[1] <= nd).all())
