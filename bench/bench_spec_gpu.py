@@ -29,7 +29,6 @@ from common import write_result  # noqa: E402
 from layerzero_serve.engine import Engine  # noqa: E402
 from layerzero_serve.sampling import SamplingParams  # noqa: E402
 from layerzero_serve.spec_decode import Proposer  # noqa: E402
-from layerzero_serve.spec_decode._adaptive import AdaptiveK  # noqa: E402
 from layerzero_serve.spec_decode._metrics import SpecDecodeMetrics  # noqa: E402
 
 MODEL = "dummy:llama3-8b"
@@ -204,7 +203,7 @@ def bench_adaptive(eng, spec, vocab, rng, tok, res, out) -> None:
     for batch in (1, 8, 32, 64):
         prompts = [rng.integers(0, vocab, size=64).tolist() for _ in range(batch)]
         plain, _ = _measure(eng, prompts, 2 * tok, None)
-        spec.adaptive = AdaptiveK(K, step_cost=spec.costs)
+        spec.adaptive = spec.new_adaptive()
         got, _ = _measure(eng, prompts, 2 * tok, spec)
         spec.adaptive = None
         row = {

@@ -302,6 +302,7 @@ class Engine:
         total = sum(len(r.spec_token_ids) for r in out.requests)
         if out.num_batched_tokens == len(out.requests) + total:  # no prefill in the step
             self.spec.observe_step(len(out.requests), seconds, total > 0)
+        self.spec.score_shadow(out.requests, tokens)
         drafts, accepted, ids = [], [], []
         for row, req in enumerate(out.requests):
             d = len(req.spec_token_ids)

@@ -20,9 +20,13 @@ memory-bound decode) this is ``(1 - a^(k+1)) / ((1 - a)(k c + 1))``. ``S(0) = 1`
 when ``acc < num_drafts``, one failure; the rate is successes / (successes + failures) (the
 maximum-likelihood estimate for the model above) over exponentially decayed counts, started
 from a prior of ``prior_weight`` pseudo-observations at ``initial_acceptance``. While ``k = 0``
-nothing is measured, so after ``probe_interval`` steps off one step runs with ``k = 1``; each
-probe that does not turn speculation back on doubles the wait (up to 64 x ``probe_interval``),
-so a workload with nothing to accept pays a vanishing share of probe steps.
+nothing is measured, so after ``probe_interval`` steps off one step is a probe (``choose``
+returns 1 and sets ``probing``); each probe that does not turn speculation back on doubles the
+wait (up to 64 x ``probe_interval``), so a workload with nothing to accept pays a vanishing
+share of probe steps. With ``min_evidence`` every step is a probe until that many (decayed)
+draft outcomes have been observed, so the prior alone never turns speculation on. The engine's
+coordinator runs probes as *shadow* drafts, scored against the tokens the plain step emits,
+which costs the proposer's host time and no verification pass.
 """
 
 from __future__ import annotations
@@ -136,6 +140,8 @@ class AdaptiveK:
         initial_acceptance, prior_weight: the prior (rate in ``[0, 1]``, pseudo-tokens >= 0).
         min_gain: ``k > 0`` only when ``S(k) > 1 + min_gain`` (``>= 0``).
         probe_interval: steps with ``k = 0`` between probes with ``k = 1`` (0 = never probe).
+        min_evidence: probe every step until this many decayed draft outcomes were observed
+            (``>= 0``; 0 = trust the prior from the start).
 
     ``step_cost`` is a public attribute: the runner may replace it whenever it has measured
     step times (e.g. ``TableStepCost`` from its captured verification graphs).
@@ -152,6 +158,7 @@ class AdaptiveK:
         prior_weight: float = 4.0,
         min_gain: float = 0.0,
         probe_interval: int = 50,
+        min_evidence: float = 0.0,
     ) -> None:
         self.k_max = check_int("k_max", k_max, 1, MAX_K)
         _check_float("draft_cost", draft_cost, 0.0, math.inf)
@@ -161,6 +168,10 @@ class AdaptiveK:
         _check_float("initial_acceptance", initial_acceptance, 0.0, 1.0)
         _check_float("prior_weight", prior_weight, 0.0, math.inf)
         _check_float("min_gain", min_gain, 0.0, math.inf)
+        _check_float("min_evidence", min_evidence, 0.0, math.inf)
+        self.min_evidence = float(min_evidence)
+        self._evidence = 0.0  # decayed count of observed draft outcomes (the prior excluded)
+        self.probing = False  # the last choose() returned a probe
         self.probe_interval = check_int("probe_interval", probe_interval, 0, 1 << 30)
         self.draft_cost = float(draft_cost)
         self.step_cost: StepCostModel = step_cost or LinearStepCost()
@@ -191,6 +202,7 @@ class AdaptiveK:
             return  # no drafts, no evidence: keep the estimate (do not decay it away)
         self._accepted = self.decay * self._accepted + float(accepted.sum())
         self._rejected = self.decay * self._rejected + float(np.count_nonzero(accepted < drafts))
+        self._evidence = self.decay * self._evidence + float(np.count_nonzero(drafts))
 
     def best_k(self, batch_size: int, acceptance: float | None = None) -> tuple[int, float]:
         """``(k, S(k))`` maximising the expected speedup (k = 0 and 1.0 when none beats plain
@@ -208,7 +220,12 @@ class AdaptiveK:
 
     def choose(self, batch_size: int) -> int:
         """The ``k`` for this step (``0..k_max``; 0 = decode without drafts), probing with
-        ``k = 1`` after ``probe_interval`` consecutive steps off."""
+        ``k = 1`` (and ``probing`` set) after ``probe_interval`` consecutive steps off, or on
+        every step while fewer than ``min_evidence`` outcomes were observed."""
+        self.probing = False
+        if batch_size and self._evidence < self.min_evidence:
+            self.probing = True
+            return 1
         k, _ = self.best_k(batch_size)
         if k > 0 or batch_size == 0:
             self._steps_off = 0
@@ -219,5 +236,6 @@ class AdaptiveK:
             self._steps_off = 0
             # unless this probe turns speculation back on, wait twice as long for the next
             self._interval = min(2 * self._interval, MAX_BACKOFF * self.probe_interval)
+            self.probing = True
             return 1
         return 0

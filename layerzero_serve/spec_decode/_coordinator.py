@@ -12,6 +12,15 @@ Per step (all host work, microseconds per request):
    returns the accepted drafts plus one target token per request.
 3. The scheduler's update rolls rejected positions back (``num_computed_tokens`` and empty
    blocks); :meth:`SpecCoordinator.record` feeds the metrics and the adaptive ``k``.
+
+**Shadow probes** (adaptive mode). While speculation is off, the adaptive ``k`` still needs
+acceptance evidence. Verifying a probe would cost a verification pass (about twice a decode
+step at batch 64 in graph mode), so a probe step instead asks the proposer for one draft per
+request, does not schedule it, and scores it against the token the plain step emits
+(:meth:`SpecCoordinator.score_shadow`). That score is exact: the verifier accepts a draft iff it
+equals the token the target draws with the request's own random stream for that position, which
+is the token plain decoding emits. At start-up the coordinator probes this way until
+``MIN_EVIDENCE`` outcomes are in, so the prior alone never turns speculation on.
 """
 
 from __future__ import annotations
@@ -38,6 +47,9 @@ PLAIN_PROBE_INTERVAL = 8
 # offer (n-gram lookup on non-repetitive text) otherwise costs its host time every step
 # (~0.3 ms at batch 64 with 4k contexts, about 5% of an 8B decode step) for no gain.
 MAX_IDLE_PAUSE = 64
+# Adaptive mode: draft outcomes (shadow or verified) needed before the measured acceptance rate
+# may turn speculation on.
+MIN_EVIDENCE = 4.0
 
 
 class MeasuredStepCost:
@@ -109,9 +121,12 @@ class SpecCoordinator:
         self.vocab_size = vocab_size
         self.k_max = k_max
         self.costs = MeasuredStepCost(batch_buckets(256))
-        self.adaptive = AdaptiveK(k_max, step_cost=self.costs) if adaptive else None
+        self.adaptive = self.new_adaptive() if adaptive else None
         self.metrics = SpecDecodeMetrics(k_max)
         self.last_k = 0
+        self._shadow: dict[str, int] = {}  # request id -> this step's unscheduled first draft
+        self.shadow_probes = 0  # shadow drafts scored
+        self.shadow_hits = 0  # ... that equalled the emitted token
         self._steps = 0
         self._idle_pause = 0  # steps left without proposing (adaptive mode)
         self._idle_next = 1  # the next pause's length
@@ -119,6 +134,10 @@ class SpecCoordinator:
         # index); a user's proposer with the base signature gets tokens and k only.
         params = inspect.signature(proposer.propose).parameters
         self._pass_ids = "request_ids" in params
+
+    def new_adaptive(self) -> AdaptiveK:
+        """A fresh adaptive ``k`` over this coordinator's measured step costs."""
+        return AdaptiveK(self.k_max, step_cost=self.costs, min_evidence=MIN_EVIDENCE)
 
     @classmethod
     def from_config(
@@ -169,12 +188,17 @@ class SpecCoordinator:
         )
 
     def propose(self, running: Iterable[Request], num_running: int) -> None:
-        """Set this step's drafts on the decode-ready, speculation-capable running requests."""
+        """Set this step's drafts on the decode-ready, speculation-capable running requests
+        (or, on a shadow probe, only remember each one's first draft)."""
+        shadow = False
         if self.adaptive is not None:
             self._steps += 1
             self.costs.set_batch(num_running)
             k = self.adaptive.choose(num_running)
-            if k and self.costs.measured(num_running):
+            shadow = self.adaptive.probing
+            if shadow:
+                k = 1  # scored against the plain step's tokens, never verified
+            elif k and self.costs.measured(num_running):
                 k = self.k_max  # measured (graph) verification costs the same for every k
             elif k and self._steps % PLAIN_PROBE_INTERVAL == 0:
                 k = 0  # no plain-step time for this batch size yet: measure one
@@ -183,7 +207,7 @@ class SpecCoordinator:
         if k and self.adaptive is not None and self._idle_pause:
             self._idle_pause -= 1  # the proposer had nothing lately: do not ask it this step
             k = 0
-        self.last_k = k
+        self.last_k = 0 if shadow else k
         if k == 0:
             return
         ready = [
@@ -209,14 +233,33 @@ class SpecCoordinator:
                 # drafts there (the verifier would reject it anyway).
                 bad = next((j for j, t in enumerate(d) if not 0 <= t < vocab_ok), len(d))
                 if bad:
-                    r.spec_token_ids = d[:bad]
                     drafted = True
+                    if shadow:
+                        self._shadow[r.request_id] = d[0]
+                    else:
+                        r.spec_token_ids = d[:bad]
         if self.adaptive is not None:
             if drafted:
                 self._idle_next = 1
             else:
                 self._idle_pause = self._idle_next
                 self._idle_next = min(2 * self._idle_next, MAX_IDLE_PAUSE)
+
+    def score_shadow(self, requests: list[Request], tokens) -> None:
+        """Score this step's shadow drafts against the tokens the step emitted (``tokens[row]``
+        for ``requests[row]``) and feed the adaptive ``k``; a no-op without shadow drafts."""
+        if not self._shadow:
+            return
+        shadow, self._shadow = self._shadow, {}
+        hits = []
+        for row, r in enumerate(requests):
+            d = shadow.get(r.request_id)
+            if d is not None and tokens[row]:
+                hits.append(int(tokens[row][0] == d))
+        if hits and self.adaptive is not None:
+            self.shadow_probes += len(hits)
+            self.shadow_hits += sum(hits)
+            self.adaptive.update([1] * len(hits), hits)
 
     def record(self, num_drafts: list[int], num_accepted: list[int], request_ids: list[str]):
         """Fold one step's verification results into the metrics and the adaptive ``k``."""
@@ -247,4 +290,6 @@ class SpecCoordinator:
             "mean_accepted_length": m.mean_accepted_length,
             "acceptance_rate_per_position": m.acceptance_rate_per_position().tolist(),
             "verification_kernel": getattr(self.verifier, "kernel_name", ""),
+            "shadow_probes": self.shadow_probes,
+            "shadow_hits": self.shadow_hits,
         }

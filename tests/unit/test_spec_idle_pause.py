@@ -46,6 +46,7 @@ def _coordinator(adaptive):
     if adaptive:  # speculation looks worth it: only the idle pause can stop the asking
         coord.adaptive.best_k = lambda batch, acceptance=None: (4, 2.0)
         coord.costs.measured = lambda batch: True  # no plain-step probes in between
+        coord.adaptive.min_evidence = 0.0  # no start-up shadow probes either
     return coord, prop
 
 

@@ -1,0 +1,103 @@
+"""Adaptive speculation gathers acceptance evidence with shadow probes (drafts scored against
+the plain step's own tokens, never verified): a proposer whose drafts are always wrong costs no
+verification pass at all, one whose drafts are right turns speculation on after the start-up
+probes, and the scores are exact (hits counted against an independent plain run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from layerzero_serve.engine import Engine
+from layerzero_serve.sampling import SamplingParams
+from layerzero_serve.spec_decode import Proposer
+from layerzero_serve.spec_decode._adaptive import AdaptiveK, LinearStepCost
+from layerzero_serve.spec_decode._coordinator import MIN_EVIDENCE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOKENS = 40
+
+
+def _prompts():
+    rng = np.random.default_rng(11)
+    return [rng.integers(3, 500, size=n).tolist() for n in (7, 19, 12)]
+
+
+def _params(temperature):
+    return SamplingParams(temperature=temperature, max_tokens=TOKENS, ignore_eos=True, seed=5)
+
+
+def _generate(eng, prompts, params):
+    ids = [eng.add_request(p, params) for p in prompts]
+    got = {i: [] for i in ids}
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.request_id].extend(o.new_token_ids)
+    return [prompts[j] + got[i] for j, i in enumerate(ids)]
+
+
+class ReplayProposer(Proposer):
+    """Drafts from known full sequences: right (``wrong=False``) or off by one id."""
+
+    name = "replay"
+
+    def __init__(self, sequences, wrong: bool):
+        self.sequences, self.wrong, self.asked = sequences, wrong, []
+
+    def propose(self, requests_tokens, k):
+        out = []
+        for toks in requests_tokens:
+            seq = next(s for s in self.sequences if s[: len(toks)] == list(toks))
+            d = seq[len(toks) : len(toks) + k]
+            out.append([(t + 1) % 500 if self.wrong else t for t in d])
+        self.asked.append(k)
+        return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_wrong_drafts_never_cost_a_verification_pass(temperature):
+    prompts, params = _prompts(), _params(temperature)
+    plain = _generate(Engine(model="dummy:tiny", device="cpu"), prompts, params)
+    prop = ReplayProposer(plain, wrong=True)
+    eng = Engine(model="dummy:tiny", device="cpu", speculative_method=prop)
+    # verification as costly as on a large batch (a 2-token row step costs 1.6x a plain one),
+    # and a probe every 5 steps off: without shadow probes those would be verification passes
+    eng.spec.adaptive.step_cost = LinearStepCost(per_token=0.5)
+    eng.spec.adaptive.probe_interval = 5
+    got = _generate(eng, prompts, params)
+    assert got == plain  # lossless, and the same tokens as the plain engine
+    stats = eng.spec.stats()
+    assert stats["drafts"] == 0  # nothing was ever verified
+    # two start-up probe steps (3, then 0.9 * 3 + 3 >= MIN_EVIDENCE outcomes), then probes
+    # after 5 and 10 steps off (the next one, 20 steps on, falls past the 40 tokens)
+    assert 2 * len(prompts) >= MIN_EVIDENCE and stats["shadow_probes"] == 4 * len(prompts)
+    assert stats["shadow_hits"] == 0
+    assert set(prop.asked) == {1}  # every call was a one-draft shadow probe
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_right_drafts_turn_speculation_on_after_the_probes(temperature):
+    prompts, params = _prompts(), _params(temperature)
+    plain = _generate(Engine(model="dummy:tiny", device="cpu"), prompts, params)
+    prop = ReplayProposer(plain, wrong=False)
+    eng = Engine(model="dummy:tiny", device="cpu", speculative_method=prop)
+    got = _generate(eng, prompts, params)
+    assert got == plain
+    stats = eng.spec.stats()
+    # every shadow draft is the token plain decoding emits (sampled rows too: same stream)
+    assert stats["shadow_probes"] > 0 and stats["shadow_hits"] == stats["shadow_probes"]
+    assert stats["drafts"] > 0 and stats["acceptance_rate"] == 1.0
+    assert prop.asked[0] == 1 and max(prop.asked) == eng.spec.k_max
+
+
+def test_min_evidence_makes_every_step_a_probe_until_observed():
+    ak = AdaptiveK(4, min_evidence=3.0, decay=0.5)
+    assert [ak.choose(8) for _ in range(3)] == [1, 1, 1] and ak.probing
+    ak.update([1, 1], [1, 1])  # 2 outcomes: not yet
+    assert ak.choose(8) == 1 and ak.probing
+    ak.update([1, 1], [1, 1])  # 0.5 * 2 + 2 = 3 outcomes, all hits
+    assert ak.choose(8) == 4 and not ak.probing
+    assert AdaptiveK(4).choose(8) == 4  # default: the prior alone decides
+    with pytest.raises(ValueError, match="min_evidence"):
+        AdaptiveK(4, min_evidence=-1.0)
