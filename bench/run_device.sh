@@ -2,7 +2,7 @@
 # One device call: unpack the GPU bundle, install the package (regular install: the device
 # image's setuptools does not map package-dir folders in editable mode), run the gpu-marked
 # tests, doctor, and the GPU benchmarks, writing everything under $OUT.
-#   bash bench/run_device.sh [tests|kernels|bench|sampling|all]
+#   bash bench/run_device.sh [tests|kernels|bench|sampling|spec|all]
 # "tests" (~4 min) and "bench" (~5 min) each fit one 10-minute device call; "all" runs both.
 set -uo pipefail
 what=${1:-all}
@@ -27,6 +27,15 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   layerzero-serve doctor > "$OUT/doctor.txt" 2>&1
   layerzero-serve doctor --json > "$OUT/doctor.json" 2>/dev/null
   timeout 120 layerzero-serve demo --quiet > "$OUT/demo_gpu.txt" 2>&1
+fi
+if [ "$what" = spec ]; then  # speculative decoding's GPU tests and benchmark, plus the decode bench
+  python3 -m pytest "$REPO/tests/gpu/test_spec_lossless_gpu.py" "$REPO/tests/gpu/test_spec_graphs.py" \
+    "$REPO/tests/examples/test_custom_model_example.py" -q -p no:cacheprovider -o addopts="" \
+    2>&1 | tail -15 | tee "$OUT/gpu_tests_spec.txt"
+  python3 "$REPO/bench/bench_spec_gpu.py" --out "$OUT" > "$OUT/bench_spec.log" 2>&1
+  grep "^{\|ngram" "$OUT/bench_spec.log" | cut -c1-300 | tail -12
+  python3 "$REPO/bench/bench_decode_gpu.py" --out "$OUT" > "$OUT/bench_decode.log" 2>&1
+  grep -v "^INFO\|capture CUDA" "$OUT/bench_decode.log" | tail -12
 fi
 if [ "$what" = sampling ]; then  # the sampler's GPU tests, kernels and benchmarks only
   python3 -m pytest "$REPO/tests/gpu/test_sampling_gpu.py" "$REPO/tests/gpu/test_cuda_graphs.py" \
