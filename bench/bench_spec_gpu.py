@@ -197,21 +197,31 @@ def bench_ngram(eng, spec, vocab, rng, tok, res, out) -> None:
     print("ngram:", json.dumps(res["ngram"]))
 
 
-def bench_adaptive(eng, spec, vocab, rng, tok, res, out) -> None:
-    """(c) Adaptive k with n-gram drafts on random prompts (little to accept), batch 1..64."""
+def bench_adaptive(eng, spec, vocab, rng, tok, res, out, repeats: int = 3) -> None:
+    """(c) Adaptive k with n-gram drafts on random prompts (little to accept), batch 1..64:
+    plain and adaptive runs alternate ``repeats`` times; medians of throughput."""
     _use_ngram(spec)
     for batch in (1, 8, 32, 64):
         prompts = [rng.integers(0, vocab, size=64).tolist() for _ in range(batch)]
-        plain, _ = _measure(eng, prompts, 2 * tok, None)
-        spec.adaptive = spec.new_adaptive()
-        got, _ = _measure(eng, prompts, 2 * tok, spec)
-        spec.adaptive = None
+        plain, adaptive, accept, shadow = [], [], [], []
+        for _ in range(repeats):
+            plain.append(_measure(eng, prompts, 2 * tok, None)[0]["tokens_per_s"])
+            spec.adaptive = spec.new_adaptive()
+            probes0 = spec.shadow_probes
+            got, _ = _measure(eng, prompts, 2 * tok, spec)
+            spec.adaptive = None
+            adaptive.append(got["tokens_per_s"])
+            accept.append(got["acceptance_rate"])
+            shadow.append(spec.shadow_probes - probes0)
+        p, a = statistics.median(plain), statistics.median(adaptive)
         row = {
             "batch": batch,
-            "plain_tokens_per_s": plain["tokens_per_s"],
-            "adaptive_tokens_per_s": got["tokens_per_s"],
-            "ratio": got["tokens_per_s"] / plain["tokens_per_s"],
-            "acceptance_rate": got["acceptance_rate"],
+            "plain_tokens_per_s": p,
+            "adaptive_tokens_per_s": a,
+            "ratio": a / p,
+            "ratios_per_repeat": [x / y for x, y in zip(adaptive, plain, strict=True)],
+            "acceptance_rate": statistics.median(accept),
+            "shadow_probes_per_run": shadow,
         }
         res["adaptive"].append(row)
         print(json.dumps(row))
