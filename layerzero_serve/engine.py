@@ -272,7 +272,8 @@ class Engine:
         if spec is not None:  # drafting is part of a speculative step's cost
             spec.propose(self.scheduler.running.items, len(self.scheduler.running))
             t_draft = time.perf_counter() - t0
-        out = self.scheduler.schedule()
+        # speculation off this step (adaptive k = 0): no lookahead slots to reserve
+        out = self.scheduler.schedule(0 if spec is not None and not spec.last_k else None)
         t1 = time.perf_counter()
         tokens = self.runner.execute(out) if out.requests else StepTokens()
         t2 = time.perf_counter()
@@ -299,10 +300,15 @@ class Engine:
     def _record_speculation(self, out, tokens: StepTokens, seconds: float) -> None:
         """Drafts and accepted drafts of this step's verification rows (before ``update``
         clears the drafts), and the step's time when it was a pure decode step."""
+        spec = self.spec
+        spec.score_shadow(out.requests, tokens)
+        if not spec.last_k:  # no drafts this step: only its time, when it was pure decode
+            if out.num_batched_tokens == len(out.requests):
+                spec.observe_step(len(out.requests), seconds, False)
+            return
         total = sum(len(r.spec_token_ids) for r in out.requests)
         if out.num_batched_tokens == len(out.requests) + total:  # no prefill in the step
-            self.spec.observe_step(len(out.requests), seconds, total > 0)
-        self.spec.score_shadow(out.requests, tokens)
+            spec.observe_step(len(out.requests), seconds, total > 0)
         drafts, accepted, ids = [], [], []
         for row, req in enumerate(out.requests):
             d = len(req.spec_token_ids)
@@ -310,7 +316,7 @@ class Engine:
                 drafts.append(d)
                 accepted.append(len(tokens[row]) - 1)
                 ids.append(req.request_id)
-        self.spec.record(drafts, accepted, ids)
+        spec.record(drafts, accepted, ids)
 
     def _attach_logprobs(self, out, tokens: StepTokens, outputs: list[RequestOutput]) -> None:
         """Per-token logprobs onto this step's outputs; prompt logprobs collected per position

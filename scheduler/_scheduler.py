@@ -133,15 +133,19 @@ class Scheduler:
         self.waiting.add(req)
 
     # ---- one step --------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, lookahead: int | None = None) -> SchedulerOutput:
         """Decide this step's work: running decode-like requests first (one token plus their
         drafts), then running prefills in chunks, then admissions from the head of the waiting
         queue. When blocks run out, requests are preempted from the tail of the running queue
-        (a victim already scheduled this step is unscheduled); no admissions in that step."""
+        (a victim already scheduled this step is unscheduled); no admissions in that step.
+
+        ``lookahead``: draft slots to reserve past each request's end for this step, instead of
+        ``config.num_lookahead_tokens`` (an engine whose speculation is off this step passes 0:
+        no per-request lookahead work; drafts of a later step allocate what they need)."""
         cfg, kv = self.config, self.kv
         max_tokens = cfg.max_num_batched_tokens
         chunk_cap = cfg.max_prefill_chunk or max_tokens
-        la = cfg.num_lookahead_tokens
+        la = cfg.num_lookahead_tokens if lookahead is None else lookahead
         out = SchedulerOutput(self._step_id, [], [], [], [], 0, [], [])
         reqs, starts, counts, tables = out.requests, out.starts, out.num_scheduled, out.block_ids
         used = 0
