@@ -114,7 +114,10 @@ class DecodeGraphRunner:
         tab[:n, : table.shape[1]] = table
         tab[:n, table.shape[1] :] = 0
         tab[n:batch] = 0
-        self._dev.copy_(self._host, non_blocking=True)
+        # One copy of the prefix the bucket reads (the table's rows [0, batch) come first): at
+        # batch 1 a few KB instead of the whole max-bucket table, which the graph waits for.
+        end = self._table_at + batch * m
+        self._dev[:end].copy_(self._host[:end], non_blocking=True)
 
     def _meta(self, batch: int, seq_lens_cpu: list[int], max_seq_len: int) -> AttentionMetadata:
         q = self.q_len
