@@ -7,19 +7,47 @@ Invariant: for a history ``t[0..L)`` the table of length ``n`` maps each n-gram 
 is entered only when the next token arrives, so a lookup of the suffix finds its most recent
 *earlier* occurrence, exactly as ``ngram.find_ngram_match`` does.
 
-Keys are ``hash(tuple(ngram))`` (a Python int, smaller than the tuple); a hit is confirmed by
-comparing the tokens, so a hash collision can only hide a match (probability ~2^-64), never
-produce a wrong one. Memory: about 100 bytes per token per n-gram length.
+Keys are a 64-bit polynomial hash of the n-gram (a Python int, smaller than the tuple); a hit
+is confirmed by comparing the tokens, so a hash collision can only hide a match (probability
+~2^-64 for unrelated n-grams), never produce a wrong one. The same hash is computed per token in
+Python for small appends and vectorised with numpy (uint64 arithmetic wraps mod 2^64, like the
+masked Python ints) for long ones, such as a prompt or the tokens of many idle steps, where the
+per-token loop would cost about a microsecond per token and n-gram length. Memory: about 100
+bytes per token per n-gram length.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.spec_decode._proposer import check_int
 
 __all__ = ["NgramIndex"]
+
+_MULT = 0x9E3779B97F4A7C15  # odd 64-bit multiplier of the polynomial hash
+_MASK = (1 << 64) - 1
+_VECTOR_MIN = 16  # appends at least this long take the numpy path
+
+
+def gram_hash(gram: Iterable[int]) -> int:
+    """The index key of one n-gram: sum of ``(t_j + 1) * MULT^(n-1-j)`` modulo 2^64."""
+    h = 0
+    for t in gram:
+        h = (h * _MULT + t + 1) & _MASK
+    return h
+
+
+def _gram_hashes(window: list[int], n: int, count: int) -> list[int]:
+    """Keys of the ``count`` n-grams ``window[i : i + n]``, ``i = 0 .. count-1`` (numpy)."""
+    a = np.asarray(window, dtype=np.uint64) + np.uint64(1)
+    h = np.zeros(count, dtype=np.uint64)
+    mult = np.uint64(_MULT)
+    for j in range(n):
+        h = h * mult + a[j : j + count]  # uint64 arrays wrap modulo 2^64
+    return h.tolist()
 
 
 class NgramIndex:
@@ -44,17 +72,34 @@ class NgramIndex:
         return self._tokens[-1] if self._tokens else None
 
     def extend(self, new_tokens: Iterable[int]) -> None:
-        """Append tokens; O(max_n - min_n + 1) per token."""
+        """Append tokens; O(max_n - min_n + 1) per token (vectorised for long appends)."""
         toks = self._tokens
+        old = len(toks)
+        new = [int(t) for t in new_tokens]
+        toks.extend(new)
+        if len(new) >= _VECTOR_MIN:
+            self._enter_vectorised(old)
+            return
         lo = self.min_n
-        for token in new_tokens:
-            end = len(toks)
-            # The n-grams ending at `end` were the suffix; they now become earlier occurrences.
+        # The n-grams ending at `end` were the suffix; they now become earlier occurrences.
+        for end in range(old, len(toks)):
             for n, table in enumerate(self._tables, start=lo):
                 if n > end:
                     break
-                table[hash(tuple(toks[end - n : end]))] = end
-            toks.append(int(token))
+                table[gram_hash(toks[end - n : end])] = end
+
+    def _enter_vectorised(self, old: int) -> None:
+        """Enter the n-grams ending at ``old .. len - 1`` (the ``extend`` invariant), in
+        increasing end order so the most recent occurrence wins."""
+        toks = self._tokens
+        last = len(toks) - 1
+        for n, table in enumerate(self._tables, start=self.min_n):
+            first = max(n, old)
+            count = last - first + 1
+            if count <= 0:
+                continue
+            keys = _gram_hashes(toks[first - n : last], n, count)
+            table.update(zip(keys, range(first, last + 1), strict=True))
 
     def propose(self, k: int) -> list[int]:
         """Up to ``k`` tokens that followed the most recent earlier occurrence of the longest
@@ -63,7 +108,7 @@ class NgramIndex:
         length = len(toks)
         for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
             gram = toks[length - n :]
-            end = self._tables[n - self.min_n].get(hash(tuple(gram)))
+            end = self._tables[n - self.min_n].get(gram_hash(gram))
             if end is not None and toks[end - n : end] == gram:
                 return toks[end : end + k]
         return []

@@ -94,6 +94,22 @@ def test_incremental_state_follows_appends_and_rebuilds_on_rewrites():
     assert list(prop._indexes) == ["b"]
 
 
+def test_long_and_short_appends_agree_with_the_oracle():
+    """Appends of 16+ tokens take the vectorised (numpy) path, shorter ones the per-token path:
+    after every append of every size the proposal is the oracle's."""
+    rng = random.Random(2)
+    for _ in range(60):
+        vocab = rng.choice([2, 3, 7, 128000])
+        min_n = rng.randint(1, 3)
+        max_n = rng.randint(min_n, 5)
+        index, tokens = NgramIndex(min_n, max_n), []
+        while len(tokens) < 300:
+            new = [rng.randrange(vocab) for _ in range(rng.choice([1, 2, 15, 16, 17, 40, 90]))]
+            index.extend(new)
+            tokens += new
+            assert index.propose(4) == oracle(tokens, min_n, max_n, 4), (tokens, min_n, max_n)
+
+
 def test_batch_and_default_k():
     prop = NgramProposer(k=2, min_n=1, max_n=2)
     assert prop.propose([[1, 2, 1], [3, 4], [5, 5, 5, 5]]) == [[2, 1], [], [5]]
