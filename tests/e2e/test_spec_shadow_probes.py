@@ -101,3 +101,45 @@ def test_min_evidence_makes_every_step_a_probe_until_observed():
     assert AdaptiveK(4).choose(8) == 4  # default: the prior alone decides
     with pytest.raises(ValueError, match="min_evidence"):
         AdaptiveK(4, min_evidence=-1.0)
+
+
+def test_shadow_probes_ask_a_rotating_slice_of_a_large_batch():
+    from types import SimpleNamespace
+
+    from layerzero_serve.spec_decode._coordinator import SHADOW_ROWS, SpecCoordinator
+
+    class Recording(Proposer):
+        name = "recording"
+
+        def __init__(self):
+            self.asked = []
+
+        def propose(self, requests_tokens, k):
+            self.asked.append([t[0] for t in requests_tokens])
+            return [[7] for _ in requests_tokens]
+
+    params = SamplingParams(temperature=0.0, max_tokens=100)
+    reqs = [
+        SimpleNamespace(
+            request_id=str(i),
+            all_token_ids=[i, 1, 2],
+            num_computed_tokens=2,
+            sampling_params=params,
+            stop_len=100,
+            spec_token_ids=[],
+        )
+        for i in range(20)
+    ]
+    prop = Recording()
+    coord = SpecCoordinator(prop, verifier=None, k_max=4, adaptive=True, vocab_size=100)
+    for _ in range(3):  # start-up: every step is a shadow probe while no outcome is in
+        coord.propose(reqs, len(reqs))
+        assert all(r.spec_token_ids == [] for r in reqs)  # nothing is scheduled
+        assert len(coord._shadow) == SHADOW_ROWS
+        coord.score_shadow(reqs, [[] for _ in reqs])  # e.g. failed rows: nothing to score
+    assert prop.asked == [list(range(8)), list(range(8, 16)), [16, 17, 18, 19, 0, 1, 2, 3]]
+    assert coord.shadow_probes == 0 and not coord._shadow
+    coord.propose(reqs, len(reqs))  # rows 4..11; the odd ones emit the drafted 7
+    coord.score_shadow(reqs, [[7] if i % 2 else [3] for i in range(20)])
+    assert prop.asked[-1] == list(range(4, 12))
+    assert (coord.shadow_probes, coord.shadow_hits) == (SHADOW_ROWS, 4)
