@@ -38,6 +38,32 @@ def time_replays(graph: torch.cuda.CUDAGraph, reps: int) -> dict:
     return {"launch_us": med(host), "gpu_us": med(gpu), "wall_us": med(wall)}
 
 
+def launch_while_busy(big: torch.cuda.CUDAGraph, reps: int) -> dict:
+    """Host time of launching a one-kernel graph, and of one eager kernel, right after ``big``
+    was launched (GPU busy) and with the GPU idle: does a launch wait for running graphs?"""
+    x = torch.zeros(1, device="cuda")
+    small = torch.cuda.CUDAGraph()
+    x.add_(1)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(small):
+        x.add_(1)
+    out: dict[str, list[float]] = {k: [] for k in ("graph_busy", "graph_idle", "kernel_busy")}
+    for _ in range(reps):
+        for key, busy, fn in (
+            ("graph_busy", True, small.replay),
+            ("graph_idle", False, small.replay),
+            ("kernel_busy", True, lambda: x.add_(1)),
+        ):
+            torch.cuda.synchronize()
+            if busy:
+                big.replay()
+            t0 = time.perf_counter()
+            fn()
+            out[key].append((time.perf_counter() - t0) * 1e6)
+            torch.cuda.synchronize()
+    return {f"{k}_launch_us": statistics.median(v) for k, v in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=30)
@@ -50,6 +76,8 @@ def main() -> None:
         if b not in graphs.graphs:
             continue
         row = {"bucket": b, **time_replays(graphs.graphs[b].graph, args.reps)}
+        if b == 1:
+            row |= launch_while_busy(graphs.graphs[b].graph, args.reps)
         rows.append(row)
         print(json.dumps(row))
     if args.out is not None:
