@@ -53,6 +53,9 @@ class EngineConfig:
         adaptive_speculation: choose the number of drafts per step from the batch size and the
             measured acceptance rate (0 = plain decoding when drafts would not pay off);
             False = always ``num_speculative_tokens``.
+        async_scheduling: with CUDA graphs, launch the next pure decode step before the host
+            processes this step's tokens (its input ids come from this step's sampler on the
+            device), so the host's per-step work overlaps the GPU's. Same tokens as without.
     """
 
     model: str = DEFAULT_MODEL
@@ -80,6 +83,7 @@ class EngineConfig:
     ngram_min: int = 2
     ngram_max: int = 4
     adaptive_speculation: bool = True
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -124,8 +128,9 @@ class EngineConfig:
             raise ValidationError(
                 "ngram_min/ngram_max", (lo, hi), "1 <= ngram_min <= ngram_max <= 32"
             )
-        if not isinstance(self.adaptive_speculation, bool):
-            raise ValidationError("adaptive_speculation", self.adaptive_speculation, "a bool")
+        for name in ("adaptive_speculation", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValidationError(name, getattr(self, name), "a bool")
         if self.prefix_hash not in HASH_ALGORITHMS:
             raise ValidationError("prefix_hash", self.prefix_hash, f"one of {HASH_ALGORITHMS}")
 

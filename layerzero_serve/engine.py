@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from layerzero_serve._async_scheduling import AsyncScheduling
 from layerzero_serve._model_source import LoadedModel, load_model_source
 from layerzero_serve.config import EngineConfig, kv_budget_bytes
 from layerzero_serve.errors import RequestRejectedError, ValidationError
@@ -25,7 +26,7 @@ from layerzero_serve.scheduler import Scheduler, SchedulerConfig
 from layerzero_serve.selection._device import probe_device
 from layerzero_serve.selection.plans import ModelShape, base_context, batch_buckets
 from layerzero_serve.spec_decode._coordinator import SpecCoordinator
-from layerzero_serve.types import Request, RequestOutput, TokenLogprob
+from layerzero_serve.types import Request, RequestOutput, SchedulerOutput, TokenLogprob
 
 logger = logging.getLogger("layerzero_serve")
 # Verification graphs hold logits for every token of a bucket (batch x (k + 1) x vocab): capture
@@ -138,6 +139,12 @@ class Engine:
         # prompt logprobs collected over prefill chunks, until the first output token
         self._prompt_lp: dict[str, list[TokenLogprob | None]] = {}
         self.num_generated_tokens = 0
+        # async scheduling: decode steps through the graphs, speculation off
+        self._async = (
+            AsyncScheduling(self.runner, self.scheduler)
+            if cfg.async_scheduling and use_graphs and self.spec is None
+            else None
+        )
         # Start-up objects (weights' Python wrappers, the block pool) never die: keep the
         # cyclic collector off them so its passes stay short on the hot path.
         gc.collect()
@@ -251,6 +258,8 @@ class Engine:
                 req.seed = (params.seed + k * 0x9E3779B97F4A7C15) % (1 << 63)
             if params.prompt_logprobs is not None:
                 self._prompt_lp[name] = [None] * len(ids)
+            if self._async is not None:
+                self._async.add(req)
             self.scheduler.add_request(req)
         return rid
 
@@ -258,6 +267,9 @@ class Engine:
         """Abort a request (all its samples when n > 1). Unknown or finished: no-op, False."""
         names = self._children.get(request_id, [request_id])
         done = [self.scheduler.abort(n) for n in names]
+        if self._async is not None:
+            for n in names:
+                self._async.release(n)
         return any(done)
 
     def has_unfinished(self) -> bool:
@@ -266,34 +278,70 @@ class Engine:
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the outputs of every request that got tokens or ended."""
+        if self._async is not None and self._async.ahead is not None:
+            return self._step_ahead()
         tm = self.runner.timings
         t0 = time.perf_counter()
         spec = self.spec
+        t_draft = 0.0
         if spec is not None:  # drafting is part of a speculative step's cost
             spec.propose(self.scheduler.running.items, len(self.scheduler.running))
             t_draft = time.perf_counter() - t0
         # speculation off this step (adaptive k = 0): no lookahead slots to reserve
-        out = self.scheduler.schedule(0 if spec is not None and not spec.last_k else None)
+        out = (
+            self.scheduler.schedule() if spec is None or spec.last_k else self.scheduler.schedule(0)
+        )
         t1 = time.perf_counter()
-        tokens = self.runner.execute(out) if out.requests else StepTokens()
+        pending = None
+        if self._async is not None:
+            pending = self._async.launch(out, bool(self._prompt_lp))
+        if pending is not None:
+            self._async.launch_next(pending)  # step N+1 goes on the device before N's tokens
+            tokens = self._async.collect(pending)
+        else:
+            tokens = self.runner.execute(out) if out.requests else StepTokens()
         t2 = time.perf_counter()
-        for row, detail in tokens.failed.items():  # only that request fails; others go on
-            self.scheduler.fail(out.requests[row].request_id, detail)
+        self._fail_rows(out, tokens)
         if spec is not None:
             self._record_speculation(out, tokens, t2 - t1 + t_draft)
-        outputs = list(self.scheduler.update(out, tokens))
-        t3 = time.perf_counter()
         tm.schedule += t1 - t0
-        tm.update += t3 - t2
+        return self._apply(out, tokens, t2)
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        """Async scheduling: the step launched by the previous call; the one after it is
+        launched (when it continues plainly) before this one's tokens are read."""
+        out, pending = self._async.ahead
+        self._async.ahead = None
+        t0 = time.perf_counter()
+        self._async.launch_next(pending)
+        t1 = time.perf_counter()
+        tokens = self._async.collect(pending)
+        self.runner.timings.schedule += t1 - t0
+        t2 = time.perf_counter()
+        self._fail_rows(out, tokens)
+        return self._apply(out, tokens, t2)
+
+    def _fail_rows(self, out: SchedulerOutput, tokens: StepTokens) -> None:
+        for row, detail in tokens.failed.items():  # only that request fails; others go on
+            self.scheduler.fail(out.requests[row].request_id, detail)
+
+    def _apply(self, out: SchedulerOutput, tokens: StepTokens, t2: float) -> list[RequestOutput]:
+        """Apply a step's tokens to its requests: failures, update, per-request bookkeeping."""
+        tm = self.runner.timings
+        outputs = list(self.scheduler.update(out, tokens))
+        tm.update += time.perf_counter() - t2
         tm.steps += 1
         if tokens.logprobs or tokens.prompt_logprobs or self._prompt_lp:
             self._attach_logprobs(out, tokens, outputs)
+        spec = self.spec
         for o in outputs:
             self.num_generated_tokens += len(o.new_token_ids)
             if o.finished:
                 self.runner.sampler.release(o.request_id)
                 if spec is not None:
                     spec.release(o.request_id)
+                if self._async is not None:
+                    self._async.release(o.request_id)
                 self._prompt_lp.pop(o.request_id, None)
         return outputs
 
@@ -355,5 +403,7 @@ class Engine:
             "kv_blocks": kv.num_blocks,
             "timings_s": self.runner.timings.as_dict(),
             "steps": self.runner.timings.steps,
+            # steps launched before the previous step's tokens were read (async scheduling)
+            "async_steps_ahead": 0 if self._async is None else self._async.steps_ahead,
             "speculative": None if self.spec is None else self.spec.stats(),
         }

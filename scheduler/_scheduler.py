@@ -198,6 +198,51 @@ class Scheduler:
         self._step_id += 1
         return out
 
+    def schedule_next_decode(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after ``prev``, scheduled before ``prev``'s tokens are known (async
+        scheduling): the same requests in the same rows, each one decode token further, as if
+        none ends with ``prev``'s token (a row that does is dropped when this step's tokens
+        are applied: ``update`` skips requests that are no longer running).
+
+        None when that is not the step ``schedule`` would make: a request of ``prev`` left the
+        running state or ends by length with ``prev``'s token, a running request was not in
+        ``prev``, requests wait for admission, a row has drafts, or the pool is short. Only
+        the slot of each row's next position is allocated; nothing else changes.
+        """
+        if self.waiting or len(prev.requests) != len(self.running):
+            return None
+        kv = self.kv
+        tables = []
+        for req, start, n in zip(prev.requests, prev.starts, prev.num_scheduled, strict=True):
+            # after prev's token the request holds start + 2 tokens
+            if req.status is not _RUNNING or n != 1 or start + 2 >= req.stop_len:
+                return None
+            if start + 1 != len(req.all_token_ids):  # prev's row does not sample
+                return None
+            if req.spec_token_ids:
+                return None
+            if start + 2 <= req.kv_capacity:
+                ids = req.kv_block_ids
+            else:  # num_computed_tokens is still `start` (prev not applied): reserve 2 slots
+                ids = kv.allocate_slots(req, start + 2 - req.num_computed_tokens, None, 0)
+                if ids is None:
+                    return None
+            tables.append(ids)
+        rows = len(tables)
+        out = SchedulerOutput(
+            self._step_id,
+            list(prev.requests),
+            [s + 1 for s in prev.starts],
+            [1] * rows,
+            tables,
+            rows,
+            kv.take_pending_copies(),
+            [],
+            kv.table_edits,
+        )
+        self._step_id += 1
+        return out
+
     def _make_room(
         self, out: SchedulerOutput, req: Request, n: int
     ) -> tuple[list[int] | None, int]:

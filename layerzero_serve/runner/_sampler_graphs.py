@@ -59,20 +59,23 @@ class SamplerGraphs:
     def sample(self, requests: list, bucket: int) -> HostSample:
         """Sample the first ``len(requests)`` rows of ``logits[:bucket]`` (the rest is the
         bucket's padding). Host results for the real rows only."""
-        n = len(requests)
-        batch = self.sampler.prepare(requests, pad_to=bucket)
+        return first_rows(self.launch(requests, bucket).to_host(), len(requests))
+
+    def launch(self, requests: list, bucket: int, ahead: int = 0) -> DeviceSample:
+        """Enqueue the sampling of ``logits[:bucket]`` for ``requests`` (graph replay, or eager
+        kernels the first time a plan is seen) without waiting; device results of all
+        ``bucket`` rows. ``ahead``: see ``Sampler.prepare``."""
+        batch = self.sampler.prepare(requests, pad_to=bucket, ahead=ahead)
         key = (bucket, batch.plan)
         entry = self._graphs.get(key)
         if entry is None and key in self._seen and capturable(batch.plan):
             entry = self._capture(key, batch)
         if entry is None:
             self._seen.add(key)
-            res = self.sampler.sample(self.logits[:bucket], batch).to_host()
-        else:
-            graph, out = entry
-            graph.replay()
-            res = out.to_host()
-        return _first_rows(res, n)
+            return self.sampler.sample(self.logits[:bucket], batch)
+        graph, out = entry
+        graph.replay()
+        return out
 
     @torch.inference_mode()
     def _capture(self, key, batch: SamplingBatch):
@@ -89,7 +92,8 @@ class SamplerGraphs:
         return graph, out
 
 
-def _first_rows(res: HostSample, n: int) -> HostSample:
+def first_rows(res: HostSample, n: int) -> HostSample:
+    """The results of the first ``n`` rows (the rest are a bucket's padding)."""
     if len(res.tokens) == n:
         return res
     failed = {i: d for i, d in res.failed.items() if i < n}

@@ -83,6 +83,9 @@ class DecodeGraphRunner:
         self._table_at = 3 * bq + b
         n = self._table_at + b * m
         self._host = torch.zeros(n, dtype=torch.int32, pin_memory=True)
+        # recorded after each staging copy: the host buffer is rewritten only once the copy out
+        # of it ran (with async scheduling the next step is staged while this one is queued)
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self._host_np = self._host.numpy()
         self._dev = torch.zeros(n, dtype=torch.int32, device=device)
         self.input_ids = self._dev[0:bq]
@@ -101,6 +104,8 @@ class DecodeGraphRunner:
         """Rows ``[0, n)`` real, ``[n, batch)`` padding; then one H2D copy. ``ids``,
         ``positions`` and ``slots`` hold ``n * q_len`` entries (row-major)."""
         bq, q, m = self._tok, self.q_len, self.width
+        if self._copied is not None:
+            self._copied.synchronize()  # normally long done
         h = self._host_np
         nt, bt = n * q, batch * q
         h[0:nt], h[bq : bq + nt], h[2 * bq : 2 * bq + nt] = ids, positions, slots
@@ -118,6 +123,8 @@ class DecodeGraphRunner:
         # batch 1 a few KB instead of the whole max-bucket table, which the graph waits for.
         end = self._table_at + batch * m
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
     def _meta(self, batch: int, seq_lens_cpu: list[int], max_seq_len: int) -> AttentionMetadata:
         q = self.q_len
@@ -205,16 +212,23 @@ class DecodeGraphRunner:
         slots: np.ndarray,
         seq_lens: np.ndarray,
         table: np.ndarray,
+        device_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Replay ``n = len(seq_lens)`` rows (``n * q_len`` tokens in ``ids``/``positions``/
         ``slots``); returns logits ``[n * q_len, vocab]`` (a view into the static output:
-        consume before the next replay)."""
+        consume before the next replay). ``device_ids`` (int64, at least ``n * q_len``, e.g.
+        the previous step's sampled tokens, not yet on the host) replace ``ids``; they are
+        clamped into the vocabulary, so a failed row's placeholder never reaches a gather."""
         n = len(seq_lens)
         batch = self.bucket_for(n)
         if batch is None:
             raise ValueError(f"batch {n} above the largest captured bucket {self.max_batch}")
         cap = self.graphs[batch]
         self._fill(n, batch, ids, positions, slots, seq_lens, table)
+        if device_ids is not None:  # after the staging copy, which wrote placeholder ids
+            nt = n * self.q_len
+            vocab = cap.logits.shape[-1]
+            self.input_ids[:nt].copy_(device_ids[:nt].clamp(0, vocab - 1))
         if cap.replan:  # host-side plan (FlashInfer) for this step's lengths
             lens = seq_lens.tolist() + [self.q_len] * (batch - n)
             cap.dispatch.begin_step(self._meta(batch, lens, int(max(lens))))

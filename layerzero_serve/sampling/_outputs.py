@@ -91,21 +91,53 @@ class DeviceSample:
     num_logprobs: np.ndarray  # host, per row (-1 = none)
 
     def to_host(self) -> HostSample:
-        arr = self.packed.cpu().numpy()  # the step's single device -> host copy (synchronises)
-        num_rows = arr.shape[0]
-        tokens = arr[:, 0].astype(np.int64).tolist()
-        flags = arr[:, 1].astype(np.int64)
-        failed = {int(i): FAILURE_DETAILS[int(flags[i])] for i in np.flatnonzero(flags)}
-        logprobs: list[TokenLogprob | None] = [None] * num_rows
-        if arr.shape[1] > 2:
-            width = (arr.shape[1] - 4) // 2
-            for i in np.flatnonzero(self.num_logprobs >= 0).tolist():
-                n = int(self.num_logprobs[i])
-                logprobs[i] = TokenLogprob(
-                    token_id=tokens[i],
-                    logprob=float(arr[i, 2]),
-                    rank=int(arr[i, 3]),
-                    top_token_ids=arr[i, 4 : 4 + n].astype(np.int64).tolist(),
-                    top_logprobs=arr[i, 4 + width : 4 + width + n].tolist(),
-                )
-        return HostSample(tokens, failed, logprobs)
+        # the step's single device -> host copy (synchronises)
+        return _parse(self.packed.cpu().numpy(), self.num_logprobs)
+
+    def to_host_async(self) -> PendingHostSample:
+        """Start the device -> host copy into pinned memory and return at once (CUDA); read it
+        with ``result()``. Enqueue it before any later step's work that rewrites ``packed``
+        (a captured sampler graph's static output)."""
+        if self.packed.device.type != "cuda":
+            return PendingHostSample(self.packed, None, self.num_logprobs)
+        host = torch.empty(self.packed.shape, dtype=self.packed.dtype, pin_memory=True)
+        host.copy_(self.packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingHostSample(host, done, self.num_logprobs)
+
+
+@dataclass(slots=True)
+class PendingHostSample:
+    """A device -> host copy of a step's packed results in flight (``DeviceSample``)."""
+
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+    num_logprobs: np.ndarray
+
+    def result(self) -> HostSample:
+        """Wait for the copy and unpack it."""
+        if self.done is not None:
+            self.done.synchronize()
+        return _parse(self.host.numpy(), self.num_logprobs)
+
+
+def _parse(arr: np.ndarray, num_logprobs: np.ndarray) -> HostSample:
+    """HostSample from the packed host array ``[B, 2 (+ 2 + 2 n)]`` (see the module docstring)."""
+    num_rows = arr.shape[0]
+    tokens = arr[:, 0].astype(np.int64).tolist()
+    flags = arr[:, 1].astype(np.int64)
+    failed = {int(i): FAILURE_DETAILS[int(flags[i])] for i in np.flatnonzero(flags)}
+    logprobs: list[TokenLogprob | None] = [None] * num_rows
+    if arr.shape[1] > 2:
+        width = (arr.shape[1] - 4) // 2
+        for i in np.flatnonzero(num_logprobs >= 0).tolist():
+            n = int(num_logprobs[i])
+            logprobs[i] = TokenLogprob(
+                token_id=tokens[i],
+                logprob=float(arr[i, 2]),
+                rank=int(arr[i, 3]),
+                top_token_ids=arr[i, 4 : 4 + n].astype(np.int64).tolist(),
+                top_logprobs=arr[i, 4 + width : 4 + width + n].tolist(),
+            )
+    return HostSample(tokens, failed, logprobs)

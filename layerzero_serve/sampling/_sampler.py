@@ -147,6 +147,7 @@ class Sampler:
         requests: Sequence,
         plan_floor: SamplingPlan | None = None,
         pad_to: int | None = None,
+        ahead: int = 0,
     ) -> SamplingBatch:
         """The device inputs of one step for ``requests`` (``types.Request`` or any object with
         its sampling attributes), in row order. One host-to-device copy; not graph-captured.
@@ -154,6 +155,8 @@ class Sampler:
         For a captured graph: ``plan_floor`` makes the batch run at least that plan (the one
         the graph was captured with); ``pad_to`` (>= len(requests)) adds neutral greedy rows up
         to the graph's bucket size (their outputs are meaningless; read the first rows only).
+        ``ahead``: tokens each request will have gained before this step samples (async
+        scheduling prepares a step while the previous one's token is still on the device).
         """
         if self.device is None:
             raise ValidationError("sampler", "unbound", "call bind(device, vocab_size) first")
@@ -177,7 +180,7 @@ class Sampler:
         stg.h_f32[:, :b] = host.f32[:, idx]
         cols = host.i64[:, idx]
         lens = np.fromiter((len(r.all_token_ids) for r in requests), np.int64, b)
-        num_out = lens - cols[st.I_PROMPT_LEN]
+        num_out = lens + ahead - cols[st.I_PROMPT_LEN]
         active = np.where(num_out < cols[st.I_MIN_TOKENS], st.ACTIVE_MIN_TOKENS, 0)
         hi = stg.h_i64
         hi[P_TOP_K, :b], hi[P_SEED, :b] = cols[st.I_TOP_K], cols[st.I_SEED]

@@ -1,0 +1,65 @@
+"""Async scheduling (``EngineConfig.async_scheduling``): while the GPU computes decode step N,
+step N+1 is already on the device, so the host's per-step work (reading N's tokens, updating
+and scheduling the requests, staging the next inputs) overlaps the GPU's instead of leaving it
+idle between steps.
+
+It applies to the steady state of decoding through the captured graphs: every running request
+decodes one token, none waits for admission, speculation is off, and every request samples
+statelessly (no penalties, bias, masks, min-tokens or logprobs, whose state would have to
+advance with the unseen token). Step N+1 is then the plain continuation of step N, scheduled
+by ``Scheduler.schedule_next_decode`` before N's tokens are known: its input ids are N's
+sampled ids, copied on the device. A request that ends with N's token (EOS, a stop id) has
+computed one token too many in N+1: its row is dropped when N+1's tokens are applied, and the
+KV it wrote lies in its own freed blocks. Anything else (an admission, a finish by length, a
+prefill, a short pool) makes the next step a synchronous one. The tokens are the same as
+without async scheduling.
+"""
+
+from __future__ import annotations
+
+from layerzero_serve.runner._async_decode import PendingDecode, collect_decode, launch_decode
+from layerzero_serve.sampling._prompt_logprobs import StepTokens
+from layerzero_serve.spec_decode.verifier import can_speculate
+from layerzero_serve.types import Request, SchedulerOutput
+
+__all__ = ["AsyncScheduling"]
+
+
+class AsyncScheduling:
+    """The engine's side: which steps may launch ahead, and the step in flight."""
+
+    def __init__(self, runner, scheduler) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.ahead: tuple[SchedulerOutput, PendingDecode] | None = None
+        self._stateful: set[str] = set()  # running requests whose sampling keeps state
+        self.steps_ahead = 0  # steps launched before the previous one's tokens were read
+
+    def add(self, request: Request) -> None:
+        if not can_speculate(request.sampling_params):  # the same "stateless" test
+            self._stateful.add(request.request_id)
+
+    def release(self, request_id: str) -> None:
+        self._stateful.discard(request_id)
+
+    def launch(self, out: SchedulerOutput, prompt_logprobs_pending: bool) -> PendingDecode | None:
+        """Launch a schedule whose rows all decode one token, or None (run it synchronously)."""
+        if self._stateful or prompt_logprobs_pending or not out.requests:
+            return None
+        for r, s, n in zip(out.requests, out.starts, out.num_scheduled, strict=True):
+            if n != 1 or s + 1 != len(r.all_token_ids):
+                return None
+        return launch_decode(self.runner, out)
+
+    def launch_next(self, pending: PendingDecode) -> None:
+        """Put the step after ``pending`` on the device when it is the plain continuation."""
+        nxt = self.scheduler.schedule_next_decode(pending.out)
+        if nxt is None:
+            return
+        ahead = launch_decode(self.runner, nxt, prev=pending)
+        if ahead is not None:
+            self.ahead = (nxt, ahead)
+            self.steps_ahead += 1
+
+    def collect(self, pending: PendingDecode) -> StepTokens:
+        return collect_decode(self.runner, pending)

@@ -1,0 +1,79 @@
+"""The runner's half of async scheduling: a pure decode step enqueued through the captured
+decode and sampler graphs without waiting for its tokens (:func:`launch_decode`), and its tokens
+read back later (:func:`collect_decode`).
+
+A step launched with ``prev`` (the previous step, still on the device) takes its input ids from
+``prev``'s sampled tokens by a device-to-device copy, so it can be enqueued before the host has
+seen them: the host then reads ``prev``'s tokens, updates the requests and schedules while the
+GPU computes. Ordering on the one stream makes it safe: the copy of ``prev``'s packed results to
+pinned host memory is enqueued by ``prev``'s launch, before this step's sampler graph rewrites
+its static outputs; every pinned staging buffer is rewritten only after an event says the copy
+out of it ran.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from layerzero_serve.runner._sampler_graphs import first_rows
+from layerzero_serve.sampling._outputs import PendingHostSample
+from layerzero_serve.sampling._prompt_logprobs import StepTokens
+from layerzero_serve.types import SchedulerOutput
+
+
+@dataclass(slots=True)
+class PendingDecode:
+    """A launched decode step: its schedule, its sampled ids on the device (int64
+    ``[bucket]``, the next step's inputs) and the copy of its results to the host in flight."""
+
+    out: SchedulerOutput
+    tokens: torch.Tensor
+    host: PendingHostSample
+
+
+def launch_decode(runner, out: SchedulerOutput, prev: PendingDecode | None = None):
+    """Enqueue ``out`` (every row: one decode token) through the graphs; returns a
+    :class:`PendingDecode`, or None when the step does not fit the graphs (run it with
+    ``execute``). With ``prev`` the input ids are ``prev``'s tokens (device) and every request
+    is one token ahead of its host state. No host sync."""
+    g, sampler_graphs = runner.graphs, runner.sampler_graphs
+    n = len(out.requests)
+    if g is None or sampler_graphs is None or not 0 < n <= g.max_batch:
+        return None
+    t0 = time.perf_counter()
+    runner.kv_cache.copy_blocks(out.blocks_to_copy)
+    bs = runner.kv_cache.spec.block_size
+    starts = np.asarray(out.starts, dtype=np.int64)
+    table = runner._tables.build(out.block_ids, out.table_edits, copy=False)
+    if prev is None:
+        ids = np.fromiter(
+            (r.all_token_ids[s] for r, s in zip(out.requests, out.starts, strict=True)),
+            dtype=np.int64,
+            count=n,
+        )
+    else:
+        ids = np.zeros(n, dtype=np.int64)  # placeholders: the device copy below replaces them
+    slots = table[np.arange(n), starts // bs].astype(np.int64) * bs + starts % bs
+    device_ids = None if prev is None else prev.tokens
+    g.run(ids, starts, slots, starts + 1, table, device_ids=device_ids)
+    sample = sampler_graphs.launch(out.requests, g.bucket_for(n), ahead=int(prev is not None))
+    pending = PendingDecode(out, sample.tokens, sample.to_host_async())
+    runner.timings.prepare += time.perf_counter() - t0
+    return pending
+
+
+def collect_decode(runner, pending: PendingDecode) -> StepTokens:
+    """Wait for a launched step's tokens; one per row (none for a row whose sampling failed,
+    which ``failed`` reports)."""
+    t0 = time.perf_counter()
+    res = first_rows(pending.host.result(), len(pending.out.requests))
+    results = StepTokens([tok] for tok in res.tokens)
+    for row, detail in res.failed.items():
+        results[row].clear()
+        results.failed[row] = detail
+    runner.timings.sample += time.perf_counter() - t0
+    return results
