@@ -91,7 +91,9 @@ def decode_run(eng: Engine, batch: int, context: int, tokens: int) -> dict:
 
 def host_time_per_step(eng: Engine, batch: int, steps: int = 50) -> dict:
     """Host work per step (schedule + prepare + sample + update) with the GPU synchronised
-    around the forward, so device time is excluded."""
+    around the forward, so device time is excluded (async scheduling off: its phases overlap
+    the device's)."""
+    saved, eng._async = eng._async, None
     eng.runner.timings.sync = True
     params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
     for i in range(batch):
@@ -105,6 +107,7 @@ def host_time_per_step(eng: Engine, batch: int, steps: int = 50) -> dict:
         eng.step()
     after = tm.as_dict()
     eng.runner.timings.sync = False
+    eng._async = saved
     n = tm.steps - n0
     d = {k: (after[k] - before[k]) / n * 1e6 for k in after}
     return {
