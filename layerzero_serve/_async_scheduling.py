@@ -4,7 +4,8 @@ and scheduling the requests, staging the next inputs) overlaps the GPU's instead
 idle between steps.
 
 It applies to the steady state of decoding through the captured graphs: every running request
-decodes one token, none waits for admission, speculation is off, and every request samples
+decodes one token, none waits for admission, no drafts (speculation is off, or the adaptive
+``k`` decided 0 for the next step without asking the proposer), and every request samples
 statelessly (no penalties, bias, masks, min-tokens or logprobs, whose state would have to
 advance with the unseen token). Step N+1 is then the plain continuation of step N, scheduled
 by ``Scheduler.schedule_next_decode`` before N's tokens are known: its input ids are N's
@@ -51,10 +52,14 @@ class AsyncScheduling:
                 return None
         return launch_decode(self.runner, out)
 
-    def launch_next(self, pending: PendingDecode) -> None:
-        """Put the step after ``pending`` on the device when it is the plain continuation."""
+    def launch_next(self, pending: PendingDecode, spec=None) -> None:
+        """Put the step after ``pending`` on the device when it is the plain continuation
+        (with speculation configured: when its ``k`` is decided 0 now, see
+        ``SpecCoordinator.next_is_plain``)."""
         nxt = self.scheduler.schedule_next_decode(pending.out)
         if nxt is None:
+            return
+        if spec is not None and not spec.next_is_plain(len(nxt.requests)):
             return
         ahead = launch_decode(self.runner, nxt, prev=pending)
         if ahead is not None:

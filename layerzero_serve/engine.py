@@ -139,12 +139,13 @@ class Engine:
         # prompt logprobs collected over prefill chunks, until the first output token
         self._prompt_lp: dict[str, list[TokenLogprob | None]] = {}
         self.num_generated_tokens = 0
-        # async scheduling: decode steps through the graphs, speculation off
+        # async scheduling: decode steps through the graphs without drafts
         self._async = (
             AsyncScheduling(self.runner, self.scheduler)
-            if cfg.async_scheduling and use_graphs and self.spec is None
+            if cfg.async_scheduling and use_graphs
             else None
         )
+        self._t_step_end = 0.0  # end of the previous step (a launched-ahead step's duration)
         # Start-up objects (weights' Python wrappers, the block pool) never die: keep the
         # cyclic collector off them so its passes stay short on the hot path.
         gc.collect()
@@ -293,10 +294,10 @@ class Engine:
         )
         t1 = time.perf_counter()
         pending = None
-        if self._async is not None:
+        if self._async is not None and (spec is None or not spec.last_k):
             pending = self._async.launch(out, bool(self._prompt_lp))
         if pending is not None:
-            self._async.launch_next(pending)  # step N+1 goes on the device before N's tokens
+            self._async.launch_next(pending, spec)  # step N+1 on the device before N's tokens
             tokens = self._async.collect(pending)
         else:
             tokens = self.runner.execute(out) if out.requests else StepTokens()
@@ -313,12 +314,14 @@ class Engine:
         out, pending = self._async.ahead
         self._async.ahead = None
         t0 = time.perf_counter()
-        self._async.launch_next(pending)
+        self._async.launch_next(pending, self.spec)
         t1 = time.perf_counter()
         tokens = self._async.collect(pending)
         self.runner.timings.schedule += t1 - t0
         t2 = time.perf_counter()
         self._fail_rows(out, tokens)
+        if self.spec is not None:  # a plain step: its time per step is the pipeline's
+            self._record_speculation(out, tokens, t2 - self._t_step_end)
         return self._apply(out, tokens, t2)
 
     def _fail_rows(self, out: SchedulerOutput, tokens: StepTokens) -> None:
@@ -329,7 +332,8 @@ class Engine:
         """Apply a step's tokens to its requests: failures, update, per-request bookkeeping."""
         tm = self.runner.timings
         outputs = list(self.scheduler.update(out, tokens))
-        tm.update += time.perf_counter() - t2
+        self._t_step_end = time.perf_counter()
+        tm.update += self._t_step_end - t2
         tm.steps += 1
         if tokens.logprobs or tokens.prompt_logprobs or self._prompt_lp:
             self._attach_logprobs(out, tokens, outputs)

@@ -131,6 +131,7 @@ class SpecCoordinator:
         self.last_k = 0
         self._shadow: dict[str, int] = {}  # request id -> this step's unscheduled first draft
         self._shadow_cursor = 0  # where the next shadow probe's slice of the batch starts
+        self._decided: tuple[int, bool] | None = None  # next step's (k, shadow), decided early
         self.shadow_probes = 0  # shadow drafts scored
         self.shadow_hits = 0  # ... that equalled the emitted token
         self._steps = 0
@@ -193,9 +194,9 @@ class SpecCoordinator:
             kernel_ctx.vocab_size or (1 << 62),
         )
 
-    def propose(self, running: Iterable[Request], num_running: int) -> None:
-        """Set this step's drafts on the decode-ready, speculation-capable running requests
-        (or, on a shadow probe, only remember each one's first draft)."""
+    def _decide(self, num_running: int) -> tuple[int, bool]:
+        """This step's ``(k, shadow)``: drafts per request and whether they are a shadow probe
+        (adaptive choice, plain-step probes, the idle pause). Advances their state."""
         shadow = False
         if self.adaptive is not None:
             self._steps += 1
@@ -213,6 +214,27 @@ class SpecCoordinator:
         if k and self.adaptive is not None and self._idle_pause:
             self._idle_pause -= 1  # the proposer had nothing lately: do not ask it this step
             k = 0
+        return k, shadow
+
+    def next_is_plain(self, num_running: int) -> bool:
+        """Decide the next step now, before this step's tokens are known (async scheduling):
+        True when it runs without drafts and without a shadow probe, so it may be launched
+        ahead (it then has no ``propose``); otherwise the decision is kept for its
+        ``propose``."""
+        k, shadow = self._decide(num_running)
+        if k == 0:
+            self.last_k = 0
+            return True
+        self._decided = (k, shadow)
+        return False
+
+    def propose(self, running: Iterable[Request], num_running: int) -> None:
+        """Set this step's drafts on the decode-ready, speculation-capable running requests
+        (or, on a shadow probe, only remember each one's first draft)."""
+        if self._decided is not None:  # decided early by next_is_plain
+            (k, shadow), self._decided = self._decided, None
+        else:
+            k, shadow = self._decide(num_running)
         self.last_k = 0 if shadow else k
         if k == 0:
             return

@@ -143,3 +143,38 @@ def test_shadow_probes_ask_a_rotating_slice_of_a_large_batch():
     coord.score_shadow(reqs, [[7] if i % 2 else [3] for i in range(20)])
     assert prop.asked[-1] == list(range(4, 12))
     assert (coord.shadow_probes, coord.shadow_hits) == (SHADOW_ROWS, 4)
+
+
+def test_next_is_plain_decides_the_next_step_once():
+    """Async scheduling asks for the next step's decision early: a plain decision is consumed
+    by the launched-ahead step (no propose); any other is kept for the next propose."""
+    from types import SimpleNamespace
+
+    from layerzero_serve.spec_decode._coordinator import SpecCoordinator
+
+    class Counting(Proposer):
+        name = "counting"
+        calls = 0
+
+        def propose(self, requests_tokens, k):
+            Counting.calls += 1
+            return [[7] * k for _ in requests_tokens]
+
+    params = SamplingParams(temperature=0.0, max_tokens=100)
+    req = SimpleNamespace(
+        request_id="r",
+        all_token_ids=[1, 2, 3],
+        num_computed_tokens=2,
+        sampling_params=params,
+        stop_len=100,
+        spec_token_ids=[],
+    )
+    coord = SpecCoordinator(Counting(), verifier=None, k_max=4, adaptive=True, vocab_size=100)
+    coord.adaptive.min_evidence = 0.0
+    coord.adaptive.best_k = lambda batch, acceptance=None: (0, 1.0)  # speculation off
+    assert coord.next_is_plain(1) and coord._decided is None and Counting.calls == 0
+    coord.adaptive.best_k = lambda batch, acceptance=None: (3, 2.0)  # worth it again
+    assert not coord.next_is_plain(1) and coord._decided == (3, False)
+    coord.adaptive.best_k = lambda batch, acceptance=None: (0, 1.0)  # not asked again:
+    coord.propose([req], 1)  # the kept decision drafts 3
+    assert req.spec_token_ids == [7, 7, 7] and coord.last_k == 3 and coord._decided is None

@@ -17,24 +17,26 @@ if not torch.cuda.is_available():  # pragma: no cover - CPU CI
 
 from layerzero_serve.engine import Engine  # noqa: E402
 from layerzero_serve.sampling import SamplingParams  # noqa: E402
+from layerzero_serve.spec_decode import Proposer  # noqa: E402
 
 MODEL = "dummy:small-d128"
 
 
-def _engine(async_scheduling: bool) -> Engine:
+def _engine(async_scheduling: bool, **kw) -> Engine:
     return Engine(
         model=MODEL,
         max_num_seqs=16,
         max_model_len=512,
         num_kv_blocks=512,
         async_scheduling=async_scheduling,
+        **kw,
     )
 
 
-def _run(async_scheduling: bool, requests, abort_at=None, late=None):
+def _run(async_scheduling: bool, requests, abort_at=None, late=None, **kw):
     """Drive the engine; ``abort_at = (step, index)`` aborts a request, ``late = (step,
     prompt, params)`` adds one mid-run. Returns {index: (tokens, finish reason)} and the engine."""
-    eng = _engine(async_scheduling)
+    eng = _engine(async_scheduling, **kw)
     ids = [eng.add_request(p, sp) for p, sp in requests]
     got: dict[str, list[int]] = {}
     reasons: dict[str, str | None] = {}
@@ -95,3 +97,24 @@ def test_stateful_sampling_runs_synchronously_with_the_same_tokens():
     sync, _ = _run(False, reqs)
     overlapped, eng = _run(True, reqs)
     assert overlapped == sync
+
+
+class NeverDrafts(Proposer):
+    name = "never"
+
+    def propose(self, requests_tokens, k):
+        return [[] for _ in requests_tokens]
+
+
+@pytest.mark.parametrize("method", ["never", "ngram"])
+def test_speculative_engine_runs_ahead_while_its_k_is_zero(method):
+    """With speculation configured, steps whose adaptive k is 0 (decided before the previous
+    step's tokens are known) are launched ahead too; tokens equal plain decoding's."""
+    reqs = _requests()
+    if method == "never":  # no verification ever: exactly plain decoding's tokens
+        got, eng = _run(True, reqs, speculative_method=NeverDrafts())
+        assert got == _run(False, reqs)[0]
+        assert eng._async.steps_ahead > 10
+    else:  # verification windows round differently from 1-token steps: compare spec to spec
+        got, _ = _run(True, reqs, speculative_method="ngram")
+        assert got == _run(False, reqs, speculative_method="ngram")[0]
