@@ -347,6 +347,8 @@ class Engine:
                 if self._async is not None:
                     self._async.release(o.request_id)
                 self._prompt_lp.pop(o.request_id, None)
+        if spec is not None and spec.shadow_due:  # for the step already on the device
+            spec.propose_shadow(self.scheduler.running.items)
         return outputs
 
     def _record_speculation(self, out, tokens: StepTokens, seconds: float) -> None:

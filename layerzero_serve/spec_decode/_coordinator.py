@@ -132,6 +132,7 @@ class SpecCoordinator:
         self._shadow: dict[str, int] = {}  # request id -> this step's unscheduled first draft
         self._shadow_cursor = 0  # where the next shadow probe's slice of the batch starts
         self._decided: tuple[int, bool] | None = None  # next step's (k, shadow), decided early
+        self.shadow_due = False  # a launched-ahead step's shadow probe waits for its drafts
         self.shadow_probes = 0  # shadow drafts scored
         self.shadow_hits = 0  # ... that equalled the emitted token
         self._steps = 0
@@ -218,15 +219,23 @@ class SpecCoordinator:
 
     def next_is_plain(self, num_running: int) -> bool:
         """Decide the next step now, before this step's tokens are known (async scheduling):
-        True when it runs without drafts and without a shadow probe, so it may be launched
-        ahead (it then has no ``propose``); otherwise the decision is kept for its
-        ``propose``."""
+        True when it runs without drafts, so it may be launched ahead (it then has no
+        ``propose``; a shadow probe decided for it is drafted by :meth:`propose_shadow` once
+        this step's tokens are in); otherwise the decision is kept for its ``propose``."""
         k, shadow = self._decide(num_running)
-        if k == 0:
+        if k == 0 or shadow:
             self.last_k = 0
+            self.shadow_due = shadow and k > 0
             return True
         self._decided = (k, shadow)
         return False
+
+    def propose_shadow(self, running: Iterable[Request]) -> None:
+        """Draft the shadow probe ``next_is_plain`` decided for the step already launched, from
+        the tokens known now (that step's input token included); its tokens score it."""
+        if self.shadow_due:
+            self.shadow_due = False
+            self._draft(running, 1, shadow=True)
 
     def propose(self, running: Iterable[Request], num_running: int) -> None:
         """Set this step's drafts on the decode-ready, speculation-capable running requests
@@ -236,8 +245,12 @@ class SpecCoordinator:
         else:
             k, shadow = self._decide(num_running)
         self.last_k = 0 if shadow else k
-        if k == 0:
-            return
+        if k:
+            self._draft(running, k, shadow)
+
+    def _draft(self, running: Iterable[Request], k: int, shadow: bool) -> None:
+        """Ask the proposer for ``k`` drafts per ready request (a rotating slice of them for a
+        shadow probe) and set them (or remember the first one, for a shadow probe)."""
         ready = [
             r
             for r in running

@@ -178,3 +178,36 @@ def test_next_is_plain_decides_the_next_step_once():
     coord.adaptive.best_k = lambda batch, acceptance=None: (0, 1.0)  # not asked again:
     coord.propose([req], 1)  # the kept decision drafts 3
     assert req.spec_token_ids == [7, 7, 7] and coord.last_k == 3 and coord._decided is None
+
+
+def test_a_shadow_probe_decided_ahead_is_drafted_after_the_tokens_arrive():
+    """next_is_plain lets a shadow-probe step launch ahead; propose_shadow drafts it later
+    from the tokens known then, and score_shadow scores it with that step's tokens."""
+    from types import SimpleNamespace
+
+    from layerzero_serve.spec_decode._coordinator import SpecCoordinator
+
+    class LastPlusOne(Proposer):
+        name = "last+1"
+
+        def propose(self, requests_tokens, k):
+            return [[t[-1] + 1] for t in requests_tokens]
+
+    params = SamplingParams(temperature=0.0, max_tokens=100)
+    req = SimpleNamespace(
+        request_id="r",
+        all_token_ids=[1, 2, 3],
+        num_computed_tokens=2,
+        sampling_params=params,
+        stop_len=100,
+        spec_token_ids=[],
+    )
+    coord = SpecCoordinator(LastPlusOne(), verifier=None, k_max=4, adaptive=True, vocab_size=100)
+    assert coord.next_is_plain(1) and coord.shadow_due  # start-up: a shadow probe, launched
+    assert not coord._shadow  # nothing drafted before the tokens are known
+    req.all_token_ids.append(9)  # the previous step's token arrives; the next step is running
+    req.num_computed_tokens = 3
+    coord.propose_shadow([req])
+    assert coord._shadow == {"r": 10} and not coord.shadow_due and req.spec_token_ids == []
+    coord.score_shadow([req], [[10]])
+    assert (coord.shadow_probes, coord.shadow_hits) == (1, 1)
