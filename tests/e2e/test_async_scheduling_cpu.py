@@ -1,0 +1,134 @@
+"""Async scheduling's engine wiring on the CPU. The launch/collect pair (CUDA graphs in
+production) is replaced by a stand-in with the same contract: a step launched ahead gets the
+previous step's tokens as its input ids and samples one token further, and runs eagerly here.
+Everything else is the real engine, scheduler, sampler and speculative coordinator: the engine
+gets exactly the tokens of the synchronous engine through EOS stops, aborts, admissions, seeded
+sampling and forks; speculation configured with nothing to draft launches ahead, and shadow
+probes decided for launched-ahead steps are drafted and scored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import layerzero_serve._async_scheduling as async_mod
+from layerzero_serve._async_scheduling import AsyncScheduling
+from layerzero_serve.engine import Engine
+from layerzero_serve.runner._async_decode import PendingDecode
+from layerzero_serve.sampling import SamplingParams
+from layerzero_serve.spec_decode import Proposer
+from layerzero_serve.spec_decode._adaptive import LinearStepCost
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _stand_in_launch(runner, out, prev=None):
+    """Run the step now (eagerly); a launched-ahead step reads ``prev``'s tokens as inputs."""
+    if prev is not None:
+        for r, toks in zip(prev.out.requests, prev.tokens, strict=True):
+            r.all_token_ids.append(toks[0] if toks else 0)  # the device copy of the ids
+    try:
+        tokens = runner.execute(out)
+    finally:
+        if prev is not None:
+            for r in prev.out.requests:
+                r.all_token_ids.pop()
+    return PendingDecode(out, tokens, None)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    monkeypatch.setattr(async_mod, "launch_decode", _stand_in_launch)
+    monkeypatch.setattr(async_mod, "collect_decode", lambda runner, pending: pending.tokens)
+
+
+def _engine(async_on: bool, **kw) -> Engine:
+    eng = Engine(model="dummy:tiny", device="cpu", seed=0, **kw)
+    if async_on:
+        eng._async = AsyncScheduling(eng.runner, eng.scheduler)
+    return eng
+
+
+def _requests(eos_ids=()):
+    rng = np.random.default_rng(4)
+    out = []
+    for i, n in enumerate((3, 9, 17, 6, 11, 2)):
+        prompt = rng.integers(3, 500, size=n).tolist()
+        if i % 3 == 0:
+            sp = SamplingParams(temperature=0.0, max_tokens=20 + i, stop_token_ids=list(eos_ids))
+        elif i % 3 == 1:
+            sp = SamplingParams(temperature=0.8, top_k=50, seed=i, max_tokens=15 + i)
+        else:
+            sp = SamplingParams(temperature=0.7, top_p=0.9, seed=i, n=2, max_tokens=18)
+        out.append((prompt, sp))
+    return out
+
+
+def _run(eng: Engine, reqs, abort_at=None, late=None):
+    ids = [eng.add_request(p, sp) for p, sp in reqs]
+    got: dict[str, list[int]] = {}
+    reasons: dict[str, str | None] = {}
+    step = 0
+    while eng.has_unfinished() or (late is not None and step <= late[0]):
+        if abort_at is not None and step == abort_at[0]:
+            eng.abort(ids[abort_at[1]])
+        if late is not None and step == late[0]:
+            ids.append(eng.add_request(*late[1:]))
+        for o in eng.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+        step += 1
+    eng.kv_manager.check_integrity()
+    assert eng.kv_manager.pool.num_free == eng.kv_manager.num_usable_blocks
+    return {n: (got[n], reasons.get(n)) for n in sorted(got)}
+
+
+def test_async_engine_gives_the_synchronous_tokens(stand_in):
+    plain = _run(_engine(False), _requests())
+    stops = sorted({toks[len(toks) // 2] for toks, _ in plain.values()})[:3]
+    late = (7, [5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=9))
+    reqs = _requests(eos_ids=stops)
+    sync = _run(_engine(False), reqs, abort_at=(5, 1), late=late)
+    eng = _engine(True)
+    assert _run(eng, reqs, abort_at=(5, 1), late=late) == sync
+    assert any(r == "stop" for _, r in sync.values())
+    assert eng._async.steps_ahead > 10 and eng.stats()["async_steps_ahead"] > 10
+
+
+class NeverDrafts(Proposer):
+    name = "never"
+
+    def propose(self, requests_tokens, k):
+        return [[] for _ in requests_tokens]
+
+
+class FixedDraft(Proposer):
+    """One draft per request, always ``token``."""
+
+    name = "fixed"
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def propose(self, requests_tokens, k):
+        return [[self.token] for _ in requests_tokens]
+
+
+@pytest.mark.parametrize("drafts", ["never", "wrong"])
+def test_speculative_engine_launches_ahead_and_shadow_probes_ride_along(stand_in, drafts):
+    reqs = [(p, sp) for p, sp in _requests() if sp.n == 1]
+    plain = _run(_engine(False), reqs)
+    emitted = {t for toks, _ in plain.values() for t in toks}
+    wrong = next(t for t in range(3, 500) if t not in emitted)  # never the emitted token
+    proposer = NeverDrafts() if drafts == "never" else FixedDraft(wrong)
+    eng = _engine(True, speculative_method=proposer)
+    # verification as costly as on a large batch, so wrong drafts keep speculation off, and a
+    # probe every 5 steps off: the probes come with launched-ahead steps
+    eng.spec.adaptive.step_cost = LinearStepCost(per_token=0.5)
+    eng.spec.adaptive.probe_interval = 5
+    assert _run(eng, reqs) == plain
+    stats = eng.spec.stats()
+    assert eng._async.steps_ahead > 10 and stats["drafts"] == 0
+    if drafts == "wrong":  # probes decided for launched-ahead steps were drafted and scored
+        assert stats["shadow_probes"] >= 3 * len(reqs) and stats["shadow_hits"] == 0
