@@ -101,7 +101,11 @@ def chain_rejection_sample(
     Args and returns: as :func:`layerzero_serve.spec_decode.rejection_sample`; ``uniforms`` and
     ``noise`` only seed ``chain``'s own random stream. CUDA-graph safe when ``chain`` is.
     """
-    from layerzero_serve.spec_decode._rejection import check_rejection_inputs, rejection_sample
+    from layerzero_serve.spec_decode._rejection import (
+        check_rejection_inputs,
+        emitted_ids,
+        rejection_sample,
+    )
 
     b, k, _ = check_rejection_inputs(
         draft_ids, draft_probs, target_probs, uniforms, noise, num_drafts, is_greedy
@@ -120,12 +124,8 @@ def chain_rejection_sample(
     if isinstance(out, tuple):  # the public API returns (ids, accepted, emitted)
         out, _, emitted = out
     a = torch.minimum(emitted.to(torch.long), n)  # drafts past the row's end never count
-    token = out.to(torch.long).gather(1, a[:, None])
-    pos = torch.arange(k, device=dev)
-    result = torch.full((b, k + 1), -1, dtype=torch.long, device=dev)
-    result[:, :k] = torch.where(pos < a[:, None], draft_ids, -1)
-    result.scatter_(1, a[:, None], token)
-    return result, a.to(torch.int32)
+    token = out.to(torch.long).gather(1, a[:, None])[:, 0]
+    return emitted_ids(draft_ids, a, token), a.to(torch.int32)
 
 
 class FlashInferRejectionSampler:

@@ -190,10 +190,18 @@ def rejection_sample(
     if is_greedy is not None:
         token = torch.where(is_greedy, p_a.argmax(dim=1), token)
 
-    out = torch.full((b, k + 1), -1, dtype=torch.int64, device=device)
+    return emitted_ids(draft_ids, a, token), num_acc
+
+
+def emitted_ids(draft_ids: torch.Tensor, a: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """The output of a verification: int64 ``[B, k+1]``, the first ``a[b]`` drafts of each row,
+    then ``token[b]``, then -1. ``draft_ids`` int64 ``[B, k]``; ``a``, ``token`` int64 ``[B]``.
+    CUDA-graph safe."""
+    b, k = draft_ids.shape
+    pos = torch.arange(k, device=draft_ids.device)
+    out = torch.full((b, k + 1), -1, dtype=torch.int64, device=draft_ids.device)
     out[:, :k] = torch.where(pos < a[:, None], draft_ids, -1)
-    out.scatter_(1, a[:, None], token[:, None])
-    return out, num_acc
+    return out.scatter_(1, a[:, None], token[:, None])
 
 
 def greedy_verify(
@@ -223,10 +231,7 @@ def greedy_verify(
     accept = (draft_ids == target_ids[:, :k]) & (pos < n[:, None])
     num_acc = accept.to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
     a = num_acc.to(torch.long)
-    out = torch.full_like(target_ids, -1)
-    out[:, :k] = torch.where(pos < a[:, None], draft_ids, -1)
-    out.scatter_(1, a[:, None], target_ids.gather(1, a[:, None]))
-    return out, num_acc
+    return emitted_ids(draft_ids, a, target_ids.gather(1, a[:, None])[:, 0]), num_acc
 
 
 class TorchRejectionSampler:

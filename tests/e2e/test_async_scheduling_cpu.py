@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from engine_driver import drive
 
 import layerzero_serve._async_scheduling as async_mod
 from layerzero_serve._async_scheduling import AsyncScheduling
@@ -64,24 +65,7 @@ def _requests(eos_ids=()):
     return out
 
 
-def _run(eng: Engine, reqs, abort_at=None, late=None):
-    ids = [eng.add_request(p, sp) for p, sp in reqs]
-    got: dict[str, list[int]] = {}
-    reasons: dict[str, str | None] = {}
-    step = 0
-    while eng.has_unfinished() or (late is not None and step <= late[0]):
-        if abort_at is not None and step == abort_at[0]:
-            eng.abort(ids[abort_at[1]])
-        if late is not None and step == late[0]:
-            ids.append(eng.add_request(*late[1:]))
-        for o in eng.step():
-            got.setdefault(o.request_id, []).extend(o.new_token_ids)
-            if o.finished:
-                reasons[o.request_id] = o.finish_reason
-        step += 1
-    eng.kv_manager.check_integrity()
-    assert eng.kv_manager.pool.num_free == eng.kv_manager.num_usable_blocks
-    return {n: (got[n], reasons.get(n)) for n in sorted(got)}
+_run = drive
 
 
 def test_async_engine_gives_the_synchronous_tokens(stand_in):

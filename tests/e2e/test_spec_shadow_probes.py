@@ -5,6 +5,8 @@ probes, and the scores are exact (hits counted against an independent plain run)
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -35,6 +37,18 @@ def _generate(eng, prompts, params):
         for o in eng.step():
             got[o.request_id].extend(o.new_token_ids)
     return [prompts[j] + got[i] for j, i in enumerate(ids)]
+
+
+def _decode_ready(request_id: str, tokens: list[int]) -> SimpleNamespace:
+    """A running request as the coordinator sees it, ready to decode its next token."""
+    return SimpleNamespace(
+        request_id=request_id,
+        all_token_ids=list(tokens),
+        num_computed_tokens=len(tokens) - 1,
+        sampling_params=SamplingParams(temperature=0.0, max_tokens=100),
+        stop_len=100,
+        spec_token_ids=[],
+    )
 
 
 class ReplayProposer(Proposer):
@@ -104,8 +118,6 @@ def test_min_evidence_makes_every_step_a_probe_until_observed():
 
 
 def test_shadow_probes_ask_a_rotating_slice_of_a_large_batch():
-    from types import SimpleNamespace
-
     from layerzero_serve.spec_decode._coordinator import SHADOW_ROWS, SpecCoordinator
 
     class Recording(Proposer):
@@ -118,18 +130,7 @@ def test_shadow_probes_ask_a_rotating_slice_of_a_large_batch():
             self.asked.append([t[0] for t in requests_tokens])
             return [[7] for _ in requests_tokens]
 
-    params = SamplingParams(temperature=0.0, max_tokens=100)
-    reqs = [
-        SimpleNamespace(
-            request_id=str(i),
-            all_token_ids=[i, 1, 2],
-            num_computed_tokens=2,
-            sampling_params=params,
-            stop_len=100,
-            spec_token_ids=[],
-        )
-        for i in range(20)
-    ]
+    reqs = [_decode_ready(str(i), [i, 1, 2]) for i in range(20)]
     prop = Recording()
     coord = SpecCoordinator(prop, verifier=None, k_max=4, adaptive=True, vocab_size=100)
     for _ in range(3):  # start-up: every step is a shadow probe while no outcome is in
@@ -148,8 +149,6 @@ def test_shadow_probes_ask_a_rotating_slice_of_a_large_batch():
 def test_next_is_plain_decides_the_next_step_once():
     """Async scheduling asks for the next step's decision early: a plain decision is consumed
     by the launched-ahead step (no propose); any other is kept for the next propose."""
-    from types import SimpleNamespace
-
     from layerzero_serve.spec_decode._coordinator import SpecCoordinator
 
     class Counting(Proposer):
@@ -160,15 +159,7 @@ def test_next_is_plain_decides_the_next_step_once():
             Counting.calls += 1
             return [[7] * k for _ in requests_tokens]
 
-    params = SamplingParams(temperature=0.0, max_tokens=100)
-    req = SimpleNamespace(
-        request_id="r",
-        all_token_ids=[1, 2, 3],
-        num_computed_tokens=2,
-        sampling_params=params,
-        stop_len=100,
-        spec_token_ids=[],
-    )
+    req = _decode_ready("r", [1, 2, 3])
     coord = SpecCoordinator(Counting(), verifier=None, k_max=4, adaptive=True, vocab_size=100)
     coord.adaptive.min_evidence = 0.0
     coord.adaptive.best_k = lambda batch, acceptance=None: (0, 1.0)  # speculation off
@@ -183,8 +174,6 @@ def test_next_is_plain_decides_the_next_step_once():
 def test_a_shadow_probe_decided_ahead_is_drafted_after_the_tokens_arrive():
     """next_is_plain lets a shadow-probe step launch ahead; propose_shadow drafts it later
     from the tokens known then, and score_shadow scores it with that step's tokens."""
-    from types import SimpleNamespace
-
     from layerzero_serve.spec_decode._coordinator import SpecCoordinator
 
     class LastPlusOne(Proposer):
@@ -193,15 +182,7 @@ def test_a_shadow_probe_decided_ahead_is_drafted_after_the_tokens_arrive():
         def propose(self, requests_tokens, k):
             return [[t[-1] + 1] for t in requests_tokens]
 
-    params = SamplingParams(temperature=0.0, max_tokens=100)
-    req = SimpleNamespace(
-        request_id="r",
-        all_token_ids=[1, 2, 3],
-        num_computed_tokens=2,
-        sampling_params=params,
-        stop_len=100,
-        spec_token_ids=[],
-    )
+    req = _decode_ready("r", [1, 2, 3])
     coord = SpecCoordinator(LastPlusOne(), verifier=None, k_max=4, adaptive=True, vocab_size=100)
     assert coord.next_is_plain(1) and coord.shadow_due  # start-up: a shadow probe, launched
     assert not coord._shadow  # nothing drafted before the tokens are known

@@ -6,6 +6,9 @@ fact launched ahead, and no KV block leaks."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,10 @@ pytestmark = pytest.mark.gpu
 
 if not torch.cuda.is_available():  # pragma: no cover - CPU CI
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+from engine_driver import drive  # noqa: E402
 
 from layerzero_serve.engine import Engine  # noqa: E402
 from layerzero_serve.sampling import SamplingParams  # noqa: E402
@@ -34,27 +41,9 @@ def _engine(async_scheduling: bool, **kw) -> Engine:
 
 
 def _run(async_scheduling: bool, requests, abort_at=None, late=None, **kw):
-    """Drive the engine; ``abort_at = (step, index)`` aborts a request, ``late = (step,
-    prompt, params)`` adds one mid-run. Returns {index: (tokens, finish reason)} and the engine."""
+    """``drive`` a fresh engine; returns its results by request name and the engine."""
     eng = _engine(async_scheduling, **kw)
-    ids = [eng.add_request(p, sp) for p, sp in requests]
-    got: dict[str, list[int]] = {}
-    reasons: dict[str, str | None] = {}
-    step = 0
-    while eng.has_unfinished() or (late is not None and step <= late[0]):
-        if abort_at is not None and step == abort_at[0]:
-            eng.abort(ids[abort_at[1]])
-        if late is not None and step == late[0]:
-            ids.append(eng.add_request(late[1], late[2]))
-        for o in eng.step():
-            got.setdefault(o.request_id, []).extend(o.new_token_ids)
-            if o.finished:
-                reasons[o.request_id] = o.finish_reason
-        step += 1
-    eng.kv_manager.check_integrity()
-    assert eng.kv_manager.pool.num_free == eng.kv_manager.num_usable_blocks  # nothing leaked
-    names = {i: [n for n in got if n == i or n.startswith(f"{i}#")] for i in ids}
-    return {k: [(got[n], reasons.get(n)) for n in sorted(names[i])] for k, i in enumerate(ids)}, eng
+    return drive(eng, requests, abort_at, late), eng
 
 
 def _requests(stop_ids=()):
@@ -75,13 +64,15 @@ def _requests(stop_ids=()):
 def test_async_scheduling_gives_the_synchronous_tokens():
     plain, _ = _run(False, _requests())
     # stop ids taken from the middle of greedy outputs: requests stop inside pipelined runs
-    stops = {toks[len(toks) // 2] for k, rows in plain.items() if k % 3 == 0 for toks, _ in rows}
+    # (request i is greedy when i % 3 == 0; forks are named "i#j")
+    greedy = [toks for name, (toks, _) in plain.items() if "#" not in name and int(name) % 3 == 0]
+    stops = {toks[len(toks) // 2] for toks in greedy}
     reqs = _requests(stop_ids=sorted(stops))
     late = (12, [5, 6, 7, 8, 9], SamplingParams(temperature=0.0, max_tokens=16))
     sync, _ = _run(False, reqs, abort_at=(9, 4), late=late)
     overlapped, eng = _run(True, reqs, abort_at=(9, 4), late=late)
     assert overlapped == sync
-    assert any(r == "stop" for rows in sync.values() for _, r in rows)  # stops were exercised
+    assert any(r == "stop" for _, r in sync.values())  # stops were exercised
     assert eng._async.steps_ahead > 10
 
 
