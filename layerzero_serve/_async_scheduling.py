@@ -21,7 +21,7 @@ from __future__ import annotations
 from layerzero_serve.runner._async_decode import PendingDecode, collect_decode, launch_decode
 from layerzero_serve.sampling._prompt_logprobs import StepTokens
 from layerzero_serve.spec_decode.verifier import can_speculate
-from layerzero_serve.types import Request, SchedulerOutput
+from layerzero_serve.types import Request, RequestStatus, SchedulerOutput
 
 __all__ = ["AsyncScheduling"]
 
@@ -60,6 +60,8 @@ class AsyncScheduling:
         if nxt is None:
             return
         if spec is not None and not spec.next_is_plain(len(nxt.requests)):
+            # not launched: a copy-on-write it scheduled goes to the next schedule instead
+            self.scheduler.kv.pending_copies[:0] = nxt.blocks_to_copy
             return
         ahead = launch_decode(self.runner, nxt, prev=pending)
         if ahead is not None:
@@ -68,3 +70,16 @@ class AsyncScheduling:
 
     def collect(self, pending: PendingDecode) -> StepTokens:
         return collect_decode(self.runner, pending)
+
+    def take_stale(self) -> bool:
+        """Drop a launched-ahead step none of whose requests still runs (they all ended with
+        the previous step, and the engine went idle): its results are meaningless. True when
+        one was dropped."""
+        if self.ahead is None:
+            return False
+        out, pending = self.ahead
+        if any(r.status is RequestStatus.RUNNING for r in out.requests):
+            return False
+        self.ahead = None
+        collect_decode(self.runner, pending)  # wait for its copies before its buffers go
+        return True

@@ -26,7 +26,13 @@ from layerzero_serve.scheduler import Scheduler, SchedulerConfig
 from layerzero_serve.selection._device import probe_device
 from layerzero_serve.selection.plans import ModelShape, base_context, batch_buckets
 from layerzero_serve.spec_decode._coordinator import SpecCoordinator
-from layerzero_serve.types import Request, RequestOutput, SchedulerOutput, TokenLogprob
+from layerzero_serve.types import (
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SchedulerOutput,
+    TokenLogprob,
+)
 
 logger = logging.getLogger("layerzero_serve")
 # Verification graphs hold logits for every token of a bucket (batch x (k + 1) x vocab): capture
@@ -145,7 +151,6 @@ class Engine:
             if cfg.async_scheduling and use_graphs
             else None
         )
-        self._t_step_end = 0.0  # end of the previous step (a launched-ahead step's duration)
         # Start-up objects (weights' Python wrappers, the block pool) never die: keep the
         # cyclic collector off them so its passes stay short on the hot path.
         gc.collect()
@@ -259,9 +264,9 @@ class Engine:
                 req.seed = (params.seed + k * 0x9E3779B97F4A7C15) % (1 << 63)
             if params.prompt_logprobs is not None:
                 self._prompt_lp[name] = [None] * len(ids)
+            self.scheduler.add_request(req)
             if self._async is not None:
                 self._async.add(req)
-            self.scheduler.add_request(req)
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -280,7 +285,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the outputs of every request that got tokens or ended."""
         if self._async is not None and self._async.ahead is not None:
-            return self._step_ahead()
+            if not self._async.take_stale():
+                return self._step_ahead()
+            if self.spec is not None:
+                self.spec.score_shadow([], [])  # its shadow drafts go with it
         tm = self.runner.timings
         t0 = time.perf_counter()
         spec = self.spec
@@ -320,20 +328,22 @@ class Engine:
         self.runner.timings.schedule += t1 - t0
         t2 = time.perf_counter()
         self._fail_rows(out, tokens)
-        if self.spec is not None:  # a plain step: its time per step is the pipeline's
-            self._record_speculation(out, tokens, t2 - self._t_step_end)
+        if self.spec is not None:  # shadow probes only: a launched-ahead step has no own time
+            self._record_speculation(out, tokens, None)
         return self._apply(out, tokens, t2)
 
     def _fail_rows(self, out: SchedulerOutput, tokens: StepTokens) -> None:
         for row, detail in tokens.failed.items():  # only that request fails; others go on
-            self.scheduler.fail(out.requests[row].request_id, detail)
+            req = out.requests[row]
+            # (a launched-ahead row of a request that has ended meanwhile: its id may be reused)
+            if req.status is RequestStatus.RUNNING:
+                self.scheduler.fail(req.request_id, detail)
 
     def _apply(self, out: SchedulerOutput, tokens: StepTokens, t2: float) -> list[RequestOutput]:
         """Apply a step's tokens to its requests: failures, update, per-request bookkeeping."""
         tm = self.runner.timings
         outputs = list(self.scheduler.update(out, tokens))
-        self._t_step_end = time.perf_counter()
-        tm.update += self._t_step_end - t2
+        tm.update += time.perf_counter() - t2
         tm.steps += 1
         if tokens.logprobs or tokens.prompt_logprobs or self._prompt_lp:
             self._attach_logprobs(out, tokens, outputs)
@@ -351,13 +361,14 @@ class Engine:
             spec.propose_shadow(self.scheduler.running.items)
         return outputs
 
-    def _record_speculation(self, out, tokens: StepTokens, seconds: float) -> None:
+    def _record_speculation(self, out, tokens: StepTokens, seconds: float | None) -> None:
         """Drafts and accepted drafts of this step's verification rows (before ``update``
-        clears the drafts), and the step's time when it was a pure decode step."""
+        clears the drafts), and the step's time (``seconds``; None: unknown) when it was a pure
+        decode step."""
         spec = self.spec
         spec.score_shadow(out.requests, tokens)
         if not spec.last_k:  # no drafts this step: only its time, when it was pure decode
-            if out.num_batched_tokens == len(out.requests):
+            if seconds is not None and out.num_batched_tokens == len(out.requests):
                 spec.observe_step(len(out.requests), seconds, False)
             return
         total = sum(len(r.spec_token_ids) for r in out.requests)

@@ -105,7 +105,7 @@ class DecodeGraphRunner:
         ``positions`` and ``slots`` hold ``n * q_len`` entries (row-major)."""
         bq, q, m = self._tok, self.q_len, self.width
         if self._copied is not None:
-            self._copied.synchronize()  # normally long done
+            self._copied.synchronize()  # the previous step's copies (queued before its graph)
         h = self._host_np
         nt, bt = n * q, batch * q
         h[0:nt], h[bq : bq + nt], h[2 * bq : 2 * bq + nt] = ids, positions, slots
@@ -123,8 +123,6 @@ class DecodeGraphRunner:
         # batch 1 a few KB instead of the whole max-bucket table, which the graph waits for.
         end = self._table_at + batch * m
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
 
     def _meta(self, batch: int, seq_lens_cpu: list[int], max_seq_len: int) -> AttentionMetadata:
         q = self.q_len
@@ -232,5 +230,7 @@ class DecodeGraphRunner:
         if cap.replan:  # host-side plan (FlashInfer) for this step's lengths
             lens = seq_lens.tolist() + [self.q_len] * (batch - n)
             cap.dispatch.begin_step(self._meta(batch, lens, int(max(lens))))
+        if self._copied is not None:  # after the plan's own staged copies, too
+            self._copied.record()
         cap.graph.replay()
         return cap.logits[: n * self.q_len]

@@ -138,7 +138,9 @@ class PackedStaging:
 
     def begin(self, tail_len: int) -> None:
         """Make the host buffer writable for a step with ``tail_len`` int64 tail entries: wait
-        for the previous step's copy out of it (normally long done), grow the tail if needed."""
+        for the previous step's copy out of it, grow the tail if needed. (With async
+        scheduling that copy is queued behind the previous step's forward, so this waits for
+        it; the GPU stays busy, since the next forward is already queued.)"""
         if self._event is not None:
             self._event.synchronize()
         if tail_len > len(self.h_tail):

@@ -19,6 +19,7 @@ from layerzero_serve.runner._async_decode import PendingDecode
 from layerzero_serve.sampling import SamplingParams
 from layerzero_serve.spec_decode import Proposer
 from layerzero_serve.spec_decode._adaptive import LinearStepCost
+from layerzero_serve.types import RequestStatus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,3 +117,56 @@ def test_speculative_engine_launches_ahead_and_shadow_probes_ride_along(stand_in
     assert eng._async.steps_ahead > 10 and stats["drafts"] == 0
     if drafts == "wrong":  # probes decided for launched-ahead steps were drafted and scored
         assert stats["shadow_probes"] >= 3 * len(reqs) and stats["shadow_hits"] == 0
+
+
+def _stale_ahead_engine(**kw):
+    """An engine whose last request stopped on a stop id while the next step was already
+    launched: it goes idle with that (stale) step still in flight."""
+    prompt = [7, 8, 9, 10]
+    plain = _run(_engine(False), [(prompt, SamplingParams(temperature=0.0, max_tokens=30))])
+    ((toks, _),) = plain.values()
+    at = next(p for p in range(8, len(toks)) if toks[p] not in toks[:p])  # a first occurrence
+    stop = SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[toks[at]])
+    eng = _engine(True, **kw)
+    if eng.spec is not None:  # costly verification: drafts stay off, steps launch ahead
+        eng.spec.adaptive.step_cost = LinearStepCost(per_token=0.5)
+    rid = eng.add_request(prompt, stop, request_id="a")
+    while eng.has_unfinished():
+        eng.step()
+    assert eng._async.ahead is not None  # launched before the stop was seen
+    return eng, rid
+
+
+def test_a_stale_step_is_dropped_when_the_engine_resumes(stand_in):
+    eng, _ = _stale_ahead_engine(speculative_method=FixedDraft(3))
+    plain_times = dict(eng.spec.costs.plain)
+    new = eng.add_request([11, 12, 13], SamplingParams(temperature=0.0, max_tokens=5))
+    outs = eng.step()  # the new request's prefill, not the stale step's (empty) results
+    assert [o.request_id for o in outs] == [new] and outs[0].new_token_ids
+    assert eng.spec.costs.plain == plain_times  # the idle time was not taken for a step time
+    while eng.has_unfinished():
+        eng.step()
+
+
+def test_a_stale_failed_row_does_not_fail_a_new_request_with_its_id(monkeypatch):
+    def collect_with_garbage(runner, pending):  # the stale row's garbage input gives NaN
+        tokens = pending.tokens
+        for row, r in enumerate(pending.out.requests):
+            if r.status is not RequestStatus.RUNNING:
+                tokens[row].clear()
+                tokens.failed[row] = "logits contain NaN"
+        return tokens
+
+    monkeypatch.setattr(async_mod, "launch_decode", _stand_in_launch)
+    monkeypatch.setattr(async_mod, "collect_decode", collect_with_garbage)
+    eng, rid = _stale_ahead_engine()
+    eng._async.take_stale = lambda: False  # reach the stale step's results the hard way
+    again = eng.add_request(
+        [11, 12, 13], SamplingParams(temperature=0.0, max_tokens=5), request_id=rid
+    )
+    got, reason = [], None
+    while eng.has_unfinished():
+        for o in eng.step():
+            got += o.new_token_ids
+            reason = o.finish_reason or reason
+    assert again == rid and len(got) == 5 and reason == "length"

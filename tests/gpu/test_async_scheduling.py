@@ -1,8 +1,8 @@
 """Async scheduling (GPU only): with the next decode step launched before the host reads this
 one's tokens, every request gets exactly the tokens and finish reasons it gets without async
 scheduling, through stops inside the pipelined steady state, length limits, seeded sampling,
-n > 1 forks (copy-on-write of a shared block), an abort and an admission mid-run; steps were in
-fact launched ahead, and no KV block leaks."""
+n > 1 samples (sharing their prompt's blocks), an abort and an admission mid-run; steps were in
+fact launched ahead, and no KV block leaks (``engine_driver.drive`` checks)."""
 
 from __future__ import annotations
 
