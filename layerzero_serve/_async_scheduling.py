@@ -47,10 +47,7 @@ class AsyncScheduling:
         """Launch a schedule whose rows all decode one token, or None (run it synchronously)."""
         if self._stateful or prompt_logprobs_pending or not out.requests:
             return None
-        for r, s, n in zip(out.requests, out.starts, out.num_scheduled, strict=True):
-            if n != 1 or s + 1 != len(r.all_token_ids):
-                return None
-        return launch_decode(self.runner, out)
+        return launch_decode(self.runner, out) if out.is_pure_decode() else None
 
     def launch_next(self, pending: PendingDecode, spec=None) -> None:
         """Put the step after ``pending`` on the device when it is the plain continuation

@@ -64,6 +64,29 @@ def _kv_pool(cfg, loaded: LoadedModel, spec: KVCacheSpec, shape, graph_bucket: i
     return kv_cache
 
 
+def _scheduler_config(cfg: EngineConfig, max_model_len: int, speculating: bool):
+    return SchedulerConfig(
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_model_len=max_model_len,
+        enable_chunked_prefill=cfg.enable_chunked_prefill,
+        max_prefill_chunk=cfg.max_prefill_chunk,
+        policy=cfg.policy,
+        # drafts need KV slots past the last token: reserve them with every allocation
+        num_lookahead_tokens=cfg.num_speculative_tokens if speculating else 0,
+    )
+
+
+def _freeze_startup_objects() -> None:
+    """Start-up objects (weights' Python wrappers, the block pool) never die: keep the cyclic
+    collector off them so its passes stay short on the hot path."""
+    gc.collect()
+    gc.freeze()
+    if not _UNFREEZE_AT_EXIT:  # let interpreter shutdown free them normally (once)
+        atexit.register(gc.unfreeze)
+        _UNFREEZE_AT_EXIT.append(True)
+
+
 class Engine:
     """A complete serving loop over one model.
 
@@ -104,17 +127,7 @@ class Engine:
             kv_cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.prefix_hash
         )
         speculating = cfg.speculative_method is not None
-        sched_cfg = SchedulerConfig(
-            max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_model_len=loaded.resolved.max_model_len,
-            enable_chunked_prefill=cfg.enable_chunked_prefill,
-            max_prefill_chunk=cfg.max_prefill_chunk,
-            policy=cfg.policy,
-            # drafts need KV slots past the last token: reserve them with every allocation
-            num_lookahead_tokens=cfg.num_speculative_tokens if speculating else 0,
-        )
-        self.scheduler = Scheduler(sched_cfg, self.kv_manager)
+        self.scheduler = Scheduler(_scheduler_config(cfg, max_len, speculating), self.kv_manager)
         self.runner = ModelRunner(
             loaded.model,
             shape,
@@ -130,13 +143,7 @@ class Engine:
             if speculating
             else None
         )
-        graph_len = min(max_len, self.scheduler.max_seq_len)
-        self.runner.set_decode_buckets(buckets, graph_len)  # graphs on or off: same splits
-        if use_graphs:
-            self.runner.enable_graphs(buckets, graph_len)
-            if self.spec is not None:  # verification graphs: k + 1 tokens per row
-                q = cfg.num_speculative_tokens + 1
-                self.runner.enable_verify_graphs(small, graph_len, q)
+        self._setup_graphs(buckets, small, min(max_len, self.scheduler.max_seq_len), use_graphs)
         eos_ids = list(mc.eos_token_ids)
         self.eos_token_id: int | None = eos_ids[0] if eos_ids else None
         self._extra_stop_ids = frozenset(eos_ids[1:])
@@ -145,19 +152,24 @@ class Engine:
         # prompt logprobs collected over prefill chunks, until the first output token
         self._prompt_lp: dict[str, list[TokenLogprob | None]] = {}
         self.num_generated_tokens = 0
-        # async scheduling: decode steps through the graphs without drafts
-        self._async = (
-            AsyncScheduling(self.runner, self.scheduler)
-            if cfg.async_scheduling and use_graphs
-            else None
-        )
-        # Start-up objects (weights' Python wrappers, the block pool) never die: keep the
-        # cyclic collector off them so its passes stay short on the hot path.
-        gc.collect()
-        gc.freeze()
-        if not _UNFREEZE_AT_EXIT:  # let interpreter shutdown free them normally (once)
-            atexit.register(gc.unfreeze)
-            _UNFREEZE_AT_EXIT.append(True)
+        _freeze_startup_objects()
+
+    def _setup_graphs(
+        self, buckets: list[int], small: list[int], graph_len: int, use_graphs: bool
+    ) -> None:
+        """Decode buckets (graphs on or off: the same split-KV rule), then on CUDA the decode
+        graphs, the verification graphs (k + 1 tokens per row, ``small`` buckets) and async
+        scheduling (decode steps through the graphs without drafts)."""
+        self.runner.set_decode_buckets(buckets, graph_len)
+        self._async = None
+        if not use_graphs:
+            return
+        cfg = self.config
+        self.runner.enable_graphs(buckets, graph_len)
+        if self.spec is not None:
+            self.runner.enable_verify_graphs(small, graph_len, cfg.num_speculative_tokens + 1)
+        if cfg.async_scheduling:
+            self._async = AsyncScheduling(self.runner, self.scheduler)
 
     def _speculation(
         self, cfg, loaded: LoadedModel, shape, kv_cache, graph_buckets
@@ -288,7 +300,7 @@ class Engine:
             if not self._async.take_stale():
                 return self._step_ahead()
             if self.spec is not None:
-                self.spec.score_shadow([], [])  # its shadow drafts go with it
+                self.spec.drop_shadow()  # its shadow drafts go with it
         tm = self.runner.timings
         t0 = time.perf_counter()
         spec = self.spec

@@ -149,6 +149,13 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.requests
 
+    def is_pure_decode(self) -> bool:
+        """Every row computes one token and samples (the steps the decode graphs run)."""
+        return all(
+            n == 1 and s + 1 == len(r.all_token_ids)
+            for r, s, n in zip(self.requests, self.starts, self.num_scheduled, strict=True)
+        )
+
     def samples(self, i: int) -> bool:
         """Whether row i reaches the end of its request's known tokens (so it samples)."""
         return self.starts[i] + self.num_scheduled[i] >= len(self.requests[i].all_token_ids)

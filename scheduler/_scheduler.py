@@ -214,12 +214,15 @@ class Scheduler:
         kv = self.kv
         tables = []
         for req, start, n in zip(prev.requests, prev.starts, prev.num_scheduled, strict=True):
-            # after prev's token the request holds start + 2 tokens
-            if req.status is not _RUNNING or n != 1 or start + 2 >= req.stop_len:
-                return None
-            if start + 1 != len(req.all_token_ids):  # prev's row does not sample
-                return None
-            if req.spec_token_ids:
+            # a running decode row (it samples: start + 1 tokens known) that does not end by
+            # length with prev's token (start + 2 tokens then), without drafts
+            if (
+                req.status is not _RUNNING
+                or n != 1
+                or start + 1 != len(req.all_token_ids)
+                or start + 2 >= req.stop_len
+                or req.spec_token_ids
+            ):
                 return None
             if start + 2 <= req.kv_capacity:
                 ids = req.kv_block_ids

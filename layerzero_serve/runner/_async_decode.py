@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from layerzero_serve.runner._sampler_graphs import first_rows
@@ -46,18 +45,7 @@ def launch_decode(runner, out: SchedulerOutput, prev: PendingDecode | None = Non
         return None
     t0 = time.perf_counter()
     runner.kv_cache.copy_blocks(out.blocks_to_copy)
-    bs = runner.kv_cache.spec.block_size
-    starts = np.asarray(out.starts, dtype=np.int64)
-    table = runner._tables.build(out.block_ids, out.table_edits, copy=False)
-    if prev is None:
-        ids = np.fromiter(
-            (r.all_token_ids[s] for r, s in zip(out.requests, out.starts, strict=True)),
-            dtype=np.int64,
-            count=n,
-        )
-    else:
-        ids = np.zeros(n, dtype=np.int64)  # placeholders: the device copy below replaces them
-    slots = table[np.arange(n), starts // bs].astype(np.int64) * bs + starts % bs
+    ids, starts, slots, table = runner.decode_inputs(out, ids_known=prev is None)
     device_ids = None if prev is None else prev.tokens
     g.run(ids, starts, slots, starts + 1, table, device_ids=device_ids)
     sample = sampler_graphs.launch(out.requests, g.bucket_for(n), ahead=int(prev is not None))

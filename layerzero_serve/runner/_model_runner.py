@@ -183,22 +183,31 @@ class ModelRunner:
         """Logits of a pure decode step through the captured graphs, or None to run eagerly."""
         g = self.graphs
         n = len(out.requests)
-        if g is None or n > g.max_batch or any(c != 1 for c in out.num_scheduled):
+        # (a 1-token prefill chunk short of the prompt's end is not a decode row: no sampling)
+        if g is None or n > g.max_batch or not out.is_pure_decode():
             return None
-        if any(
-            s + 1 != len(r.all_token_ids) for r, s in zip(out.requests, out.starts, strict=True)
-        ):
-            return None  # a 1-token prefill chunk short of the prompt's end: no sampling
+        ids, starts, slots, table = self.decode_inputs(out)
+        return g.run(ids, starts, slots, starts + 1, table)
+
+    def decode_inputs(self, out: SchedulerOutput, ids_known: bool = True) -> tuple:
+        """Host inputs of a pure decode step (one token per row) for the decode graphs:
+        ``(ids, starts, slots, table)``, int64 ``[n]`` x3 and the cached block table (a view,
+        staged by ``DecodeGraphRunner.run``). ``ids_known=False``: the ids are placeholders
+        (zeros), for a step whose input ids are copied on the device."""
+        n = len(out.requests)
         bs = self.kv_cache.spec.block_size
         starts = np.asarray(out.starts, dtype=np.int64)
-        table = self._tables.build(out.block_ids, out.table_edits, copy=False)  # staged by run()
-        ids = np.fromiter(
-            (r.all_token_ids[s] for r, s in zip(out.requests, out.starts, strict=True)),
-            dtype=np.int64,
-            count=n,
-        )
+        table = self._tables.build(out.block_ids, out.table_edits, copy=False)
+        if ids_known:
+            ids = np.fromiter(
+                (r.all_token_ids[s] for r, s in zip(out.requests, out.starts, strict=True)),
+                dtype=np.int64,
+                count=n,
+            )
+        else:
+            ids = np.zeros(n, dtype=np.int64)
         slots = table[np.arange(n), starts // bs].astype(np.int64) * bs + starts % bs
-        return g.run(ids, starts, slots, starts + 1, table)
+        return ids, starts, slots, table
 
     def _select_kernels(self) -> AttentionDispatch:
         p = self.plans

@@ -290,6 +290,10 @@ class SpecCoordinator:
                 self._idle_pause = self._idle_next
                 self._idle_next = min(2 * self._idle_next, MAX_IDLE_PAUSE)
 
+    def drop_shadow(self) -> None:
+        """Forget shadow drafts whose step will not be scored (it was dropped)."""
+        self._shadow.clear()
+
     def score_shadow(self, requests: list[Request], tokens) -> None:
         """Score this step's shadow drafts against the tokens the step emitted (``tokens[row]``
         for ``requests[row]``) and feed the adaptive ``k``; a no-op without shadow drafts."""

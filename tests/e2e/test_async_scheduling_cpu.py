@@ -170,3 +170,18 @@ def test_a_stale_failed_row_does_not_fail_a_new_request_with_its_id(monkeypatch)
             got += o.new_token_ids
             reason = o.finish_reason or reason
     assert again == rid and len(got) == 5 and reason == "length"
+
+
+def test_decode_inputs_of_a_pure_decode_step():
+    """The host inputs the decode graphs read (shared by the synchronous and async paths)."""
+    eng = _engine(False, block_size=4)
+    for p, sp in _requests()[:3]:
+        eng.add_request(p, sp)
+    eng.step()  # prefills
+    out = eng.scheduler.schedule()
+    assert out.is_pure_decode()
+    ids, starts, slots, table = eng.runner.decode_inputs(out)
+    for i, (r, s, blocks) in enumerate(zip(out.requests, out.starts, out.block_ids, strict=True)):
+        assert ids[i] == r.all_token_ids[s] and starts[i] == s
+        assert slots[i] == blocks[s // 4] * 4 + s % 4 and list(table[i, : len(blocks)]) == blocks
+    assert not eng.runner.decode_inputs(out, ids_known=False)[0].any()
