@@ -145,7 +145,11 @@ class Scheduler:
         cfg, kv = self.config, self.kv
         max_tokens = cfg.max_num_batched_tokens
         chunk_cap = cfg.max_prefill_chunk or max_tokens
-        la = cfg.num_lookahead_tokens if lookahead is None else lookahead
+        la = cfg.num_lookahead_tokens
+        if lookahead is not None:
+            if type(lookahead) is not int or not 0 <= lookahead <= la:
+                raise ValidationError("lookahead", lookahead, f"None or an int in [0, {la}]")
+            la = lookahead
         out = SchedulerOutput(self._step_id, [], [], [], [], 0, [], [])
         reqs, starts, counts, tables = out.requests, out.starts, out.num_scheduled, out.block_ids
         used = 0

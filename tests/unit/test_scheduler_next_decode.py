@@ -105,3 +105,15 @@ def test_declines_when_the_next_step_is_not_the_plain_continuation():
         assert len(table) == s // BS + 1 and r.kv_capacity >= s + 1
     sched.abort("c")
     assert sched.schedule_next_decode(out) is None  # c left the running state
+
+
+def test_schedule_lookahead_is_validated():
+    import pytest
+
+    from layerzero_serve.errors import ValidationError
+
+    sched, _, _ = _make(num_lookahead_tokens=4)
+    for bad in (-1, 5, 1.5, "2"):
+        with pytest.raises(ValidationError, match="lookahead"):
+            sched.schedule(bad)
+    sched.schedule(0)
