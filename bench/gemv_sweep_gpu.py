@@ -24,15 +24,19 @@ from common import environment  # noqa: E402
 from layerzero_serve.kernels._triton.gemv import ADD_NORM, PLAIN, SWIGLU, triton_gemv
 from layerzero_serve.kernels._triton.norm import triton_add_rmsnorm
 
-CONFIGS = [
-    (8, 256, 4, 3),
+CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (16, 128, 4, 4),
+    (16, 128, 4, 6),
     (16, 256, 4, 3),
     (16, 256, 4, 4),
-    (32, 256, 8, 3),
-    (16, 512, 8, 3),
     (32, 128, 4, 4),
-    (8, 512, 4, 3),
-    (64, 128, 8, 3),
+    (32, 128, 4, 6),
+    (32, 256, 4, 3),
+    (32, 256, 8, 4),
+    (64, 128, 4, 4),
+    (64, 64, 4, 6),
+    (16, 512, 4, 3),
+    (32, 64, 4, 8),
 ]
 # (name, N, K, prologue) of one Llama-3-8B layer
 SHAPES = [

@@ -21,6 +21,8 @@ synchronisation, no allocation besides the outputs.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -56,7 +58,13 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
+    # The dot products run on the tensor cores as a [16, BLOCK_K] x [BLOCK_K, BLOCK_N] tile
+    # product whose row 0 holds the token (the other rows are zeros): tl.dot's operands are
+    # what Triton's software pipeliner streams through shared memory (num_stages deep), which
+    # a plain load + reduce is not, and a GEMV lives or dies by the weight bytes in flight.
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -64,26 +72,23 @@ def _gemv_kernel(
     dt = out_ptr.dtype.element_ty
     inv = 0.0
     if PROLOGUE == 1 or PROLOGUE == 2:
-        # Every program needs the whole row's RMS: recompute it (K values from L2) rather than
-        # pay a separate launch for it.
-        sq = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            hf = _residual_chunk(x_ptr, r_ptr, kk, kk < K, PROLOGUE, dt).to(tl.float32)
-            sq += hf * hf
-        inv = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    w_rows = w_ptr + rn.to(tl.int64)[:, None] * K
+        # Every program needs the whole row's RMS: recompute it (K values, one L2 round trip)
+        # rather than pay a separate launch for it.
+        ka = tl.arange(0, K_POW2)
+        hf = _residual_chunk(x_ptr, r_ptr, ka, ka < K, PROLOGUE, dt).to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / K + eps)
+    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    w_cols = w_ptr + rn.to(tl.int64)[None, :] * K
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         km = kk < K
         if PROLOGUE == 0:
-            xf = tl.load(x_ptr + kk, mask=km, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + kk, mask=km, other=0.0)
         elif PROLOGUE == 3:
             g = tl.load(x_ptr + kk, mask=km, other=0.0).to(tl.float32)
             u = tl.load(x_ptr + K + kk, mask=km, other=0.0).to(tl.float32)
             s = _round_to(g / (1.0 + tl.exp(-g)), dt).to(tl.float32)
-            xf = _round_to(s * u, dt).to(tl.float32)
+            xv = _round_to(s * u, dt)
         else:
             h = _residual_chunk(x_ptr, r_ptr, kk, km, PROLOGUE, dt)
             if PROLOGUE == 2:
@@ -91,10 +96,14 @@ def _gemv_kernel(
                 tl.store(r_out_ptr + kk, h, mask=kk < tl.where(pid == 0, K, 0))
             y = _round_to(h.to(tl.float32) * inv, dt).to(tl.float32)
             nw = tl.load(nw_ptr + kk, mask=km, other=0.0).to(tl.float32)
-            xf = _round_to(nw * y, dt).to(tl.float32)
-        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & km[None, :], other=0.0)
-        acc += w.to(tl.float32) * xf[None, :]
-    out = tl.sum(acc, 1)
+            xv = _round_to(nw * y, dt)
+        xb = tl.where(tl.arange(0, 16)[:, None] == 0, xv[None, :], tl.zeros([16, BLOCK_K], dt))
+        w = tl.load(w_cols + kk[:, None], mask=km[:, None] & n_mask[None, :], other=0.0)
+        if IEEE:  # float32 weights, or the CPU interpreter (whose 16-bit dot is not exact)
+            acc += tl.dot(xb.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xb, w)
+    out = tl.sum(acc, 0)  # row 0 holds the token, the other rows are exact zeros
     if HAS_BIAS:
         out += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rn, _round_to(out, dt), mask=n_mask)
@@ -103,8 +112,7 @@ def _gemv_kernel(
 def default_config(n: int, k: int) -> tuple[int, int, int, int]:
     """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for an ``[n, k]`` weight: enough programs
     to keep every SM streaming, 512-byte row segments per load."""
-    block_n = 16 if n >= 2048 else 8
-    return block_n, 256, 4, 4
+    return 16, 256, 4, 4
 
 
 def triton_gemv(
@@ -154,6 +162,8 @@ def triton_gemv(
         HAS_BIAS=bias is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        K_POW2=triton.next_power_of_2(k),
+        IEEE=weight.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=warps,
         num_stages=stages,
     )
