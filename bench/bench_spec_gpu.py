@@ -209,7 +209,7 @@ def bench_ngram(eng, spec, vocab, rng, tok, res, out) -> None:
         )
 
 
-def bench_adaptive(eng, spec, vocab, rng, tok, res, out, repeats: int = 3) -> None:
+def bench_adaptive(eng, spec, vocab, rng, tok, res, out, repeats: int = 5) -> None:
     """(c) Adaptive k with n-gram drafts on random prompts (little to accept), batch 1..64:
     plain and adaptive runs alternate ``repeats`` times; medians of throughput."""
     _use_ngram(spec)
