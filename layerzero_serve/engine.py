@@ -306,7 +306,8 @@ class Engine:
         spec = self.spec
         t_draft = 0.0
         if spec is not None:  # drafting is part of a speculative step's cost
-            spec.propose(self.scheduler.running.items, len(self.scheduler.running))
+            running = self.scheduler.running.items
+            spec.propose(running, len(self.scheduler.running), defer_shadow=self._async is not None)
             t_draft = time.perf_counter() - t0
         # speculation off this step (adaptive k = 0): no lookahead slots to reserve
         out = (
@@ -316,6 +317,8 @@ class Engine:
         pending = None
         if self._async is not None and (spec is None or not spec.last_k):
             pending = self._async.launch(out, bool(self._prompt_lp))
+        if spec is not None and spec.shadow_due:  # deferred: drafted while the step runs
+            spec.propose_shadow(self.scheduler.running.items)
         if pending is not None:
             self._async.launch_next(pending, spec)  # step N+1 on the device before N's tokens
             tokens = self._async.collect(pending)

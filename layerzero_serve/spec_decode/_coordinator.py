@@ -237,15 +237,22 @@ class SpecCoordinator:
             self.shadow_due = False
             self._draft(running, 1, shadow=True)
 
-    def propose(self, running: Iterable[Request], num_running: int) -> None:
+    def propose(
+        self, running: Iterable[Request], num_running: int, defer_shadow: bool = False
+    ) -> None:
         """Set this step's drafts on the decode-ready, speculation-capable running requests
-        (or, on a shadow probe, only remember each one's first draft)."""
+        (or, on a shadow probe, only remember each one's first draft). ``defer_shadow``: a
+        shadow probe is not drafted now but left to :meth:`propose_shadow` (``shadow_due``),
+        which the engine calls once the step is on the device: its drafts are not inputs of
+        the step, so the proposer's host time overlaps the step instead of delaying it."""
         if self._decided is not None:  # decided early by next_is_plain
             (k, shadow), self._decided = self._decided, None
         else:
             k, shadow = self._decide(num_running)
         self.last_k = 0 if shadow else k
-        if k:
+        if shadow and defer_shadow:
+            self.shadow_due = k > 0
+        elif k:
             self._draft(running, k, shadow)
 
     def _draft(self, running: Iterable[Request], k: int, shadow: bool) -> None:

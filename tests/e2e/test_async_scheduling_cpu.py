@@ -8,6 +8,8 @@ probes decided for launched-ahead steps are drafted and scored."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from engine_driver import drive
@@ -117,6 +119,35 @@ def test_speculative_engine_launches_ahead_and_shadow_probes_ride_along(stand_in
     assert eng._async.steps_ahead > 10 and stats["drafts"] == 0
     if drafts == "wrong":  # probes decided for launched-ahead steps were drafted and scored
         assert stats["shadow_probes"] >= 3 * len(reqs) and stats["shadow_hits"] == 0
+
+
+def test_a_synchronous_steps_shadow_probe_is_drafted_after_its_launch(monkeypatch):
+    """A shadow probe's drafts are no input of its step: the proposer runs once the step is on
+    the device (its host time overlaps the step), never before the launch."""
+    events = []
+
+    def launch(runner, out, prev=None):
+        events.append("launch")
+        return _stand_in_launch(runner, out, prev)
+
+    class Recording(FixedDraft):
+        def propose(self, requests_tokens, k):
+            events.append("propose")
+            return super().propose(requests_tokens, k)
+
+    monkeypatch.setattr(async_mod, "launch_decode", launch)
+    monkeypatch.setattr(async_mod, "collect_decode", lambda runner, pending: pending.tokens)
+    reqs = [(p, sp) for p, sp in _requests() if sp.n == 1]
+    plain = _run(_engine(False), reqs)
+    emitted = {t for toks, _ in plain.values() for t in toks}
+    eng = _engine(
+        True, speculative_method=Recording(next(t for t in range(3, 500) if t not in emitted))
+    )
+    eng.spec.adaptive.step_cost = LinearStepCost(per_token=0.5)  # wrong drafts: stay off
+    assert _run(eng, reqs) == plain
+    assert eng.spec.stats()["shadow_probes"] > 0 and "propose" in events
+    assert events[0] == "launch"  # the first decode step's probe came after its launch
+    assert ("propose", "propose") not in set(pairwise(events))  # one probe per launched step
 
 
 def _stale_ahead_engine(**kw):
