@@ -93,3 +93,46 @@ def test_bad_inputs_raise():
         )
     with pytest.raises(ValueError, match="prologue"):
         triton_gemv(torch.randn(1, 32, device=DEV), w, prologue=7)
+
+
+def test_model_decode_path_with_the_fused_gate_up_is_the_same_function():
+    """dummy:tiny with the fused add + norm + gate/up GEMV at batch 1 (every weight admitted):
+    the logits equal the unfused fast path's within fp32 rounding, one fused call per layer;
+    a multi-token forward keeps the unfused path."""
+    from layerzero_serve._models import build_dummy_model
+    from layerzero_serve.kernels import torch_ref
+    from layerzero_serve.kernels._triton.gemv import TritonDecodeGemv
+    from layerzero_serve.kernels._triton.norm import TritonRMSNorm
+    from layerzero_serve.kernels.metadata import AttentionMetadata
+
+    def _forward(model, ids):
+        t = len(ids)
+        meta = AttentionMetadata(
+            1, t, 16, torch.tensor([0, t]), torch.tensor([t]),
+            torch.zeros(1, 1, dtype=torch.int32), torch.full((t,), -1), t, t, [0, t], [t],
+        )  # fmt: skip
+        dense = lambda layer, q, k, v, meta: torch_ref.dense_causal_attention(q, k, v)  # noqa: E731
+        with torch.no_grad():
+            return model.compute_logits(model(torch.tensor(ids), torch.arange(t), dense, meta))
+
+    class Counting(TritonDecodeGemv):
+        calls = 0
+
+        def add_norm_linear(self, *args):
+            Counting.calls += 1
+            return super().add_norm_linear(*args)
+
+    model = build_dummy_model("dummy:tiny", torch.float32, "cpu", seed=5)
+    g = torch.Generator().manual_seed(5)
+    for name, p in model.named_parameters():  # distinct norm weights: the right one is used
+        if name.endswith("layernorm.weight"):
+            p.data = 1 + 0.3 * torch.randn(p.shape, generator=g)
+    model.optimize(fuse=True, rmsnorm=TritonRMSNorm())
+    one, many = [77], [3, 9, 120, 44]
+    ref_one, ref_many = _forward(model, one), _forward(model, many)
+    model.optimize(fuse=True, rmsnorm=TritonRMSNorm(), gemv=Counting(min_bytes=0))
+    got = _forward(model, one)  # only the GEMV's fp32 summation order differs
+    torch.testing.assert_close(got, ref_one, rtol=0, atol=2e-6 * ref_one.abs().max().item())
+    assert Counting.calls == len(model.model.layers)
+    torch.testing.assert_close(_forward(model, many), ref_many, rtol=0, atol=0)
+    assert Counting.calls == len(model.model.layers)
