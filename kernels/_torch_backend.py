@@ -117,12 +117,4 @@ SPECS = [
     KernelSpec(
         "torch.swiglu", Op.SWIGLU, "torch", graph_safe=True, device_types=ANY_DEVICE, factory=_none
     ),
-    KernelSpec(  # no fused prologue: the norm kernel, then the GEMM (cuBLAS on CUDA)
-        "torch.gemv",
-        Op.DECODE_GEMV,
-        "torch",
-        graph_safe=True,
-        device_types=ANY_DEVICE,
-        factory=_none,
-    ),
 ]

@@ -26,7 +26,6 @@ class Op(str, enum.Enum):
     RMSNORM = "rmsnorm"
     ROPE = "rope"
     SWIGLU = "swiglu"
-    DECODE_GEMV = "decode_gemv"
 
 
 GENERATIONS = ("cpu", "turing", "ampere", "ada", "hopper", "blackwell", "unknown")

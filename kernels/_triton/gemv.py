@@ -110,10 +110,9 @@ def _gemv_kernel(
 
 
 def default_config(n: int, k: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for an ``[n, k]`` weight, from the H200
-    sweep (bench/gemv_sweep_gpu.py): wide tiles for wide weights, 512-byte row segments and
-    enough programs for every SM otherwise."""
-    return (64, 128, 4, 4) if n >= 16384 else (32, 256, 4, 3)
+    """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for an ``[n, k]`` weight: enough programs
+    to keep every SM streaming, 512-byte row segments per load."""
+    return 16, 256, 4, 4
 
 
 def triton_gemv(
@@ -169,40 +168,3 @@ def triton_gemv(
         num_stages=stages,
     )
     return out, new_res
-
-
-#: Gate/up weights from this size on take the fused path. Measured on the H200
-#: (bench/results/gemv_sweep_gpu_h200.json), residual add + RMSNorm + projection at batch 1:
-#: Llama-3-8B's 28672 x 4096 gate/up 60.9 µs fused vs 64.1 µs for the norm kernel + cuBLAS;
-#: the 6144 x 4096 q/k/v 19.7 vs 19.2 µs (so smaller weights keep the unfused path).
-MIN_FUSED_BYTES = 128 << 20
-
-
-class TritonDecodeGemv:
-    """``Op.DECODE_GEMV``: the decoder's post-attention residual add + RMSNorm fused into the
-    gate/up projection, for one token (batch-1 decode). The model asks :meth:`wants` per weight
-    (a Python decision, fixed when a graph is captured)."""
-
-    name = "triton.gemv"
-
-    def __init__(self, ctx=None, min_bytes: int | None = None) -> None:
-        self.min_bytes = MIN_FUSED_BYTES if min_bytes is None else min_bytes
-
-    def wants(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """True when ``x`` is one token and ``weight`` is large enough to gain."""
-        return x.shape[0] == 1 and weight.numel() * weight.element_size() >= self.min_bytes
-
-    def add_norm_linear(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor,
-        norm_weight: torch.Tensor,
-        eps: float,
-        weight: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rmsnorm(x + residual) * norm_weight @ weight.T, x + residual)``; ``x``,
-        ``residual [1, K]``, ``weight [N, K]`` -> ``[1, N]``, ``[1, K]`` (a new tensor)."""
-        y, new_res = triton_gemv(
-            x, weight, prologue=ADD_NORM, residual=residual, norm_weight=norm_weight, eps=eps
-        )
-        return y, new_res

@@ -11,12 +11,6 @@ def _rope(ctx: KernelContext):
     return triton_rope_
 
 
-def _gemv(ctx: KernelContext):
-    from layerzero_serve.kernels._triton.gemv import TritonDecodeGemv
-
-    return TritonDecodeGemv(ctx)
-
-
 def _rmsnorm(ctx: KernelContext):
     from layerzero_serve.kernels._triton.norm import TritonRMSNorm
 
@@ -49,18 +43,5 @@ SPECS = [
         min_sm=70,
         factory=_rope,
         doc="kernels/_triton/rope.py: rotate-half RoPE of q and k in one launch",
-    ),
-    KernelSpec(
-        "triton.gemv",
-        Op.DECODE_GEMV,
-        "triton",
-        priority=60,
-        graph_safe=True,
-        device_types=frozenset({"cuda"}),
-        dtypes=frozenset({"float16", "bfloat16"}),
-        min_sm=80,  # tl.dot on 16-bit operands
-        factory=_gemv,
-        doc="kernels/_triton/gemv.py: batch-1 gate/up GEMV with the residual add + RMSNorm in "
-        "its prologue (one launch instead of two); large gate/up weights only",
     ),
 ]

@@ -130,13 +130,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is None:
-            return self.down(self.gate_proj(x), self.up_proj(x))
-        return self.down_from_gate_up(nn.functional.linear(x, self.gate_up))
-
-    def down_from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The fused projection's output ``[T, 2 * inter]`` -> ``down(silu(gate) * up)``."""
-        return self.down(*gate_up.chunk(2, dim=-1))
-
-    def down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = nn.functional.linear(x, self.gate_up).chunk(2, dim=-1)
         act = nn.functional.silu(gate) * up if self.act is None else self.act(gate, up)
         return self.down_proj(act)

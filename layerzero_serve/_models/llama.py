@@ -161,20 +161,16 @@ class LlamaForCausalLM(nn.Module):
         # ``add_rmsnorm(x, residual, weight, eps) -> (normed, residual)`` (residual updated in
         # place), installed by ``optimize`` when the RMSNorm kernel offers it.
         self._add_rmsnorm = None
-        self._gemv = None  # the fused batch-1 gate/up GEMV (``optimize``'s ``gemv``)
 
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def optimize(self, fuse: bool = True, rmsnorm=None, swiglu=None, rope=None, gemv=None) -> None:
+    def optimize(self, fuse: bool = True, rmsnorm=None, swiglu=None, rope=None) -> None:
         """GPU fast path: fuse q/k/v and gate/up GEMMs, and install fused kernels chosen by the
         selection engine (``rmsnorm(x, weight, eps)``, ``swiglu(gate, up)``,
-        ``rope(q, k, cos, sin)``, and ``gemv`` with ``wants(x, weight)`` and
-        ``add_norm_linear(x, residual, norm_weight, eps, weight)``: the post-attention residual
-        add + norm fused into the gate/up GEMM for one token; used with ``rmsnorm``'s
-        ``add_rmsnorm`` and fused gate/up). Numerics stay within the dtype's rounding of the
-        reference but are not bitwise HF's."""
+        ``rope(q, k, cos, sin)``). Numerics stay
+        within the dtype's rounding of the reference but are not bitwise HF's."""
         for layer in self.model.layers:
             if fuse and layer.self_attn.qkv is None:
                 layer.self_attn.fuse()
@@ -191,7 +187,6 @@ class LlamaForCausalLM(nn.Module):
                     norm.impl = rmsnorm
         self.model.norm.impl = rmsnorm
         self._add_rmsnorm = getattr(rmsnorm, "add_rmsnorm", None)
-        self._gemv = gemv if fuse else None
 
     def tie_weights(self) -> None:
         """Share ``lm_head.weight`` with ``model.embed_tokens.weight`` when the config ties."""
@@ -226,21 +221,16 @@ class LlamaForCausalLM(nn.Module):
         """The same computation with each residual add fused into the next RMSNorm: the
         residual stream ``res`` is updated in place, ``x`` is the normed input of the next
         block (the reference's ``h + block(norm(h))`` rounds identically)."""
-        add_norm, gemv = self._add_rmsnorm, self._gemv
+        add_norm = self._add_rmsnorm
         layers = self.model.layers
         res = h  # a fresh tensor from the embedding lookup: updated in place below
         first = layers[0].input_layernorm
         x = first(res)
         for i, layer in enumerate(layers):
             a = layer.self_attn(x, cos, sin, attn, meta)
-            post, mlp = layer.post_attention_layernorm, layer.mlp
-            fused = gemv is not None and mlp.gate_up is not None and gemv.wants(a, mlp.gate_up)
-            if fused:  # one launch for the residual add, the norm and the gate/up GEMV
-                gate_up, res = gemv.add_norm_linear(a, res, post.weight, post.eps, mlp.gate_up)
-                m = mlp.down_from_gate_up(gate_up)
-            else:
-                x, res = add_norm(a, res, post.weight, post.eps)
-                m = mlp(x)
+            post = layer.post_attention_layernorm
+            x, res = add_norm(a, res, post.weight, post.eps)
+            m = layer.mlp(x)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
             x, res = add_norm(m, res, nxt.weight, nxt.eps)
         return x

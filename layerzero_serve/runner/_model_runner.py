@@ -63,23 +63,18 @@ def optimize_model(
     selector: Selector | None = None,
 ) -> None:
     """GPU fast path, before memory is measured: fuse the q/k/v and gate/up projections and
-    install the RMSNorm/SwiGLU/RoPE kernels and the fused batch-1 gate/up GEMV the selection
-    engine picks for this device."""
+    install the RMSNorm/SwiGLU/RoPE kernels the selection engine picks for this device."""
     sel = selector or get_selector()
     dev = probe_device(device)
     impls = {}
-    for op in (Op.RMSNORM, Op.SWIGLU, Op.ROPE, Op.DECODE_GEMV):
+    for op in (Op.RMSNORM, Op.SWIGLU, Op.ROPE):
         ctx = base_context(op, dev, shape, block_size, max_num_seqs, 0, True)
         choice = sel.select(op, ctx)
         impls[op] = choice.spec.factory(ctx) if choice.spec.factory else None
         logger.info("%s kernel: %s", op.value, choice.name)
     if hasattr(model, "optimize"):
         model.optimize(
-            fuse=True,
-            rmsnorm=impls[Op.RMSNORM],
-            swiglu=impls[Op.SWIGLU],
-            rope=impls[Op.ROPE],
-            gemv=impls[Op.DECODE_GEMV],
+            fuse=True, rmsnorm=impls[Op.RMSNORM], swiglu=impls[Op.SWIGLU], rope=impls[Op.ROPE]
         )
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the unfused weights' blocks go back before KV sizing

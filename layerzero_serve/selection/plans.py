@@ -80,7 +80,6 @@ def model_plans(
         plans.append(ctx(Op.ATTN_DECODE, b, 1, graph))
     plans.append(ctx(Op.SAMPLING, max_num_seqs, 1, False))
     plans += [ctx(op, max_num_seqs, 0, graph) for op in (Op.RMSNORM, Op.ROPE, Op.SWIGLU)]
-    plans.append(ctx(Op.DECODE_GEMV, 1, 1, graph))
     return plans
 
 

@@ -192,37 +192,3 @@ def test_sampler_graphs_give_the_eager_tokens():
     greedy_only, eng = _generate(prompts[:3], [params[0]] * 3, enforce_eager=False)
     assert len(eng.runner.sampler_graphs) >= 1
     assert greedy_only == _generate(prompts[:3], [params[0]] * 3, enforce_eager=True)[0]
-
-
-def test_fused_gate_up_gemv_replays_bitwise_and_keeps_greedy_tokens(monkeypatch):
-    """The batch-1 fused add + norm + gate/up GEMV (admitted for every weight size here):
-    bucket 1 replays bitwise equal to its eager run, and greedy tokens are identical with
-    graphs on and off."""
-    import layerzero_serve.kernels._triton.gemv as gemv_mod
-
-    monkeypatch.setattr(gemv_mod, "MIN_FUSED_BYTES", 0)
-    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-    prompt = np.random.default_rng(8).integers(0, 2048, size=21).tolist()
-    outs = []
-    for eager in (True, False):
-        eng = Engine(
-            model=MODEL, dtype="bfloat16", max_num_seqs=8, max_model_len=512,
-            num_kv_blocks=512, enforce_eager=eager,
-        )  # fmt: skip
-        model = eng.runner.model
-        assert type(model._gemv).__name__ == "TritonDecodeGemv" and model._gemv.min_bytes == 0
-        rid = eng.add_request(prompt, params)
-        got = []
-        while eng.has_unfinished():
-            for o in eng.step():
-                assert o.request_id == rid
-                got += o.new_token_ids
-        outs.append(got)
-        if not eager:
-            g = eng.runner.graphs
-            kv = eng.runner.kv_cache
-            rng = np.random.default_rng(9)
-            args = _random_batch(rng, 1, kv, g.width, kv.spec.block_size, max_len=400)
-            replay = g.run(*args).clone()
-            assert torch.equal(replay, _eager_same_padded_batch(g, 1, args[3])[:1])
-    assert outs[0] == outs[1] and len(outs[0]) == 20
