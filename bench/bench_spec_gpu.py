@@ -209,32 +209,46 @@ def bench_ngram(eng, spec, vocab, rng, tok, res, out) -> None:
         )
 
 
-def bench_adaptive(eng, spec, vocab, rng, tok, res, out, repeats: int = 5) -> None:
-    """(c) Adaptive k with n-gram drafts on random prompts (little to accept), batch 1..64:
-    plain and adaptive runs alternate ``repeats`` times; medians of throughput."""
+def _adaptive_row(eng, spec, prompts, tok: int, repeats: int) -> dict:
+    """Plain and adaptive runs of ``prompts``, ``repeats`` pairs in ABBA order (plain first on
+    even repeats, adaptive first on odd ones, so a drift over time favours neither)."""
+    plain, adaptive, accept, shadow = [], [], [], []
+
+    def run_plain():
+        plain.append(_measure(eng, prompts, 2 * tok, None)[0]["tokens_per_s"])
+
+    def run_adaptive():
+        spec.adaptive = spec.new_adaptive()
+        probes0 = spec.shadow_probes
+        got, _ = _measure(eng, prompts, 2 * tok, spec)
+        spec.adaptive = None
+        adaptive.append(got["tokens_per_s"])
+        accept.append(got["acceptance_rate"])
+        shadow.append(spec.shadow_probes - probes0)
+
+    for i in range(repeats):
+        for run in (run_plain, run_adaptive) if i % 2 == 0 else (run_adaptive, run_plain):
+            run()
+    p, a = statistics.median(plain), statistics.median(adaptive)
+    return {
+        "batch": len(prompts),
+        "order": "ABBA (plain first on even repeats)",
+        "plain_tokens_per_s": p,
+        "adaptive_tokens_per_s": a,
+        "ratio": a / p,
+        "ratios_per_repeat": [x / y for x, y in zip(adaptive, plain, strict=True)],
+        "acceptance_rate": statistics.median(accept),
+        "shadow_probes_per_run": shadow,
+    }
+
+
+def bench_adaptive(eng, spec, vocab, rng, tok, res, out, repeats: int = 6, batches=None) -> None:
+    """(c) Adaptive k with n-gram drafts on random prompts (little to accept), batch 1..64,
+    against plain decoding; medians of throughput over ABBA-ordered pairs of runs."""
     _use_ngram(spec)
-    for batch in (1, 8, 32, 64):
+    for batch in batches or (1, 8, 32, 64):
         prompts = [rng.integers(0, vocab, size=64).tolist() for _ in range(batch)]
-        plain, adaptive, accept, shadow = [], [], [], []
-        for _ in range(repeats):
-            plain.append(_measure(eng, prompts, 2 * tok, None)[0]["tokens_per_s"])
-            spec.adaptive = spec.new_adaptive()
-            probes0 = spec.shadow_probes
-            got, _ = _measure(eng, prompts, 2 * tok, spec)
-            spec.adaptive = None
-            adaptive.append(got["tokens_per_s"])
-            accept.append(got["acceptance_rate"])
-            shadow.append(spec.shadow_probes - probes0)
-        p, a = statistics.median(plain), statistics.median(adaptive)
-        row = {
-            "batch": batch,
-            "plain_tokens_per_s": p,
-            "adaptive_tokens_per_s": a,
-            "ratio": a / p,
-            "ratios_per_repeat": [x / y for x, y in zip(adaptive, plain, strict=True)],
-            "acceptance_rate": statistics.median(accept),
-            "shadow_probes_per_run": shadow,
-        }
+        row = _adaptive_row(eng, spec, prompts, tok, repeats)
         res["adaptive"].append(row)
         print(json.dumps(row))
 
@@ -245,6 +259,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--model", default=MODEL, help="smoke-test on the CPU with dummy:tiny")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--batches", default="1,8,32,64", help="adaptive part: batch sizes")
     ap.add_argument(
         "--parts", default="oracle,ngram,adaptive", help="comma-separated subset to run"
     )
@@ -268,7 +283,11 @@ def main() -> None:
 
     parts = {"oracle": bench_oracle, "ngram": bench_ngram, "adaptive": bench_adaptive}
     for name in args.parts.split(","):
-        parts[name](eng, spec, vocab, rng, tok, res, args.out)
+        if name == "adaptive":
+            batches = [int(b) for b in args.batches.split(",")]
+            bench_adaptive(eng, spec, vocab, rng, tok, res, args.out, batches=batches)
+        else:
+            parts[name](eng, spec, vocab, rng, tok, res, args.out)
     res["kernels"] = eng.stats()["kernels"]
     res["verification_kernel"] = spec.stats()["verification_kernel"]
     path = write_result("spec_gpu", res, args.out)
