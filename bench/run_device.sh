@@ -8,7 +8,12 @@ set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/lz_out}
 mkdir -p "$OUT" /root/lz
-if [ ! -d /root/lz/site ]; then tar xJf .device/*.tar.xz -C /root/lz; fi
+if [ ! -d /root/lz/site ]; then
+  # the bundle sits in the checkout's .device/ (run from the root or from .device/src)
+  bundle=$(ls .device/*.tar.xz ../*.tar.xz 2>/dev/null | head -1)
+  if [ -z "$bundle" ]; then echo "no GPU bundle (.device/*.tar.xz) found" >&2; exit 2; fi
+  tar xJf "$bundle" -C /root/lz
+fi
 export PYTHONPATH=/root/lz/site PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0a
 export LZ_SPEC_TRIALS=1000000  # the losslessness tests' trial count on the device
 python3 -m pip install -q --no-deps --no-build-isolation . > "$OUT/pip.log" 2>&1 || cat "$OUT/pip.log"
