@@ -14,32 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity
 
-from layerzero_serve.engine import Engine
-from layerzero_serve.sampling import SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_step_gpu import profiled_steps  # noqa: E402
+
+from layerzero_serve.engine import Engine  # noqa: E402
 
 
 def breakdown(eng: Engine, batch: int, context: int, steps: int) -> dict:
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
-    for i in range(batch):
-        eng.add_request([(i * 31 + j) % 1000 + 1 for j in range(context)], params)
-    for _ in range(4):
-        eng.step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            eng.step()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    while eng.has_unfinished():
-        eng.step()
+    prof, wall = profiled_steps(eng, batch, context, steps, [ProfilerActivity.CUDA])
     per_name: dict[str, list[float]] = defaultdict(list)
     starts, ends = [], []
     for e in prof.events():

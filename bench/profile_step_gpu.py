@@ -19,14 +19,16 @@ from layerzero_serve.engine import Engine
 from layerzero_serve.sampling import SamplingParams
 
 
-def profile_batch(eng: Engine, batch: int, context: int, steps: int) -> dict:
+def profiled_steps(eng: Engine, batch: int, context: int, steps: int, activities):
+    """``(profiler, wall seconds)`` of ``steps`` decode steps of ``batch`` greedy requests of
+    ``context`` prompt tokens (after the prefill and warm-up steps, run to completion)."""
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
     for i in range(batch):
         eng.add_request([(i * 31 + j) % 1000 + 1 for j in range(context)], params)
     for _ in range(4):  # prefill, first decode steps, sampler-graph capture
         eng.step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             eng.step()
@@ -34,6 +36,12 @@ def profile_batch(eng: Engine, batch: int, context: int, steps: int) -> dict:
         wall = time.perf_counter() - t0
     while eng.has_unfinished():
         eng.step()
+    return prof, wall
+
+
+def profile_batch(eng: Engine, batch: int, context: int, steps: int) -> dict:
+    cpu_and_gpu = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    prof, wall = profiled_steps(eng, batch, context, steps, cpu_and_gpu)
     events = prof.events()
     gpu_us = sum(
         e.device_time_total
