@@ -38,6 +38,7 @@ logger = logging.getLogger("layerzero_serve")
 # Verification graphs hold logits for every token of a bucket (batch x (k + 1) x vocab): capture
 # them for buckets up to this size; larger verification steps run eagerly.
 MAX_VERIFY_GRAPH_BATCH = 64
+PRIORITY_BOUND = (1 << 31) - 1  # request priorities are ints in [-PRIORITY_BOUND, PRIORITY_BOUND]
 _UNFREEZE_AT_EXIT: list[bool] = []
 
 
@@ -239,17 +240,33 @@ class Engine:
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> str:
-        """Queue a request; returns its id. Raises a ValidationError (a ValueError) for an
-        empty prompt, an id outside the vocabulary, a prompt that can never fit, or bad params."""
+        """Queue a request; returns its id (``request_id``, or a generated one that no live
+        request uses). With ``params.n > 1`` the samples run as ``{id}#0`` .. ``{id}#{n-1}``;
+        ``id`` is free again once all have ended. Raises a ValidationError (a ValueError), before
+        anything is queued, for an empty prompt, an id outside the vocabulary, a prompt that can
+        never fit, bad params, a ``request_id`` that is not a str or is in use, a ``priority``
+        outside ``[-(2**31 - 1), 2**31 - 1]`` (lower runs first under the priority policy), or
+        a ``cache_salt`` that is not a str."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValidationError("params", type(params).__name__, "a SamplingParams")
         params.validate_for_vocab(self.vocab_size)
         ids = self._validate_prompt(prompt_token_ids)
-        rid = str(next(self._ids)) if request_id is None else str(request_id)
-        if rid in self.scheduler.requests or rid in self._children:
-            raise ValidationError("request_id", rid, "an id not already in use")
+        if request_id is not None and not isinstance(request_id, str):
+            raise ValidationError("request_id", request_id, "None or a str")
+        is_int = isinstance(priority, int) and not isinstance(priority, bool)
+        if not (is_int and -PRIORITY_BOUND <= priority <= PRIORITY_BOUND):
+            bounds = f"an int in [{-PRIORITY_BOUND}, {PRIORITY_BOUND}]"
+            raise ValidationError("priority", priority, bounds)
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValidationError("cache_salt", cache_salt, "None or a str")
+        rid = request_id
+        while rid is None:  # a generated id never collides with one the caller chose
+            rid = str(next(self._ids))
+            rid = rid if self._id_free(rid, params.n) else None
         names = [rid] if params.n == 1 else [f"{rid}#{k}" for k in range(params.n)]
+        if not self._id_free(rid, params.n):  # checked for every sample before queueing any
+            raise ValidationError("request_id", rid, "an id not already in use")
         if params.n > 1:
             self._children[rid] = names
         for k, name in enumerate(names):
@@ -281,9 +298,25 @@ class Engine:
                 self._async.add(req)
         return rid
 
+    def _forget_parent(self, name: str) -> None:
+        """Once every sample ``rid#k`` of an n > 1 request has ended, ``rid`` is free again."""
+        parent = name.rpartition("#")[0]
+        names = self._children.get(parent) if parent else None
+        if names and name in names and not any(n in self.scheduler.requests for n in names):
+            del self._children[parent]
+
+    def _id_free(self, rid: str, n: int) -> bool:
+        """Neither ``rid`` nor (for n > 1) any of its sample ids ``rid#k`` is in use."""
+        live = self.scheduler.requests
+        if rid in live or rid in self._children:
+            return False
+        return n == 1 or not any(f"{rid}#{k}" in live for k in range(n))
+
     def abort(self, request_id: str) -> bool:
         """Abort a request (all its samples when n > 1). Unknown or finished: no-op, False."""
-        names = self._children.get(request_id, [request_id])
+        if not isinstance(request_id, str):
+            raise ValidationError("request_id", request_id, "a str")
+        names = self._children.pop(request_id, [request_id])
         done = [self.scheduler.abort(n) for n in names]
         if self._async is not None:
             for n in names:
@@ -372,6 +405,7 @@ class Engine:
                 if self._async is not None:
                     self._async.release(o.request_id)
                 self._prompt_lp.pop(o.request_id, None)
+                self._forget_parent(o.request_id)
         if spec is not None and spec.shadow_due:  # for the step already on the device
             spec.propose_shadow(self.scheduler.running.items)
         return outputs

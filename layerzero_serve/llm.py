@@ -99,11 +99,17 @@ class LLM:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def _normalise(self, prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        allowed = "a str, a list of token ids, or a list of those"
         if isinstance(prompts, str):
             return [prompts]
+        if isinstance(prompts, bytes) or not isinstance(prompts, Sequence):
+            raise ValidationError("prompts", type(prompts).__name__, allowed)
         prompts = list(prompts)
         if prompts and all(isinstance(t, int) for t in prompts):
             return [prompts]  # a single token-id prompt
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) and (isinstance(p, bytes) or not isinstance(p, Sequence)):
+                raise ValidationError(f"prompts[{i}]", type(p).__name__, allowed)
         return prompts
 
     def generate(
@@ -114,13 +120,32 @@ class LLM:
     ) -> list[GenerationResult]:
         """Generate for every prompt (strings or token id lists); results in prompt order.
 
-        A bad prompt or parameter raises before any request is queued.
+        A bad prompt or parameter raises before any request is queued. The engine must be idle:
+        requests added through ``llm.engine`` directly are driven by their caller.
         """
         items = self._normalise(prompts)
+        if self.engine.has_unfinished():
+            pending = len(self.engine.scheduler.requests)
+            raise ValidationError(
+                "engine",
+                f"{pending} unfinished requests added through llm.engine",
+                "an idle engine (finish or abort them first)",
+            )
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(items)
         else:
+            if isinstance(sampling_params, (str, bytes)) or not isinstance(
+                sampling_params, Sequence
+            ):
+                raise ValidationError(
+                    "sampling_params", type(sampling_params).__name__, "a SamplingParams or a list"
+                )
             params = list(sampling_params)
+            for i, sp in enumerate(params):
+                if not isinstance(sp, SamplingParams):
+                    raise ValidationError(
+                        f"sampling_params[{i}]", type(sp).__name__, "a SamplingParams"
+                    )
             if len(params) != len(items):
                 raise ValidationError(
                     "sampling_params",

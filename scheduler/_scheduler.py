@@ -62,10 +62,20 @@ class Scheduler:
     def add_request(self, request: Request) -> bool:
         """Queue a request. A request that can never fit is finished at once as rejected (its
         output comes with the next ``update``); returns False then."""
+        if not isinstance(request.request_id, str):
+            raise ValidationError("request_id", request.request_id, "a str")
         if request.request_id in self.requests:
             raise ValidationError("request_id", request.request_id, "an id not already in use")
         if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
             raise ValidationError("max_tokens", request.max_tokens, "an integer >= 1")
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise ValidationError("prompt_token_ids", prompt, "at least one token")
+        bad = next((t for t in prompt if type(t) is not int or t < 0), None)  # once per request
+        if bad is not None:
+            raise ValidationError("prompt_token_ids", bad, "ints >= 0 (token ids)")
+        if type(request.priority) is not int:
+            raise ValidationError("priority", request.priority, "an int")
         self.requests[request.request_id] = request
         need = request.num_tokens + 1
         if need > self.max_seq_len:
