@@ -4,12 +4,19 @@ that turns every "auto" into a concrete, logged choice."""
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+import os
+import re
 from dataclasses import dataclass
 
 import torch
 
 from layerzero_serve.errors import ValidationError
+from layerzero_serve.kv_cache._block_pool import MAX_NUM_BLOCKS
 from layerzero_serve.kv_cache._hashing import HASH_ALGORITHMS
+from layerzero_serve.runner._cpu_threads import MAX_CPU_THREADS
+from layerzero_serve.scheduler._config import POLICIES
 from layerzero_serve.spec_decode._proposer import Proposer
 
 logger = logging.getLogger("layerzero_serve")
@@ -17,6 +24,18 @@ logger = logging.getLogger("layerzero_serve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MODEL = "default"
 _CPU_KV_BYTES = 512 << 20
+MAX_KV_CACHE_BYTES = 1 << 50  # 1 PiB: far above any device, far below int64 overflow
+MAX_NUM_SEQS = 1 << 16  # rows of the persistent per-step buffers (sampler, runner)
+INT32_MAX = (1 << 31) - 1  # positions, token counts and slots are int32 on the device
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+_BOOL_FIELDS = (
+    "enable_chunked_prefill",
+    "enable_prefix_caching",
+    "enforce_eager",
+    "adaptive_speculation",
+    "async_scheduling",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,20 +45,23 @@ class EngineConfig:
     Attributes:
         model: a Hugging Face checkpoint directory, a dummy preset (``dummy:tiny``,
             ``dummy:llama3.2-1b``, ``dummy:llama3-8b``) or ``"default"`` (the embedded demo
-            model, written once under ``LZ_CACHE_DIR``).
+            model, written once under ``LZ_CACHE_DIR``); a ``pathlib.Path`` is stored as str.
         dtype: ``auto`` (the checkpoint's dtype on GPU, float32 on CPU), float32, bfloat16, float16.
-        device: ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N``.
+        device: ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N`` (or a torch.device).
         block_size: tokens per KV block (1..256).
-        num_kv_blocks / kv_cache_bytes: size the KV pool by a block count or a byte budget (at
-            most one; default: 512 MiB on CPU, ``gpu_memory_utilization`` of the GPU).
+        num_kv_blocks / kv_cache_bytes: size the KV pool by a block count (2..2**24) or a byte
+            budget (1..2**50; a budget worth more than 2**24 blocks is not used up) (at most
+            one; default: 512 MiB on CPU, ``gpu_memory_utilization`` of the GPU).
         gpu_memory_utilization: fraction of GPU memory the engine may use, in (0, 1].
-        max_model_len: longest sequence (prompt + output); None = the model's limit.
+        max_model_len: longest sequence (prompt + output), 2..2**31-1; None = the model's limit.
         max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, max_prefill_chunk, policy:
-            scheduler budgets and policy (see SchedulerConfig).
+            scheduler budgets and policy (see SchedulerConfig); max_num_seqs in 1..65536, token
+            counts up to 2**31-1.
         enable_prefix_caching, prefix_hash: prefix cache on/off and its hash (sha256 | fast).
-        seed: seed of the sampler's shared generator (unseeded requests).
-        cpu_threads: torch intra-op threads when running on the CPU; None = measure 1 thread
-            against torch's default on the model's width at start-up and keep the faster.
+        seed: seed of the sampler's shared generator (unseeded requests), an int64.
+        cpu_threads: torch intra-op threads when running on the CPU, 1..max(4 * CPUs, 256);
+            None = measure 1 thread against torch's default on the model's width at start-up
+            and keep the faster.
         enforce_eager: never capture CUDA graphs (the reference for graph correctness).
         max_graph_batch: largest captured decode bucket (None = min(max_num_seqs, 256));
             buckets are 1, 2, 4, 8, then every 8. Larger batches run eagerly.
@@ -86,33 +108,79 @@ class EngineConfig:
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:
-        if self.dtype != "auto" and self.dtype not in DTYPES:
+        model = self.model
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
+            object.__setattr__(self, "model", model)
+        if not isinstance(model, str) or not model:
+            allowed = "a checkpoint directory (str or path), 'dummy:<preset>' or 'default'"
+            raise ValidationError("model", self.model, allowed)
+        if not isinstance(self.dtype, str) or (self.dtype != "auto" and self.dtype not in DTYPES):
             raise ValidationError("dtype", self.dtype, f"'auto' or one of {tuple(DTYPES)}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        device = self.device
+        if isinstance(device, torch.device):
+            device = str(device)
+            object.__setattr__(self, "device", device)
+        if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
             raise ValidationError("device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 256:
-            raise ValidationError("block_size", self.block_size, "an integer in [1, 256]")
+        self._int("block_size", 1, 256)
+        self._int("num_kv_blocks", 2, MAX_NUM_BLOCKS, optional=True)
+        kv_bytes = self.kv_cache_bytes
+        if kv_bytes is not None:
+            allowed = f"None or a number of bytes in [1, {MAX_KV_CACHE_BYTES}] (2**50)"
+            if (
+                isinstance(kv_bytes, bool)
+                or not isinstance(kv_bytes, numbers.Real)
+                or not math.isfinite(kv_bytes)
+                or not 1 <= kv_bytes <= MAX_KV_CACHE_BYTES
+            ):
+                raise ValidationError("kv_cache_bytes", kv_bytes, allowed)
+            object.__setattr__(self, "kv_cache_bytes", int(kv_bytes))
         if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:
             raise ValidationError("num_kv_blocks/kv_cache_bytes", "both", "at most one of them")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
-            raise ValidationError("num_kv_blocks", self.num_kv_blocks, ">= 2")
-        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
-            raise ValidationError("kv_cache_bytes", self.kv_cache_bytes, "> 0")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValidationError("gpu_memory_utilization", self.gpu_memory_utilization, "(0, 1]")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValidationError("max_model_len", self.max_model_len, ">= 2 or None")
-        if self.cpu_threads is not None and (
-            not isinstance(self.cpu_threads, int) or self.cpu_threads < 1
+        util = self.gpu_memory_utilization
+        if (
+            isinstance(util, bool)
+            or not isinstance(util, numbers.Real)
+            or not 0.0 < util <= 1.0  # also rejects nan
         ):
-            raise ValidationError("cpu_threads", self.cpu_threads, "an integer >= 1 or None")
-        if self.max_graph_batch is not None and not 1 <= self.max_graph_batch <= 1024:
-            raise ValidationError("max_graph_batch", self.max_graph_batch, "[1, 1024] or None")
+            raise ValidationError("gpu_memory_utilization", util, "a float in (0, 1]")
+        self._int("max_model_len", 2, INT32_MAX, optional=True)
+        self._int("max_num_seqs", 1, MAX_NUM_SEQS)
+        self._int("max_num_batched_tokens", 1, INT32_MAX)
+        self._int("max_prefill_chunk", 0, INT32_MAX)
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValidationError(name, getattr(self, name), "a bool (True or False)")
+        if not self.enable_chunked_prefill and self.max_prefill_chunk:
+            raise ValidationError(
+                "max_prefill_chunk",
+                self.max_prefill_chunk,
+                "0 when enable_chunked_prefill is False (prompts are then admitted whole)",
+            )
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
+            raise ValidationError("policy", self.policy, f"one of {POLICIES}")
+        if not isinstance(self.prefix_hash, str) or self.prefix_hash not in HASH_ALGORITHMS:
+            raise ValidationError("prefix_hash", self.prefix_hash, f"one of {HASH_ALGORITHMS}")
+        self._int("seed", INT64_MIN, INT64_MAX)
+        self._int("cpu_threads", 1, MAX_CPU_THREADS, optional=True)
+        self._int("max_graph_batch", 1, 1024, optional=True)
         method = self.speculative_method
-        if not (method in (None, "ngram", "draft_model") or isinstance(method, Proposer)):
+        if not (
+            (isinstance(method, str) and method in ("ngram", "draft_model"))
+            or method is None
+            or isinstance(method, Proposer)
+        ):
             allowed = "None, 'ngram', 'draft_model' or a spec_decode.Proposer instance"
             raise ValidationError("speculative_method", method, allowed)
-        if (method == "draft_model") != (self.speculative_model is not None):
+        draft = self.speculative_model
+        if isinstance(draft, os.PathLike):
+            draft = os.fspath(draft)
+            object.__setattr__(self, "speculative_model", draft)
+        if draft is not None and (not isinstance(draft, str) or not draft):
+            allowed = "None or a draft checkpoint directory (str or path) / 'dummy:<preset>'"
+            raise ValidationError("speculative_model", self.speculative_model, allowed)
+        if (method == "draft_model") != (draft is not None):
             raise ValidationError(
                 "speculative_model",
                 self.speculative_model,
@@ -128,11 +196,22 @@ class EngineConfig:
             raise ValidationError(
                 "ngram_min/ngram_max", (lo, hi), "1 <= ngram_min <= ngram_max <= 32"
             )
-        for name in ("adaptive_speculation", "async_scheduling"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValidationError(name, getattr(self, name), "a bool")
-        if self.prefix_hash not in HASH_ALGORITHMS:
-            raise ValidationError("prefix_hash", self.prefix_hash, f"one of {HASH_ALGORITHMS}")
+
+    def _int(self, name: str, low: int, high: int, optional: bool = False) -> None:
+        """Require field ``name`` to be an integer (not a bool) in ``[low, high]`` (or None when
+        ``optional``); numpy integers are stored as ``int``."""
+        value = getattr(self, name)
+        if optional and value is None:
+            return
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Integral)
+            or not low <= value <= high
+        ):
+            allowed = f"an integer in [{low}, {high}]" + (" or None" if optional else "")
+            raise ValidationError(name, value, allowed)
+        if type(value) is not int:
+            object.__setattr__(self, name, int(value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +235,9 @@ def resolve(
         why = "requested"
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValidationError("device", cfg.device, "'cpu' (no CUDA device is available)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ValidationError("device", cfg.device, f"'cpu', 'cuda' or 'cuda:N', N < {n}")
     if cfg.dtype != "auto":
         dtype, dwhy = DTYPES[cfg.dtype], "requested"
     elif device.type == "cpu":

@@ -13,9 +13,30 @@ reallocated. All operations are O(1) per block and never allocate Python objects
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Hashable, Iterable, Iterator
 
 NULL_BLOCK_ID = 0
+# Largest pool: the pool builds one Python object per block (~150 bytes, ~0.5 us each), so
+# 2**24 blocks already take seconds and gigabytes of host memory at start-up.
+MAX_NUM_BLOCKS = 1 << 24
+
+
+def check_num_blocks(num_blocks: object, param: str = "num_blocks") -> int:
+    """``num_blocks`` as an int in ``[2, MAX_NUM_BLOCKS]`` (one block is the null block)."""
+    if (
+        isinstance(num_blocks, bool)
+        or not isinstance(num_blocks, numbers.Integral)
+        or not 2 <= num_blocks <= MAX_NUM_BLOCKS
+    ):
+        from layerzero_serve.errors import ValidationError
+
+        raise ValidationError(
+            param,
+            num_blocks,
+            f"an integer in [2, {MAX_NUM_BLOCKS}] (block 0 is the reserved null block)",
+        )
+    return int(num_blocks)
 
 
 class Block:
@@ -55,10 +76,7 @@ class BlockPool:
     """Fixed set of ``num_blocks`` blocks (including the null block)."""
 
     def __init__(self, num_blocks: int) -> None:
-        if num_blocks < 2:
-            from layerzero_serve.errors import ValidationError
-
-            raise ValidationError("num_blocks", num_blocks, ">= 2 (one is the null block)")
+        num_blocks = check_num_blocks(num_blocks)
         self.num_blocks = num_blocks
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.null_block = self.blocks[NULL_BLOCK_ID]

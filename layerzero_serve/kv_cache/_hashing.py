@@ -50,7 +50,7 @@ def resolve_hash_fn(name: str) -> tuple[BlockHashFn, Hashable, bool]:
     """Return ``(hash_fn, root_seed, verify_tokens_on_hit)`` for an algorithm name."""
     from layerzero_serve.errors import ValidationError
 
-    if name not in _HASH_FNS:
+    if not isinstance(name, str) or name not in _HASH_FNS:
         raise ValidationError("prefix_hash", name, f"one of {HASH_ALGORITHMS}")
     fn, root = _HASH_FNS[name]
     return fn, root, name != "sha256"

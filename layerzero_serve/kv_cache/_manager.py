@@ -12,11 +12,12 @@ directly; it asks:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from layerzero_serve.errors import ValidationError
-from layerzero_serve.kv_cache._block_pool import Block, BlockPool
+from layerzero_serve.kv_cache._block_pool import Block, BlockPool, check_num_blocks
 from layerzero_serve.kv_cache._hashing import BlockHashFn, resolve_hash_fn, root_hash
 from layerzero_serve.types import Request
 
@@ -40,15 +41,28 @@ class PrefixMatch:
 
 
 _NO_MATCH = PrefixMatch([], 0)
+MAX_BLOCK_SIZE = 1 << 16  # tokens per block
+
+
+def _check_counts(num_new_tokens: object, num_lookahead_tokens: object) -> tuple[int, int]:
+    """Both counts as ints >= 0 (not bools), else a ValidationError naming them."""
+    values = (num_new_tokens, num_lookahead_tokens)
+    if not all(
+        not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 0 for v in values
+    ):
+        raise ValidationError(
+            "num_new_tokens/num_lookahead_tokens", values, "integers >= 0 (not bools)"
+        )
+    return int(num_new_tokens), int(num_lookahead_tokens)
 
 
 class KVCacheManager:
     """Block bookkeeping for all requests.
 
     Args:
-        num_blocks: blocks in the pool, including the reserved null block (>= 2).
-        block_size: tokens per block (>= 1).
-        enable_prefix_caching: share full blocks between requests with equal prefixes.
+        num_blocks: blocks in the pool, including the reserved null block, in [2, 2**24].
+        block_size: tokens per block, in [1, 2**16].
+        enable_prefix_caching: share full blocks between requests with equal prefixes (a bool).
         hash_algo: ``"sha256"`` (default) or ``"fast"`` (64-bit, tokens verified on every hit).
         hash_fn: optional custom ``(parent, token_ids) -> hashable``; always verified on hits.
     """
@@ -61,9 +75,18 @@ class KVCacheManager:
         hash_algo: str = "sha256",
         hash_fn: BlockHashFn | None = None,
     ) -> None:
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValidationError("block_size", block_size, "an integer >= 1")
-        self.block_size = block_size
+        if (
+            isinstance(block_size, bool)
+            or not isinstance(block_size, numbers.Integral)
+            or not 1 <= block_size <= MAX_BLOCK_SIZE
+        ):
+            raise ValidationError("block_size", block_size, f"an integer in [1, {MAX_BLOCK_SIZE}]")
+        num_blocks = check_num_blocks(num_blocks)
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValidationError("enable_prefix_caching", enable_prefix_caching, "a bool")
+        if hash_fn is not None and not callable(hash_fn):
+            raise ValidationError("hash_fn", hash_fn, "None or a callable (parent, token_ids)")
+        self.block_size = block_size = int(block_size)
         self.pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
         fn, self._root_seed, self._verify = resolve_hash_fn(hash_algo)
@@ -204,11 +227,15 @@ class KVCacheManager:
         Copy-on-write: writing into a partially filled block shared after ``fork`` first moves
         the writer to a private copy, recorded in ``pending_copies``.
         """
-        if num_new_tokens < 0 or num_lookahead_tokens < 0:
-            raise ValidationError(
-                "num_new_tokens/num_lookahead_tokens",
-                (num_new_tokens, num_lookahead_tokens),
-                ">= 0",
+        # hot path (every request, every step): two type checks; other integers take the slow path
+        if (
+            type(num_new_tokens) is not int
+            or type(num_lookahead_tokens) is not int
+            or num_new_tokens < 0
+            or num_lookahead_tokens < 0
+        ):
+            num_new_tokens, num_lookahead_tokens = _check_counts(
+                num_new_tokens, num_lookahead_tokens
             )
         rid = request.request_id
         blocks = self._req_blocks.get(rid)

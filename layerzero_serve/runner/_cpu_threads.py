@@ -9,11 +9,34 @@ width, so ``auto`` times a few projections of the model's width with each candid
 from __future__ import annotations
 
 import logging
+import numbers
+import os
 import time
 
 import torch
 
 logger = logging.getLogger("layerzero_serve")
+
+# Upper bound of a requested thread count: oversubscription past a few threads per core only
+# slows things down, and OpenMP fails (or the process crashes) with tens of thousands.
+MAX_CPU_THREADS = max((os.cpu_count() or 1) * 4, 256)
+
+
+def check_cpu_threads(requested: object) -> int | None:
+    """``requested`` as an int in ``[1, MAX_CPU_THREADS]``, or None (measure at start-up)."""
+    if requested is None:
+        return None
+    if (
+        isinstance(requested, bool)
+        or not isinstance(requested, numbers.Integral)
+        or not 1 <= requested <= MAX_CPU_THREADS
+    ):
+        from layerzero_serve.errors import ValidationError
+
+        raise ValidationError(
+            "cpu_threads", requested, f"None or an integer in [1, {MAX_CPU_THREADS}]"
+        )
+    return int(requested)
 
 
 def _time_ops(hidden: int, threads: int, reps: int = 20) -> float:
@@ -31,6 +54,7 @@ def _time_ops(hidden: int, threads: int, reps: int = 20) -> float:
 def choose_cpu_threads(hidden_size: int, requested: int | None) -> int:
     """Set and return torch's intra-op thread count. ``requested`` wins when given; otherwise
     the faster of 1 thread and the current default on a decode-sized projection."""
+    requested = check_cpu_threads(requested)
     default = torch.get_num_threads()
     if requested is not None:
         torch.set_num_threads(requested)

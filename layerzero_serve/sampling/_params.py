@@ -10,19 +10,38 @@ are checked against a model's vocabulary by :meth:`SamplingParams.validate_for_v
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.sampling import _validate as v
 from layerzero_serve.sampling._validate import INT64_MAX, INT64_MIN
 
-__all__ = ["INT64_MAX", "INT64_MIN", "MAX_LOGPROBS", "MAX_N", "SamplingParams"]
+__all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
+    "MAX_LOGPROBS",
+    "MAX_N",
+    "MAX_REPETITION_PENALTY",
+    "MAX_TEMPERATURE",
+    "MIN_REPETITION_PENALTY",
+    "MIN_TEMPERATURE",
+    "MIN_TOP_P",
+    "SamplingParams",
+]
 
 MAX_N = 256
 MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0  # presence / frequency penalty range, as in the OpenAI API
 MAX_BIAS = 100.0  # logit bias range, as in the OpenAI API
 LOGPROBS_MODES = ("raw", "processed")
+# Bounds that keep the float32 sampling math finite: a positive value below ~1.4e-45 is 0 in
+# float32 (division by zero -> NaN), one above ~3.4e38 is inf (-inf / inf -> NaN).
+MIN_TEMPERATURE = 1e-6  # 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]
+MAX_TEMPERATURE = 1e6
+MIN_TOP_P = 1e-6  # top_p in [MIN_TOP_P, 1]
+MIN_REPETITION_PENALTY = 1e-6  # repetition_penalty in [MIN_, MAX_REPETITION_PENALTY]
+MAX_REPETITION_PENALTY = 1e6
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +51,11 @@ class SamplingParams:
     Fields (defaults in brackets):
 
     * ``n`` [1]: sequences to generate for the request, 1..256 (they share the prompt's KV).
-    * ``temperature`` [1.0]: finite, >= 0. Logits are divided by it; 0 means greedy (argmax).
-    * ``top_p`` [1.0]: nucleus mass in (0, 1]; 1 disables it. Keeps the smallest set of most
-      likely tokens whose probability sums to at least ``top_p``.
+    * ``temperature`` [1.0]: 0 (greedy, argmax) or in [1e-6, 1e6] (``MIN_TEMPERATURE``,
+      ``MAX_TEMPERATURE``). Logits are divided by it; values in (0, 1e-6) are rejected (they
+      underflow float32 to 0 and would divide by zero).
+    * ``top_p`` [1.0]: nucleus mass in [1e-6, 1] (``MIN_TOP_P``); 1 disables it. Keeps the
+      smallest set of most likely tokens whose probability sums to at least ``top_p``.
     * ``top_k`` [0]: keep the ``top_k`` most likely tokens; 0 or -1 disables it, otherwise >= 1.
       A value larger than the vocabulary is clamped to the vocabulary size (i.e. no filtering).
     * ``min_p`` [0.0]: in [0, 1]; drop tokens whose probability is below ``min_p`` times the
@@ -45,19 +66,23 @@ class SamplingParams:
     * ``stop_token_ids`` [()]: token ids (non-negative ints) that end generation; any iterable of
       ints is accepted and stored as a tuple.
     * ``ignore_eos`` [False]: keep generating after the EOS token (bool).
-    * ``repetition_penalty`` [1.0]: finite, > 0; for every token in the prompt or the output so
-      far, a positive logit is divided by it and a negative one multiplied (1 = off).
+    * ``repetition_penalty`` [1.0]: in [1e-6, 1e6] (``MIN_REPETITION_PENALTY``,
+      ``MAX_REPETITION_PENALTY``, so the float32 logits stay finite); for every token in the
+      prompt or the output so far, a positive logit is divided by it and a negative one
+      multiplied (1 = off).
     * ``presence_penalty`` [0.0], ``frequency_penalty`` [0.0]: in [-2, 2]; subtracted from the
       logit of every token of the *output* so far, once (presence) or once per occurrence
       (frequency).
     * ``logit_bias`` [None]: dict token id -> bias in [-100, 100], added to the logits; stored as
       ``((id, bias), ...)`` sorted by id.
     * ``min_tokens`` [0]: in [0, max_tokens]; EOS and the stop ids cannot be sampled before this
-      many output tokens.
+      many output tokens. :meth:`validate_for_vocab` rejects a ``min_tokens > 0`` that leaves
+      no token to sample before it (allowed ids minus bad ids, stop ids and EOS is empty).
     * ``allowed_token_ids`` [None]: only these ids can be sampled (a non-empty iterable).
     * ``bad_token_ids`` [()]: these ids are never sampled.
-    * ``logprobs`` [None]: None = off; n in [0, 20]: each output token comes with its logprob,
-      rank and the ``n`` most likely tokens' logprobs.
+    * ``logprobs`` [None]: None = off; n in [0, 20] (and <= the vocabulary size, checked by
+      :meth:`validate_for_vocab`): each output token comes with its logprob, rank and the ``n``
+      most likely tokens' logprobs.
     * ``prompt_logprobs`` [None]: the same for every prompt token (from the model's raw logits).
     * ``logprobs_mode`` ["raw"]: "raw" = log-softmax of the model's logits; "processed" = of the
       distribution actually sampled from (after penalties, bias, masks, temperature and filters;
@@ -97,17 +122,14 @@ class SamplingParams:
             raise ValidationError("n", self.n, allowed)
         set_(self, "n", n)
 
-        allowed = "finite float >= 0 (0 = greedy)"
+        allowed = f"0 (greedy) or float in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
         temperature = v.as_float("temperature", self.temperature, allowed)
-        if temperature < 0.0:
+        if temperature != 0.0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
             raise ValidationError("temperature", self.temperature, allowed)
-        set_(self, "temperature", temperature)
+        set_(self, "temperature", temperature if temperature != 0.0 else 0.0)  # -0.0 -> 0.0
 
-        allowed = "float in (0, 1]"
-        top_p = v.as_float("top_p", self.top_p, allowed)
-        if not 0.0 < top_p <= 1.0:
-            raise ValidationError("top_p", self.top_p, allowed)
-        set_(self, "top_p", top_p)
+        allowed = f"float in [{MIN_TOP_P:g}, 1]"
+        set_(self, "top_p", v.float_in("top_p", self.top_p, MIN_TOP_P, 1.0, allowed))
 
         allowed = "int: -1 or 0 (disabled) or >= 1"
         top_k = v.as_int("top_k", self.top_k, allowed)
@@ -137,10 +159,9 @@ class SamplingParams:
         self._check_logprobs(set_)
 
     def _check_processors(self, set_) -> None:
-        allowed = "finite float > 0 (1 = off)"
-        rep = v.as_float("repetition_penalty", self.repetition_penalty, allowed)
-        if rep <= 0.0:
-            raise ValidationError("repetition_penalty", self.repetition_penalty, allowed)
+        lo, hi = MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY
+        allowed = f"float in [{lo:g}, {hi:g}] (1 = off)"
+        rep = v.float_in("repetition_penalty", self.repetition_penalty, lo, hi, allowed)
         set_(self, "repetition_penalty", rep)
         for name in ("presence_penalty", "frequency_penalty"):
             allowed = f"float in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 = off)"
@@ -192,13 +213,20 @@ class SamplingParams:
         has_ids = self.allowed_token_ids is not None or bool(self.bad_token_ids)
         return bool(self.logit_bias) or has_ids
 
-    def validate_for_vocab(self, vocab_size: int) -> None:
+    def validate_for_vocab(
+        self, vocab_size: int, eos_token_ids: int | Iterable[int] | None = None
+    ) -> None:
         """Check every token-id field against a vocabulary of ``vocab_size`` tokens.
 
         Raises ``ValidationError`` naming the field (``stop_token_ids``, ``logit_bias``,
         ``allowed_token_ids``, ``bad_token_ids``) for an id outside ``[0, vocab_size)``, or when
-        the allowed and bad ids leave no token to sample; ``ValidationError("vocab_size", ...)``
-        when ``vocab_size`` is not an int >= 1.
+        the allowed and bad ids leave no token to sample; ``logprobs`` / ``prompt_logprobs``
+        above ``vocab_size``; ``min_tokens`` when it is > 0 and no token can be sampled before
+        it: the allowed ids (all ids when None) minus the bad ids, the stop ids and, unless
+        ``ignore_eos``, ``eos_token_ids`` (the model's EOS id or ids, when the caller knows
+        them) are empty. ``ValidationError("vocab_size", ...)`` when ``vocab_size`` is not an
+        int >= 1; ``ValidationError("eos_token_id", ...)`` for an EOS id outside the vocabulary.
+        Runs once per request (host, O(number of ids)).
         """
         vocab = v.as_int("vocab_size", vocab_size, "int >= 1")
         if vocab < 1:
@@ -217,3 +245,25 @@ class SamplingParams:
                 self.bad_token_ids,
                 "ids that leave at least one token to sample (allowed_token_ids minus these)",
             )
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and n > vocab:
+                limit = min(MAX_LOGPROBS, vocab)
+                raise ValidationError(name, n, f"None or int in [0, {limit}] (vocab_size={vocab})")
+        if eos_token_ids is None:
+            eos: tuple[int, ...] = ()
+        elif isinstance(eos_token_ids, Iterable):
+            eos = tuple(v.token_id("eos_token_id", t, vocab) for t in eos_token_ids)
+        else:
+            eos = (v.token_id("eos_token_id", eos_token_ids, vocab),)
+        if self.min_tokens > 0:
+            blocked = bad | set(self.stop_token_ids)
+            if not self.ignore_eos:
+                blocked.update(eos)
+            if (len(blocked) >= vocab) if allowed is None else set(allowed) <= blocked:
+                raise ValidationError(
+                    "min_tokens",
+                    self.min_tokens,
+                    "0 when no token can be sampled before min_tokens (allowed_token_ids, or "
+                    "the whole vocabulary, minus bad_token_ids, stop_token_ids and EOS is empty)",
+                )

@@ -23,7 +23,7 @@ other rows are bitwise what they would be without it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from layerzero_serve.kernels.sampling_api import (
 from layerzero_serve.kernels.spec import KernelContext
 from layerzero_serve.sampling import _slot_ops as slot_ops
 from layerzero_serve.sampling import _state as st
+from layerzero_serve.sampling import _validate as v
 from layerzero_serve.sampling._batch import (
     P_FLAGS,
     P_OFFSET,
@@ -62,6 +63,8 @@ from layerzero_serve.selection._selector import Selector
 
 logger = logging.getLogger("layerzero_serve")
 _EMPTY = np.empty(0, np.int64)
+MAX_ROWS = 2**31 - 1  # bound of max_num_seqs / max_rows (int32 row indices)
+MAX_VOCAB = 2**31 - 1  # bound of vocab_size (int32 token ids)
 
 
 class Sampler:
@@ -69,7 +72,8 @@ class Sampler:
 
     Args:
         seed: seeds the generator that gives unseeded requests their seeds (None: from the OS).
-        max_num_seqs: rows per step (the capacity of the persistent buffers and slot tables).
+        max_num_seqs: rows per step (the capacity of the persistent buffers and slot tables),
+            an int in [1, 2**31 - 1].
         kernel: force a sampling kernel (default: the selection engine's choice at ``bind``,
             or the torch kernel).
     """
@@ -88,9 +92,7 @@ class Sampler:
                 raise ValidationError("seed", seed, allowed)
         self.seed = seed
         self._rng = np.random.default_rng(None if seed is None else seed % 2**64)
-        self.max_rows = as_int("max_num_seqs", max_num_seqs, "int >= 1")
-        if self.max_rows < 1:
-            raise ValidationError("max_num_seqs", max_num_seqs, "int >= 1")
+        self.max_rows = v.int_in("max_num_seqs", max_num_seqs, 1, MAX_ROWS)
         self._forced = kernel
         self._kernel: SamplingKernel = kernel or TorchSamplingKernel()
         self._invariant: SamplingKernel = (
@@ -116,12 +118,15 @@ class Sampler:
     ) -> Sampler:
         """Allocate the buffers for ``device`` and a vocabulary of ``vocab_size``, and pick the
         kernels (through ``selector.select(Op.SAMPLING, ctx)`` when both are given). Forgets
-        every request's state. Called once (the model runner's constructor)."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device, self.vocab_size = device, as_int("vocab_size", vocab_size, "int >= 1")
-        self.max_rows = max_rows or self.max_rows
+        every request's state. Called once (the model runner's constructor).
+
+        Raises ``ValidationError`` naming ``device`` (not a device, or a CUDA device that does
+        not exist), ``vocab_size`` (int in [1, 2**31 - 1]) or ``max_rows`` (None = the
+        constructor's ``max_num_seqs``, else an int in [1, 2**31 - 1])."""
+        device = _as_device(device)
+        vocab = v.int_in("vocab_size", vocab_size, 1, MAX_VOCAB)
+        rows = self.max_rows if max_rows is None else v.int_in("max_rows", max_rows, 1, MAX_ROWS)
+        self.device, self.vocab_size, self.max_rows = device, vocab, rows
         self._staging = PackedStaging(self.max_rows, device)
         self.tables = st.DeviceTables(self.max_rows, self.vocab_size, device)
         self._host = st.HostTable()
@@ -282,8 +287,30 @@ class Sampler:
 
         ``logits`` float ``[B, V]``; ``params`` one SamplingParams or B; ``seeds`` per row
         (None: the sampler's generator); the prompt / output token ids per row feed penalties,
-        min-tokens and the row's offset (its output length)."""
+        min-tokens and the row's offset (its output length).
+
+        Every input is validated here (this is not the engine's per-step path, which calls
+        ``prepare`` / ``sample``): ``ValidationError`` names ``params`` (not a SamplingParams
+        or a sequence of them), ``prompt_token_ids`` / ``output_token_ids`` / ``eos_token_id``
+        (an id outside ``[0, V)``), or the params field ``validate_for_vocab(V)`` rejects
+        (ids outside the vocabulary, ``logprobs`` > V, ...)."""
+        if params is None or not (
+            isinstance(params, SamplingParams)
+            or (isinstance(params, Iterable) and not isinstance(params, (str, bytes, dict)))
+        ):
+            raise ValidationError("params", params, "a SamplingParams or one per row")
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] >= 1:
+            vocab = int(logits.shape[1])
+            if eos_token_id is not None:
+                eos_token_id = v.token_id("eos_token_id", eos_token_id, vocab)
+            prompt_token_ids = _rows_of_ids("prompt_token_ids", prompt_token_ids, vocab)
+            output_token_ids = _rows_of_ids("output_token_ids", output_token_ids, vocab)
         rows = call_rows(logits, params, seeds, prompt_token_ids, output_token_ids, eos_token_id)
+        checked: set[int] = set()
+        for r in rows:  # once per distinct params object
+            if id(r.sampling_params) not in checked:
+                checked.add(id(r.sampling_params))
+                r.sampling_params.validate_for_vocab(logits.shape[1])
         self._ensure_bound(logits.device, logits.shape[1])
         try:
             return self.sample(logits, self.prepare(rows)).to_host()
@@ -371,3 +398,30 @@ class Sampler:
             )
         else:
             self._kernel = self._invariant = TorchSamplingKernel()
+
+
+def _as_device(device: object) -> torch.device:
+    allowed = "a torch.device or a device string such as 'cpu' or 'cuda:0'"
+    if not isinstance(device, (torch.device, str)):
+        raise ValidationError("device", device, allowed)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValidationError("device", device, allowed, str(e).splitlines()[0]) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            ok = f"a CUDA device index in [0, {count})" if count else "'cpu' (no CUDA device)"
+            raise ValidationError("device", device, ok)
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _rows_of_ids(param: str, seqs: object, vocab: int) -> list[list[int]] | None:
+    """None, or one iterable of token ids in ``[0, vocab)`` per row, as lists."""
+    if seqs is None:
+        return None
+    if isinstance(seqs, (str, bytes)) or not isinstance(seqs, Iterable):
+        raise ValidationError(param, seqs, "None or one list of token ids per row")
+    return [v.token_ids_in_vocab(f"{param}[{i}]", ids, vocab) for i, ids in enumerate(seqs)]

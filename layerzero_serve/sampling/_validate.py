@@ -26,7 +26,10 @@ def as_float(param: str, value: object, allowed: str) -> float:
         raise ValidationError(
             param, value, allowed, f"expected a float, got {type(value).__name__}"
         )
-    f = float(value)
+    try:
+        f = float(value)
+    except (OverflowError, ValueError, TypeError):  # e.g. 10**400: too large for a float
+        raise ValidationError(param, value, allowed, "must be finite") from None
     if not math.isfinite(f):
         raise ValidationError(param, value, allowed, "must be finite")
     return f
@@ -55,7 +58,10 @@ def token_ids(param: str, value: object) -> tuple[int, ...]:
     allowed = "iterable of ints >= 0"
     if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Iterable):
         raise ValidationError(param, value, allowed)
-    ids = tuple(value)
+    try:
+        ids = tuple(value)
+    except TypeError:  # e.g. a 0-d NumPy array or tensor: iterable type, not iterable value
+        raise ValidationError(param, value, allowed, "not iterable (a scalar?)") from None
     out = []
     for i, tok in enumerate(ids):
         if isinstance(tok, bool) or not isinstance(tok, numbers.Integral):
@@ -75,7 +81,10 @@ def logit_bias(value: object, limit: float) -> tuple[tuple[int, float], ...]:
     if isinstance(value, Mapping):
         items = list(value.items())
     elif isinstance(value, Iterable) and not isinstance(value, (str, bytes, bytearray)):
-        items = list(value)
+        try:
+            items = list(value)
+        except TypeError:  # a 0-d NumPy array or tensor
+            raise ValidationError("logit_bias", value, allowed, "not iterable") from None
     else:
         raise ValidationError("logit_bias", value, allowed)
     out: dict[int, float] = {}
@@ -94,3 +103,26 @@ def ids_in_vocab(param: str, ids: Iterable[int], vocab: int, shown: object) -> N
     for i, tok in enumerate(ids):
         if not 0 <= tok < vocab:
             raise ValidationError(param, shown, allowed, f"id {tok} at index {i}")
+
+
+def int_in(param: str, value: object, lo: int, hi: int) -> int:
+    """An int in ``[lo, hi]``."""
+    allowed = f"int in [{lo}, {hi}]"
+    n = as_int(param, value, allowed)
+    if not lo <= n <= hi:
+        raise ValidationError(param, value, allowed)
+    return n
+
+
+def token_id(param: str, value: object, vocab: int) -> int:
+    """One token id in ``[0, vocab)`` as ``int``."""
+    return int_in(param, value, 0, vocab - 1)
+
+
+def token_ids_in_vocab(param: str, value: object, vocab: int) -> list[int]:
+    """An iterable of token ids in ``[0, vocab)`` (a 1-D tensor or array too) as a list."""
+    if hasattr(value, "tolist") and getattr(value, "ndim", None) == 1:
+        value = value.tolist()  # 1-D torch tensor / NumPy array of ids
+    ids = token_ids(param, value)
+    ids_in_vocab(param, ids, vocab, ids if len(ids) <= 16 else f"<{len(ids)} token ids>")
+    return list(ids)
