@@ -148,6 +148,7 @@ class Engine:
         eos_ids = list(mc.eos_token_ids)
         self.eos_token_id: int | None = eos_ids[0] if eos_ids else None
         self._extra_stop_ids = frozenset(eos_ids[1:])
+        self._eos_ids = tuple(eos_ids)
         self._ids = itertools.count()
         self._children: dict[str, list[str]] = {}
         # prompt logprobs collected over prefill chunks, until the first output token
@@ -208,6 +209,13 @@ class Engine:
     def max_model_len(self) -> int:
         return self.scheduler.config.max_model_len
 
+    def _validate_params(self, params: SamplingParams) -> None:
+        """``params`` against this model: ids in the vocabulary, and (with ``min_tokens``)
+        some token left to sample besides the stop and EOS ids."""
+        if not isinstance(params, SamplingParams):
+            raise ValidationError("params", type(params).__name__, "a SamplingParams")
+        params.validate_for_vocab(self.vocab_size, eos_token_ids=list(self._eos_ids) or None)
+
     def _validate_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
         if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Sequence):
             raise ValidationError(
@@ -248,9 +256,7 @@ class Engine:
         outside ``[-(2**31 - 1), 2**31 - 1]`` (lower runs first under the priority policy), or
         a ``cache_salt`` that is not a str."""
         params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValidationError("params", type(params).__name__, "a SamplingParams")
-        params.validate_for_vocab(self.vocab_size)
+        self._validate_params(params)
         ids = self._validate_prompt(prompt_token_ids)
         if request_id is not None and not isinstance(request_id, str):
             raise ValidationError("request_id", request_id, "None or a str")

@@ -156,7 +156,7 @@ class LLM:
         for i, ids in enumerate(encoded):  # validate all before queueing any
             try:
                 self.engine._validate_prompt(ids)
-                params[i].validate_for_vocab(self.engine.vocab_size)
+                self.engine._validate_params(params[i])
             except ValidationError as e:
                 raise type(e)(f"prompts[{i}]: {e.param}", e.value, e.allowed) from None
         return self._run(items, encoded, params, use_tqdm)

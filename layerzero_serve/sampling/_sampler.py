@@ -307,7 +307,9 @@ class Sampler:
             output_token_ids = _rows_of_ids("output_token_ids", output_token_ids, vocab)
         rows = call_rows(logits, params, seeds, prompt_token_ids, output_token_ids, eos_token_id)
         checked: set[int] = set()
-        for r in rows:  # once per distinct params object
+        # once per distinct params object; EOS is not passed, so allowed_token_ids == [EOS]
+        # with min_tokens > 0 still reaches the row's run-time failure flag (ALL_MASKED)
+        for r in rows:
             if id(r.sampling_params) not in checked:
                 checked.add(id(r.sampling_params))
                 r.sampling_params.validate_for_vocab(logits.shape[1])
