@@ -44,6 +44,10 @@ class Scheduler:
     """Owns the requests and their lifecycle; the KV manager owns their blocks."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        if not isinstance(config, SchedulerConfig):
+            raise ValidationError("config", type(config).__name__, "a SchedulerConfig")
+        if not isinstance(kv, KVCacheManager):
+            raise ValidationError("kv", type(kv).__name__, "a KVCacheManager")
         self.config = config
         self.kv = kv
         key = sort_key_for(config.policy)
@@ -414,4 +418,10 @@ class Scheduler:
         """schedule -> runner -> update, the whole loop for one step."""
         out = self.schedule()
         toks = runner(out) if out.requests else []
+        if len(toks) != len(out.requests):
+            raise ValidationError(
+                "runner",
+                f"{len(toks)} rows of tokens",
+                f"one per scheduled request ({len(out.requests)})",
+            )
         return self.update(out, toks)

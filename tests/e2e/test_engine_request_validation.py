@@ -129,3 +129,18 @@ def test_scheduler_validates_a_request_before_queueing_it(field, value):
     with pytest.raises(ValidationError, match=field):
         sched.add_request(Request(**fields))
     assert not sched.requests and not sched.has_unfinished()
+
+
+def test_scheduler_checks_its_parts_and_the_runners_rows():
+    from layerzero_serve.kv_cache import KVCacheManager
+    from layerzero_serve.scheduler import Scheduler, SchedulerConfig
+    from layerzero_serve.types import Request
+
+    with pytest.raises(ValidationError, match="kv"):
+        Scheduler(SchedulerConfig(4, 64, 128), None)
+    with pytest.raises(ValidationError, match="config"):
+        Scheduler({"max_num_seqs": 4}, KVCacheManager(32, 16))
+    sched = Scheduler(SchedulerConfig(4, 64, 128), KVCacheManager(32, 16))
+    sched.add_request(Request(request_id="r", prompt_token_ids=[1, 2, 3], max_tokens=4))
+    with pytest.raises(ValidationError, match="runner"):
+        sched.step(lambda out: [])  # no row for the scheduled request
