@@ -27,7 +27,10 @@ alone never turns speculation on.
 from __future__ import annotations
 
 import inspect
+import logging
+import operator
 from collections.abc import Iterable
+from itertools import islice
 
 import numpy as np
 
@@ -48,6 +51,33 @@ PLAIN_PROBE_INTERVAL = 8
 # offer (n-gram lookup on non-repetitive text) otherwise costs its host time every step
 # (~0.3 ms at batch 64 with 4k contexts, about 5% of an 8B decode step) for no gain.
 MAX_IDLE_PAUSE = 64
+logger = logging.getLogger("layerzero_serve")
+
+
+def clean_drafts(row: object, limit: int, vocab_size: int) -> list[int]:
+    """A proposer's drafts for one request as token ids: at most ``limit`` of them, cut at the
+    first entry that is not an integer id in ``[0, vocab_size)`` (a float, a string, an array
+    of more than one element, an id outside the vocabulary...). A row that is not a sequence of
+    ids gives no drafts. So whatever a (user-written) proposer returns for one request, the
+    others are untouched and no draft id reaches an embedding gather."""
+    if row is None or limit <= 0 or isinstance(row, (str, bytes, dict, set, frozenset)):
+        return []
+    try:
+        items = list(islice(iter(row), limit))
+    except TypeError:
+        return []
+    out: list[int] = []
+    for t in items:
+        try:
+            v = operator.index(t)  # ints, numpy ints, 0-d integer tensors (not floats)
+        except TypeError:
+            break
+        if isinstance(t, bool) or not 0 <= v < vocab_size:
+            break
+        out.append(v)
+    return out
+
+
 # Adaptive mode: draft outcomes (shadow or verified) needed before the measured acceptance rate
 # may turn speculation on.
 MIN_EVIDENCE = 4.0
@@ -138,6 +168,7 @@ class SpecCoordinator:
         self._steps = 0
         self._idle_pause = 0  # steps left without proposing (adaptive mode)
         self._idle_next = 1  # the next pause's length
+        self.proposer_errors = 0  # proposer calls that raised or returned a malformed batch
         # Proposers that keep per-request state take the ids (NgramProposer's incremental
         # index); a user's proposer with the base signature gets tokens and k only.
         params = inspect.signature(proposer.propose).parameters
@@ -270,32 +301,48 @@ class SpecCoordinator:
             at = self._shadow_cursor % len(ready)
             ready = (ready[at:] + ready[:at])[:SHADOW_ROWS]
             self._shadow_cursor = at + SHADOW_ROWS
-        tokens = [r.all_token_ids for r in ready]
-        if self._pass_ids:
-            drafts = self.proposer.propose(tokens, k, request_ids=[r.request_id for r in ready])
-        else:
-            drafts = self.proposer.propose(tokens, k)
-        vocab_ok = self.vocab_size
+        drafts = self._ask(ready, k)
         drafted = False
-        for r, d in zip(ready, drafts, strict=True):
+        for r, row in zip(ready, drafts, strict=True):
             room = r.stop_len - len(r.all_token_ids) - 1  # leave room for the target's token
-            if d and room > 0:
-                d = [int(t) for t in d[: min(room, k)]]
-                # A draft id outside the vocabulary would reach the embedding gather: cut the
-                # drafts there (the verifier would reject it anyway).
-                bad = next((j for j, t in enumerate(d) if not 0 <= t < vocab_ok), len(d))
-                if bad:
-                    drafted = True
-                    if shadow:
-                        self._shadow[r.request_id] = d[0]
-                    else:
-                        r.spec_token_ids = d[:bad]
+            d = clean_drafts(row, min(room, k), self.vocab_size)
+            if d:
+                drafted = True
+                if shadow:
+                    self._shadow[r.request_id] = d[0]
+                else:
+                    r.spec_token_ids = d
         if self.adaptive is not None:
             if drafted:
                 self._idle_next = 1
             else:
                 self._idle_pause = self._idle_next
                 self._idle_next = min(2 * self._idle_next, MAX_IDLE_PAUSE)
+
+    def _ask(self, ready: list[Request], k: int) -> list:
+        """The proposer's rows for ``ready``; a call that raises or returns anything but one
+        row per request counts as no drafts this step (logged), never as an engine error."""
+        tokens = [r.all_token_ids for r in ready]
+        try:
+            if self._pass_ids:
+                ids = [r.request_id for r in ready]
+                drafts = self.proposer.propose(tokens, k, request_ids=ids)
+            else:
+                drafts = self.proposer.propose(tokens, k)
+            drafts = list(drafts)
+            if len(drafts) != len(ready):
+                raise ValueError(f"{len(drafts)} rows for {len(ready)} requests")
+        except Exception as e:  # a plug-in's failure must not stop the engine
+            self.proposer_errors += 1
+            n = self.proposer_errors
+            if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th ... time
+                logger.warning(
+                    "proposer %s failed (%d times so far), no drafts this step: %s: %s",
+                    getattr(self.proposer, "name", type(self.proposer).__name__), n,
+                    type(e).__name__, e,
+                )  # fmt: skip
+            return [None] * len(ready)
+        return drafts
 
     def drop_shadow(self) -> None:
         """Forget shadow drafts whose step will not be scored (it was dropped)."""
@@ -347,5 +394,6 @@ class SpecCoordinator:
             "acceptance_rate_per_position": m.acceptance_rate_per_position().tolist(),
             "verification_kernel": getattr(self.verifier, "kernel_name", ""),
             "shadow_probes": self.shadow_probes,
+            "proposer_errors": self.proposer_errors,
             "shadow_hits": self.shadow_hits,
         }
