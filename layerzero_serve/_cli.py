@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 
 from layerzero_serve import _envs as envs
+from layerzero_serve.errors import ValidationError
 
 DEMO_SYSTEM_PROMPTS = [
     "You are a helpful assistant. Answer the question in one sentence. ",
@@ -24,6 +26,29 @@ DEMO_QUESTIONS = [
     "Describe continuous batching.",
     "What is speculative decoding?",
 ]
+
+
+MAX_DEMO_REPEAT = 10_000  # copies of the 14-prompt demo set (140k requests at most)
+_TOKEN_IDS_RE = re.compile(r"\s*[0-9]+\s*(,\s*[0-9]+\s*)*")
+
+
+def int_in(low: int, high: int):
+    """An argparse ``type``: an integer in ``[low, high]``, else a usage error (exit 2) that
+    names the option, raised while parsing, before anything is loaded."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is invalid; allowed: an integer in [{low}, {high}]"
+            )
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -80,12 +105,26 @@ def _params(args: argparse.Namespace):
     )
 
 
+def _token_id_prompts(prompts: list[str] | None) -> list[list[int]]:
+    """``--prompt`` values as token-id lists (``--token-ids``); checked before the model loads."""
+    allowed = "comma-separated non-negative integer token ids with --token-ids, e.g. 1,2,3"
+    if not prompts:
+        raise ValidationError("--prompt", None, allowed, "--token-ids needs at least one --prompt")
+    for p in prompts:
+        if not _TOKEN_IDS_RE.fullmatch(p):
+            raise ValidationError("--prompt", p, allowed)
+    return [[int(t) for t in p.split(",")] for p in prompts]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    llm = _llm(args)
-    prompts = args.prompt or ["You are a helpful assistant."]
+    # Validate every input before the (possibly slow) model load.
     if args.token_ids:
-        prompts = [[int(t) for t in p.split(",")] for p in prompts]
-    for r in llm.generate(prompts, _params(args), use_tqdm=not args.quiet):
+        prompts = _token_id_prompts(args.prompt)
+    else:
+        prompts = args.prompt or ["You are a helpful assistant."]
+    params = _params(args)
+    llm = _llm(args)
+    for r in llm.generate(prompts, params, use_tqdm=not args.quiet):
         shown = r.text if r.text is not None else r.token_ids
         print(
             json.dumps(
@@ -101,12 +140,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    params = _params(args)  # sampling options are checked before the model loads
     llm = _llm(args)
     # Wave 1 warms the prefix cache with one question per system prompt; wave 2 sends the rest
     # (repeated), which share those prefixes: what a chat service sees.
     warm = [s + DEMO_QUESTIONS[0] for s in DEMO_SYSTEM_PROMPTS]
     rest = [s + q for s in DEMO_SYSTEM_PROMPTS for q in DEMO_QUESTIONS[1:]] * args.repeat
-    params = _params(args)
     t0 = time.perf_counter()
     results = llm.generate(warm, params, use_tqdm=not args.quiet)
     results += llm.generate(rest, params, use_tqdm=not args.quiet)
@@ -141,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="batch with shared prefixes on the default model")
     _engine_args(demo)
     _sampling_args(demo, max_tokens=32)
-    demo.add_argument("--repeat", type=int, default=2, help="copies of the prompt set")
+    demo.add_argument(
+        "--repeat",
+        type=int_in(1, MAX_DEMO_REPEAT),
+        default=2,
+        help=f"copies of the prompt set in the second wave (1..{MAX_DEMO_REPEAT})",
+    )
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo, ignore_eos=True)
     gen = sub.add_parser("generate", help="generate for prompts")
@@ -165,8 +209,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as e:  # validation errors: a clear message, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(_option_message(e, args))}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unreadable file or cache directory: not a usage error
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        return 1
+
+
+def _option_message(e: ValueError, args: argparse.Namespace) -> str:
+    """The message of ``e``; a ValidationError of a field that is also a CLI option
+    (``block_size``) names the option (``--block-size``)."""
+    msg = str(e)
+    param = getattr(e, "param", None) if isinstance(e, ValidationError) else None
+    if param and param.isidentifier() and hasattr(args, param) and msg.startswith(f"{param}="):
+        msg = "--" + param.replace("_", "-") + msg[len(param) :]
+    return msg
+
+
+def _one_line(msg: str) -> str:
+    return "; ".join(line.strip() for line in msg.splitlines() if line.strip()) or "failed"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ from dataclasses import asdict
 from layerzero_serve.kernels.spec import Op
 
 DEFAULT_DOCTOR_MODEL = "dummy:llama3-8b"
+# The engine's ranges (EngineConfig.block_size, EngineConfig.max_num_seqs), checked at parse time.
+BLOCK_SIZE_MAX = 256
+_MODEL_ALLOWED = "a checkpoint directory with config.json, 'dummy:<preset>' or 'default'"
 
 
 def _device(args: argparse.Namespace):
@@ -20,19 +23,41 @@ def _device(args: argparse.Namespace):
     return probe_device()
 
 
-def _shape(model: str, dtype: str | None, device_type: str):
+def _model_config(model: str):
+    """The ModelConfig of ``--model``; a missing, unreadable or invalid checkpoint is a
+    ValidationError naming ``--model`` (no traceback)."""
+    from pathlib import Path
+
     from layerzero_serve._models import load_config
     from layerzero_serve._models.dummy import dummy_config
+    from layerzero_serve.errors import ValidationError
+
+    try:
+        if model.startswith("dummy:"):
+            return dummy_config(model)
+        if model == "default":
+            from layerzero_serve._default_model import ensure_default_model
+
+            return load_config(ensure_default_model())
+        return load_config(Path(model).expanduser())
+    except ValidationError as e:
+        if e.param != "model":
+            detail = f"invalid config: {e}"
+            raise ValidationError("--model", model, _MODEL_ALLOWED, detail) from None
+        raise ValidationError("--model", model, e.allowed, "unknown preset") from None
+    except FileNotFoundError:
+        raise ValidationError("--model", model, _MODEL_ALLOWED, "no config.json found") from None
+    except (OSError, ValueError) as e:  # unreadable dir, bad JSON, unsupported architecture
+        detail = f"cannot read its config: {type(e).__name__}: {e}"
+        raise ValidationError("--model", model, _MODEL_ALLOWED, detail) from None
+
+
+def _shape(model: str, dtype: str | None, device_type: str):
     from layerzero_serve.selection.plans import ModelShape
 
-    if model.startswith("dummy:"):
-        mc = dummy_config(model)
-    elif model == "default":
-        from layerzero_serve._default_model import ensure_default_model
-
-        mc = load_config(ensure_default_model())
-    else:
-        mc = load_config(model)
+    mc = _model_config(model)
+    if dtype == "auto":
+        dtype = None
     if dtype is None:
         dtype = "float32" if device_type == "cpu" else str(mc.torch_dtype or "bfloat16")
     dtype = dtype.removeprefix("torch.")
@@ -126,24 +151,33 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from layerzero_serve._cli import int_in
+    from layerzero_serve.config import DTYPES, INT32_MAX, MAX_NUM_SEQS
+
+    dtypes = ["auto", *DTYPES]
     doc = sub.add_parser("doctor", help="device, kernel backends and the plan table of a model")
     doc.add_argument(
         "--model",
         default=DEFAULT_DOCTOR_MODEL,
         help="checkpoint dir, dummy:<preset> or 'default' (config only)",
     )
-    doc.add_argument("--dtype", default=None)
-    doc.add_argument("--block-size", type=int, default=16)
-    doc.add_argument("--max-num-seqs", type=int, default=256)
+    doc.add_argument("--dtype", default=None, choices=dtypes, help="default: auto")
+    doc.add_argument("--block-size", type=int_in(1, BLOCK_SIZE_MAX), default=16)
+    doc.add_argument("--max-num-seqs", type=int_in(1, MAX_NUM_SEQS), default=256)
     _add_common(doc)
     doc.set_defaults(func=cmd_doctor)
     ex = sub.add_parser("explain", help="every candidate for one plan, with reasons and scores")
     ex.add_argument("--op", default="attention_decode", choices=[o.value for o in Op])
     ex.add_argument("--model", default=DEFAULT_DOCTOR_MODEL)
-    ex.add_argument("--dtype", default=None)
-    ex.add_argument("--block-size", type=int, default=16)
-    ex.add_argument("--batch", type=int, default=1)
-    ex.add_argument("--q-len", type=int, default=1)
+    ex.add_argument("--dtype", default=None, choices=dtypes, help="default: auto")
+    ex.add_argument("--block-size", type=int_in(1, BLOCK_SIZE_MAX), default=16)
+    ex.add_argument("--batch", type=int_in(1, MAX_NUM_SEQS), default=1, help="batch bucket")
+    ex.add_argument(
+        "--q-len",
+        type=int_in(0, INT32_MAX),
+        default=1,
+        help="tokens per request: 1 decode, k+1 verify, 0 prefill (variable)",
+    )
     ex.add_argument("--graph", action="store_true")
     _add_common(ex)
     ex.set_defaults(func=cmd_explain)
