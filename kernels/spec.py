@@ -9,8 +9,11 @@ and the selection engine can read them.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from layerzero_serve.errors import ValidationError
 
 
 class Op(str, enum.Enum):
@@ -29,6 +32,8 @@ class Op(str, enum.Enum):
 
 
 GENERATIONS = ("cpu", "turing", "ampere", "ada", "hopper", "blackwell", "unknown")
+DEVICE_TYPES = ("cuda", "cpu")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class Reason(str, enum.Enum):
@@ -57,20 +62,82 @@ class Rejection:
     code: Reason
     message: str
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.code, Reason):
+            object.__setattr__(self, "code", _enum(Reason, "Rejection.code", self.code))
+        if not isinstance(self.message, str):
+            raise ValidationError("Rejection.message", self.message, "a str")
+
     def __str__(self) -> str:
         return f"{self.code.value}: {self.message}"
 
 
+# ---- validation helpers (construction time only; never on the selection hot path) -----------
+def _enum(cls: type[enum.Enum], param: str, value: object):
+    """``value`` as a member of ``cls`` (a member or its string value)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        try:
+            return cls(value)
+        except ValueError:
+            pass
+    raise ValidationError(param, value, f"a {cls.__name__} or one of {[m.value for m in cls]}")
+
+
+def _int(param: str, value: object, lo: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(param, value, f"an int >= {lo}")
+    if value < lo:
+        raise ValidationError(param, value, f"an int >= {lo}")
+    return int(value)
+
+
+def _name(param: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(param, value, "a non-empty str")
+    return value
+
+
+def _choice(param: str, value: object, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValidationError(param, value, f"one of {list(allowed)}")
+    return value
+
+
+def _value_set(
+    param: str, value: object, allowed: tuple[str, ...] | None = None
+) -> frozenset | None:
+    """None (any) or a non-empty collection -> frozenset; elements are names from ``allowed``
+    or, when ``allowed`` is None, ints >= 0. A bare str is rejected (it would substring-match)."""
+    if value is None:
+        return None
+    what = f"one of {list(allowed)}" if allowed is not None else "ints >= 0"
+    expected = f"None or a non-empty set/frozenset/tuple/list of {what}"
+    if not isinstance(value, (frozenset, set, tuple, list, range)):
+        raise ValidationError(param, value, expected)
+    if not value:
+        raise ValidationError(param, value, expected, "empty: the kernel could never run")
+    for v in value:
+        if allowed is not None:
+            if not isinstance(v, str) or v not in allowed:
+                raise ValidationError(param, value, expected, f"bad element {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValidationError(param, value, expected, f"bad element {v!r}")
+    return value if isinstance(value, frozenset) else frozenset(value)
+
+
 @dataclass(frozen=True, slots=True)
 class KernelContext:
-    """One plan: what the op must handle. Hashable; the selection cache key.
+    """One plan: what the op must handle. Hashable; the selection cache key. Validated at
+    construction (``ValidationError`` naming the field); ``op`` may be given as its string value.
 
     Attributes:
         op: the operation.
-        device_type: "cuda" or "cpu".
+        device_type: one of DEVICE_TYPES ("cuda", "cpu").
         sm: compute capability as major*10+minor (90 = Hopper), 0 on CPU.
         generation: one of GENERATIONS.
-        dtype: "float32" | "bfloat16" | "float16".
+        dtype: one of DTYPES ("float32" | "bfloat16" | "float16").
         head_dim, num_q_heads, num_kv_heads: attention shape (0 when not applicable).
         block_size: KV block (page) size in tokens (0 when not applicable).
         batch_bucket: the batch size bucket of the plan (padded batch).
@@ -93,6 +160,18 @@ class KernelContext:
     graph_mode: bool = False
     vocab_size: int = 0
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.op, Op):
+            object.__setattr__(self, "op", _enum(Op, "KernelContext.op", self.op))
+        _choice("KernelContext.device_type", self.device_type, DEVICE_TYPES)
+        _int("KernelContext.sm", self.sm)
+        _choice("KernelContext.generation", self.generation, GENERATIONS)
+        _choice("KernelContext.dtype", self.dtype, DTYPES)
+        for f in _CTX_INTS:
+            _int(f"KernelContext.{f}", getattr(self, f))
+        if not isinstance(self.graph_mode, bool):
+            raise ValidationError("KernelContext.graph_mode", self.graph_mode, "a bool")
+
     @property
     def gqa_ratio(self) -> int:
         return self.num_q_heads // self.num_kv_heads if self.num_kv_heads else 0
@@ -102,19 +181,24 @@ class KernelContext:
 class KernelSpec:
     """A kernel's declaration. ``None`` in a constraint field means "any".
 
+    Validated at construction (``ValidationError`` naming the field): constraint fields take
+    None or a non-empty set/frozenset/tuple/list (a bare str is rejected) and are normalised
+    to frozensets; ``op`` may be given as its string value.
+
     Attributes:
         name: unique kernel name (``flashinfer.decode``...).
         op: the op it implements.
         backend: the backend (library) it comes from; its availability gates the kernel.
         priority: base score; higher wins.
         graph_safe: may run inside a captured CUDA graph.
-        device_types: device types it runs on.
+        device_types: device types it runs on (``DEVICE_TYPES``).
         dtypes, head_dims, block_sizes, gqa_ratios: allowed values.
         min_sm: lowest compute capability (major*10+minor).
         generations: allowed GPU generations.
         max_batch: largest batch bucket.
         q_lens: allowed tokens per request (0 = variable-length prefill).
-        check: extra predicate returning a Rejection or None (for rules the fields cannot say).
+        check: extra predicate returning a Rejection or None (for rules the fields cannot say);
+            one that raises or returns anything else rejects the kernel (``Reason.CUSTOM``).
         factory: builds the implementation (``factory(ctx) -> object``), imported lazily.
         doc: where the constraints come from.
     """
@@ -124,7 +208,7 @@ class KernelSpec:
     backend: str
     priority: int = 0
     graph_safe: bool = False
-    device_types: frozenset[str] = frozenset({"cuda"})
+    device_types: frozenset[str] | None = frozenset({"cuda"})
     dtypes: frozenset[str] | None = None
     head_dims: frozenset[int] | None = None
     block_sizes: frozenset[int] | None = None
@@ -137,9 +221,36 @@ class KernelSpec:
     factory: Callable[[KernelContext], object] | None = field(default=None, compare=False)
     doc: str = ""
 
+    def __post_init__(self) -> None:
+        _name("KernelSpec.name", self.name)
+        if not isinstance(self.op, Op):
+            object.__setattr__(self, "op", _enum(Op, "KernelSpec.op", self.op))
+        _name("KernelSpec.backend", self.backend)
+        p = self.priority
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
+            raise ValidationError("KernelSpec.priority", p, "an int or a finite float")
+        if not isinstance(self.graph_safe, bool):
+            raise ValidationError("KernelSpec.graph_safe", self.graph_safe, "a bool")
+        for f, allowed in _SPEC_SETS:
+            v = getattr(self, f)
+            norm = _value_set(f"KernelSpec.{f}", v, allowed)
+            if norm is not v:
+                object.__setattr__(self, f, norm)
+        _int("KernelSpec.min_sm", self.min_sm)
+        if self.max_batch is not None:
+            _int("KernelSpec.max_batch", self.max_batch, lo=1)
+        for f in ("check", "factory"):
+            v = getattr(self, f)
+            if v is not None and not callable(v):
+                raise ValidationError(
+                    f"KernelSpec.{f}", v, "None or a callable taking a KernelContext"
+                )
+        if not isinstance(self.doc, str):
+            raise ValidationError("KernelSpec.doc", self.doc, "a str")
+
     def supports(self, ctx: KernelContext) -> Rejection | None:
         """None if the kernel can run in ``ctx``; else the first reason it cannot."""
-        if ctx.device_type not in self.device_types:
+        if self.device_types is not None and ctx.device_type not in self.device_types:
             return Rejection(
                 Reason.DEVICE_TYPE, f"runs on {sorted(self.device_types)}, not {ctx.device_type}"
             )
@@ -172,5 +283,38 @@ class KernelSpec:
         if ctx.graph_mode and not self.graph_safe:
             return Rejection(Reason.NOT_GRAPH_SAFE, "cannot run inside a captured CUDA graph")
         if self.check is not None:
-            return self.check(ctx)
+            return self._run_check(ctx)
         return None
+
+    def _run_check(self, ctx: KernelContext) -> Rejection | None:
+        """The user predicate, contained: an exception or a result that is neither None nor a
+        Rejection rejects this kernel (Reason.CUSTOM) instead of breaking selection."""
+        try:
+            out = self.check(ctx)  # type: ignore[misc]
+        except Exception as e:  # noqa: BLE001 - a broken user check must not break selection
+            return Rejection(Reason.CUSTOM, f"check raised {type(e).__name__}: {e}")
+        if out is None or isinstance(out, Rejection):
+            return out
+        return Rejection(
+            Reason.CUSTOM, f"check returned {type(out).__name__} {out!r:.80}, not None/Rejection"
+        )
+
+
+_CTX_INTS = (
+    "head_dim",
+    "num_q_heads",
+    "num_kv_heads",
+    "block_size",
+    "batch_bucket",
+    "q_len",
+    "vocab_size",
+)
+_SPEC_SETS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("device_types", DEVICE_TYPES),
+    ("dtypes", DTYPES),
+    ("head_dims", None),
+    ("block_sizes", None),
+    ("gqa_ratios", None),
+    ("generations", GENERATIONS),
+    ("q_lens", None),
+)

@@ -11,7 +11,7 @@ import torch
 from layerzero_serve._models import ModelConfig, build_dummy_model, load_config, load_model
 from layerzero_serve._models.dummy import dummy_config
 from layerzero_serve.config import DEFAULT_MODEL, EngineConfig, ResolvedConfig, resolve
-from layerzero_serve.errors import ValidationError
+from layerzero_serve.errors import UnsupportedModelError, ValidationError
 
 
 @dataclass(slots=True)
@@ -20,6 +20,25 @@ class LoadedModel:
     config: ModelConfig
     path: Path | None  # checkpoint directory (None for dummy weights)
     resolved: ResolvedConfig
+
+
+def load_checkpoint_tokenizer(model_dir: Path | None):
+    """The checkpoint's ``tokenizer.json`` as a ``tokenizers.Tokenizer``, or None when absent.
+
+    A file the ``tokenizers`` library cannot parse raises :class:`UnsupportedModelError` naming
+    ``tokenizer.json`` (the library's own error is a bare ``Exception``).
+    """
+    if model_dir is None:
+        return None
+    file = Path(model_dir) / "tokenizer.json"
+    if not file.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises bare Exception for malformed files
+        raise UnsupportedModelError(f"{file}: not a valid tokenizer.json ({e})") from None
 
 
 def load_model_source(cfg: EngineConfig) -> LoadedModel:

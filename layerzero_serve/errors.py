@@ -35,5 +35,6 @@ class UnsupportedModelError(ValueError):
     """The checkpoint's architecture or a config field is not supported."""
 
 
-class MissingWeightError(KeyError):
-    """A tensor the model needs is absent from the checkpoint."""
+class MissingWeightError(KeyError, ValueError):
+    """A tensor the model needs is absent from the checkpoint (a KeyError for callers that
+    catch that, and a ValueError like every other bad-input error)."""

@@ -66,12 +66,11 @@ class GenerationResult:
 
 
 def load_tokenizer(model_dir: Path | None):
-    """The checkpoint's ``tokenizer.json`` through the ``tokenizers`` library, or None."""
-    if model_dir is None or not (model_dir / "tokenizer.json").exists():
-        return None
-    from tokenizers import Tokenizer
+    """The checkpoint's ``tokenizer.json`` through the ``tokenizers`` library, or None; a file
+    the library cannot parse raises ``UnsupportedModelError`` naming it."""
+    from layerzero_serve._model_source import load_checkpoint_tokenizer
 
-    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return load_checkpoint_tokenizer(model_dir)
 
 
 class LLM:

@@ -12,11 +12,17 @@ rotary) raises :class:`UnsupportedModelError`. Sliding-window attention is not s
 config whose window is active and shorter than ``max_position_embeddings`` is rejected (Mistral
 v0.1's ``sliding_window: 4096``, Qwen with ``use_sliding_window: true``); ``sliding_window: null``
 or a window at least as long as the context is plain causal attention and is accepted.
+
+Every field is type- and range-checked: a malformed ``config.json`` (invalid JSON, a missing
+required field, a string where a number belongs, ``"tie_word_embeddings": "false"``, 4.5 heads,
+a non-positive ``rope_theta`` / ``rms_norm_eps`` / llama3 factor...) raises
+:class:`UnsupportedModelError` (a ``ValueError``) naming ``config.json`` and the field.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,55 +126,68 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any]) -> ModelConfig:
-        """Build from the dict of an HF ``config.json`` (either config style)."""
+        """Build from the dict of an HF ``config.json`` (either config style).
+
+        Raises :class:`UnsupportedModelError` naming the field for an unsupported or invalid
+        value (wrong JSON type, out of range, missing required field).
+        """
+        if not isinstance(raw, Mapping):
+            raise UnsupportedModelError(
+                f"config.json must hold a JSON object, got {type(raw).__name__}"
+            )
         arch = _architecture(raw)
         kind = SUPPORTED_ARCHITECTURES[arch]
         act = raw.get("hidden_act", raw.get("hidden_activation", "silu"))
         if act != "silu":
             raise UnsupportedModelError(f"{arch}: hidden_act {act!r} is not supported (silu only)")
-        if raw.get("mlp_bias", False):
+        if _bool(raw, "mlp_bias"):
             raise UnsupportedModelError(f"{arch}: mlp_bias=true is not supported")
-        hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-        kv_heads = int(raw.get("num_key_value_heads") or heads)
-        head_dim = raw.get("head_dim") or (128 if kind == "qwen3" else hidden // heads)
+        hidden, heads = _int(raw, "hidden_size"), _int(raw, "num_attention_heads")
+        kv_heads = _int(raw, "num_key_value_heads", None) or heads
+        head_dim = _int(raw, "head_dim", None)
+        if head_dim is None:
+            head_dim = 128 if kind == "qwen3" else hidden // heads
+            if head_dim < 1:
+                raise UnsupportedModelError(
+                    f"config.json: hidden_size={hidden} // num_attention_heads={heads} gives "
+                    "head_dim 0; set head_dim or fix the sizes"
+                )
+        if head_dim % 2:
+            raise UnsupportedModelError(f"{arch}: odd head_dim={head_dim} is not supported (RoPE)")
         if heads % kv_heads:
             raise UnsupportedModelError(
                 f"{arch}: num_attention_heads={heads} is not a multiple of "
                 f"num_key_value_heads={kv_heads}"
             )
-        max_pos = int(raw.get("max_position_embeddings", 2048))
-        _check_sliding_window(raw, arch, kind, max_pos)
+        max_pos = _int(raw, "max_position_embeddings", 2048)
+        num_layers = _int(raw, "num_hidden_layers")
+        _check_sliding_window(raw, arch, kind, max_pos, num_layers)
         theta, scaling = _rope(raw, arch, max_pos)
         if kind == "qwen2":
             qkv_bias, o_bias = True, False
         elif kind == "mistral":
             qkv_bias = o_bias = False
         else:
-            qkv_bias = o_bias = bool(raw.get("attention_bias", False))
-        eos = raw.get("eos_token_id")
-        eos_ids = (
-            () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
-        )
-        bos = raw.get("bos_token_id")
+            qkv_bias = o_bias = _bool(raw, "attention_bias")
         return cls(
             architecture=arch,
-            vocab_size=int(raw["vocab_size"]),
+            vocab_size=_int(raw, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
+            intermediate_size=_int(raw, "intermediate_size"),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
-            head_dim=int(head_dim),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            head_dim=head_dim,
+            rms_norm_eps=_positive_float(raw, "rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_bool(raw, "tie_word_embeddings"),
             attention_bias=qkv_bias,
             o_proj_bias=o_bias,
             qk_norm=kind == "qwen3",
             max_position_embeddings=max_pos,
-            bos_token_id=None if bos is None else int(bos),
-            eos_token_ids=eos_ids,
+            bos_token_id=_int(raw, "bos_token_id", None, minimum=0),
+            eos_token_ids=_eos_ids(raw),
             torch_dtype=_config_dtype(raw),
         )
 
@@ -184,11 +203,94 @@ def load_config(src: str | Path | Mapping[str, Any] | ModelConfig) -> ModelConfi
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json at {path}")
-    return ModelConfig.from_hf(json.loads(path.read_text()))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise UnsupportedModelError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UnsupportedModelError(
+            f"{path}: config.json must hold a JSON object, got {type(raw).__name__}"
+        )
+    return ModelConfig.from_hf(raw)
+
+
+# ------------------------------------------------------------------ typed field access
+
+_REQUIRED: Any = object()
+
+
+def _invalid(field: str, value: object, expected: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"config.json: {field}={value!r} is invalid; expected {expected}")
+
+
+def _lookup(raw: Mapping[str, Any], key: str, default: Any, field: str) -> Any:
+    if key in raw:
+        return raw[key]
+    if default is _REQUIRED:
+        raise UnsupportedModelError(f"config.json: required field {field!r} is missing")
+    return default
+
+
+def _as_int(value: object, field: str, minimum: int) -> int:
+    """A JSON integer (an integral float such as ``4.0`` is accepted; bools and strings not)."""
+    ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer()
+    )
+    if not ok or value < minimum:  # type: ignore[operator]
+        raise _invalid(field, value, f"an integer >= {minimum}")
+    return int(value)  # type: ignore[arg-type]
+
+
+def _int(
+    raw: Mapping[str, Any], key: str, default: Any = _REQUIRED, *, minimum: int = 1, prefix=""
+) -> Any:
+    """``raw[key]`` as an int >= ``minimum``; a missing key or JSON ``null`` gives ``default``
+    (an error when the field is required, i.e. ``default`` is ``_REQUIRED``)."""
+    field = prefix + key
+    if raw.get(key) is None:
+        if default is _REQUIRED:
+            raise UnsupportedModelError(f"config.json: required field {field!r} is missing")
+        return default
+    return _as_int(raw[key], field, minimum)
+
+
+def _as_float(value: object, field: str) -> float:
+    """A finite JSON number > 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type, operator]
+        raise _invalid(field, value, "a finite number > 0")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _positive_float(
+    raw: Mapping[str, Any], key: str, default: Any = _REQUIRED, *, prefix: str = ""
+) -> float:
+    return _as_float(_lookup(raw, key, default, prefix + key), prefix + key)
+
+
+def _bool(raw: Mapping[str, Any], key: str, default: bool = False) -> bool:
+    """A JSON ``true``/``false`` (the string ``"false"`` is rejected, not read as true)."""
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise _invalid(key, value, "true or false")
+    return value
+
+
+def _eos_ids(raw: Mapping[str, Any]) -> tuple[int, ...]:
+    eos = raw.get("eos_token_id")
+    if eos is None:
+        return ()
+    if isinstance(eos, (list, tuple)):
+        return tuple(_as_int(e, f"eos_token_id[{i}]", 0) for i, e in enumerate(eos))
+    return (_as_int(eos, "eos_token_id", 0),)
 
 
 def _architecture(raw: Mapping[str, Any]) -> str:
     archs = raw.get("architectures") or []
+    if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
+        raise _invalid("architectures", archs, "a list of class names")
+    if not isinstance(raw.get("model_type", ""), (str, type(None))):
+        raise _invalid("model_type", raw["model_type"], "a string")
     if archs:
         arch = archs[0]
     elif raw.get("model_type") in _ARCH_BY_MODEL_TYPE:
@@ -202,18 +304,25 @@ def _architecture(raw: Mapping[str, Any]) -> str:
     return arch
 
 
-def _check_sliding_window(raw: Mapping[str, Any], arch: str, kind: str, max_pos: int) -> None:
-    window = raw.get("sliding_window")
-    if window is None or int(window) >= max_pos:
+def _check_sliding_window(
+    raw: Mapping[str, Any], arch: str, kind: str, max_pos: int, num_layers: int
+) -> None:
+    window = _int(raw, "sliding_window", None, minimum=0)
+    use_sliding = _bool(raw, "use_sliding_window")
+    max_window_layers = _int(raw, "max_window_layers", 0, minimum=0)
+    layer_types = raw.get("layer_types")
+    if layer_types is not None and (
+        not isinstance(layer_types, (list, tuple))
+        or not all(isinstance(t, str) for t in layer_types)
+    ):
+        raise _invalid("layer_types", layer_types, "a list of strings")
+    if window is None or window >= max_pos:
         return
     if kind in ("qwen2", "qwen3"):
-        layer_types = raw.get("layer_types")
         if layer_types is not None:
             active = "sliding_attention" in layer_types
         else:
-            active = bool(raw.get("use_sliding_window", False)) and int(
-                raw.get("max_window_layers", 0)
-            ) < int(raw["num_hidden_layers"])
+            active = use_sliding and max_window_layers < num_layers
     else:
         active = kind == "mistral"
     if active:
@@ -227,41 +336,58 @@ def _rope(
     raw: Mapping[str, Any], arch: str, max_pos: int
 ) -> tuple[float, Llama3RopeScaling | None]:
     params = raw.get("rope_parameters")
-    if isinstance(params, Mapping) and params:
+    if params is not None and not isinstance(params, Mapping):
+        raise _invalid("rope_parameters", params, "an object")
+    if params:
+        where = "rope_parameters."
         if all(isinstance(v, Mapping) for v in params.values()):  # per layer type
             distinct = {json.dumps(v, sort_keys=True) for v in params.values()}
             if len(distinct) != 1:
                 raise UnsupportedModelError(f"{arch}: per-layer-type rope_parameters differ")
             params = next(iter(params.values()))
-        theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+        if "rope_theta" in params:
+            theta = _as_float(params["rope_theta"], "rope_parameters.rope_theta")
+        else:
+            theta = _positive_float(raw, "rope_theta", 10000.0)
         scaling: Mapping[str, Any] | None = params
     else:
-        theta = raw.get("rope_theta", 10000.0)
+        where = "rope_scaling."
+        theta = _positive_float(raw, "rope_theta", 10000.0)
         scaling = raw.get("rope_scaling")
-    partial = (scaling or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
-    if partial is not None and float(partial) != 1.0:
+        if scaling is not None and not isinstance(scaling, Mapping):
+            raise _invalid("rope_scaling", scaling, "an object or null")
+    if scaling and "partial_rotary_factor" in scaling:
+        partial, partial_field = scaling["partial_rotary_factor"], where + "partial_rotary_factor"
+    else:
+        partial, partial_field = raw.get("partial_rotary_factor"), "partial_rotary_factor"
+    if partial is not None and _as_float(partial, partial_field) != 1.0:
         raise UnsupportedModelError(f"{arch}: partial_rotary_factor={partial} is not supported")
     if not scaling:
-        return float(theta), None
+        return theta, None
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type in (None, "default"):
-        return float(theta), None
+        return theta, None
     if rope_type != "llama3":
         raise UnsupportedModelError(
             f"{arch}: rope scaling type {rope_type!r} is not supported (default, llama3)"
         )
-    try:
-        llama3 = Llama3RopeScaling(
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(
-                scaling.get("original_max_position_embeddings") or max_pos
-            ),
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if key not in scaling:
+            raise UnsupportedModelError(f"{arch}: llama3 rope scaling lacks {key!r}")
+    llama3 = Llama3RopeScaling(
+        factor=_positive_float(scaling, "factor", prefix=where),
+        low_freq_factor=_positive_float(scaling, "low_freq_factor", prefix=where),
+        high_freq_factor=_positive_float(scaling, "high_freq_factor", prefix=where),
+        original_max_position_embeddings=_int(
+            scaling, "original_max_position_embeddings", max_pos, prefix=where
+        ),
+    )
+    if llama3.high_freq_factor == llama3.low_freq_factor:
+        raise UnsupportedModelError(
+            f"config.json: {where}high_freq_factor must differ from {where}low_freq_factor "
+            f"(both {llama3.low_freq_factor}; RoPE divides by their difference)"
         )
-    except KeyError as e:
-        raise UnsupportedModelError(f"{arch}: llama3 rope scaling lacks {e.args[0]!r}") from None
-    return float(theta), llama3
+    return theta, llama3
 
 
 def _config_dtype(raw: Mapping[str, Any]) -> torch.dtype | None:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from layerzero_serve._models.config import load_config, parse_dtype
@@ -22,6 +22,10 @@ from layerzero_serve.errors import MissingWeightError, UnsupportedModelError
 #: Checkpoints larger than this show a progress bar unless ``progress=False``.
 PROGRESS_THRESHOLD_BYTES = 1 << 30
 
+#: safetensors dtypes a floating parameter may be stored in (cast to the target dtype on load).
+#: Integer/bool tensors would be silently reinterpreted and FP8 ones need scales we ignore.
+FLOAT_STORAGE_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
 
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint directory: ``model.safetensors``, or the shards
@@ -30,14 +34,59 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
+        return [path / name for name in _index_shards(index)]
     if single.is_file():
         return [single]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no safetensors checkpoint in {path} (.bin is not supported)")
     return files
+
+
+def _index_shards(index: Path) -> list[str]:
+    """Shard file names of ``model.safetensors.index.json`` (validated: a JSON object with a
+    ``weight_map`` of tensor name -> shard file name in the same directory)."""
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise UnsupportedModelError(f"{index}: not valid JSON ({e})") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UnsupportedModelError(
+            f"{index}: expected a JSON object with a non-empty 'weight_map' "
+            "(tensor name -> shard file)"
+        )
+    names = set()
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise UnsupportedModelError(
+                f"{index}: weight_map[{key!r}]={name!r} is not a shard file name"
+            )
+        names.add(name)
+    missing = [n for n in sorted(names) if not (index.parent / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index} names shard file(s) not found: {', '.join(missing)}")
+    return sorted(names)
+
+
+_TORCH_TO_ST = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+}
+
+
+def _check_storage_dtype(file: Path, key: str, stored: object) -> None:
+    if stored not in FLOAT_STORAGE_DTYPES:
+        raise UnsupportedModelError(
+            f"{file.name}: tensor {key} is stored as {stored}; a floating parameter needs one "
+            f"of {sorted(FLOAT_STORAGE_DTYPES)}"
+        )
+
+
+def _corrupt(file: Path, e: Exception) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{file}: not a valid safetensors file ({e})")
 
 
 def _resolve_device(device: torch.device | str) -> torch.device:
@@ -64,7 +113,9 @@ def load_model(
 
     Raises:
         MissingWeightError: a tensor the model needs is absent (message names it).
-        UnsupportedModelError: unsupported architecture/config, or a tensor of the wrong shape.
+        UnsupportedModelError: unsupported or malformed ``config.json`` (names the field), a
+            tensor of the wrong shape or of a non-floating dtype (names it), an unreadable
+            safetensors file or index (names the file).
     Names and shapes are checked from the safetensors headers before any tensor is loaded.
     Extra tensors (``rotary_emb.inv_freq``, a tied ``lm_head.weight``...) are ignored.
     """
@@ -79,14 +130,21 @@ def load_model(
     plan: dict[Path, list[str]] = {}
     seen: set[str] = set()
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            keys = [k for k in f.keys() if k in expected and k not in seen]  # noqa: SIM118
-            for key in keys:
-                shape, want = tuple(f.get_slice(key).get_shape()), tuple(expected[key].shape)
-                if shape != want:
-                    raise UnsupportedModelError(
-                        f"{key}: checkpoint shape {shape} != {want} implied by config.json"
-                    )
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = [k for k in f.keys() if k in expected and k not in seen]  # noqa: SIM118
+                for key in keys:
+                    info = f.get_slice(key)
+                    shape, want = tuple(info.get_shape()), tuple(expected[key].shape)
+                    if shape != want:
+                        raise UnsupportedModelError(
+                            f"{key}: checkpoint shape {shape} != {want} implied by config.json"
+                        )
+                    get_dtype = getattr(info, "get_dtype", None)  # safetensors >= 0.4.x
+                    if get_dtype is not None:
+                        _check_storage_dtype(file, key, get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise _corrupt(file, e) from None
         seen.update(keys)
         plan[file] = keys
     missing = [name for name in expected if name not in seen]
@@ -105,10 +163,17 @@ def load_model(
         for file, keys in plan.items():
             if not keys:
                 continue
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
-                for key in keys:
-                    set_parameter(model, key, f.get_tensor(key).to(dtype))
-                    bar.update()
+            try:
+                with safe_open(str(file), framework="pt", device=str(device)) as f:
+                    for key in keys:
+                        tensor = f.get_tensor(key)
+                        _check_storage_dtype(
+                            file, key, _TORCH_TO_ST.get(tensor.dtype, tensor.dtype)
+                        )
+                        set_parameter(model, key, tensor.to(dtype))
+                        bar.update()
+            except SafetensorError as e:
+                raise _corrupt(file, e) from None
     leftover = model.finalize(device)
     if leftover:  # pragma: no cover - guarded by the header check above
         raise MissingWeightError(f"not loaded: {', '.join(leftover)}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -41,7 +42,7 @@ class Policy:
     locks: Mapping[Op, str] = field(default_factory=dict)
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
-    boosts: Mapping[str, int] = field(default_factory=dict)
+    boosts: Mapping[str, float] = field(default_factory=dict)
 
     def over(self, lower: Policy) -> Policy:
         """This policy layered over ``lower`` (this one has precedence)."""
@@ -77,41 +78,93 @@ class Policy:
     def allowed(self, spec: KernelSpec) -> bool:
         return not self.allow or any(self._matches(p, spec) for p in self.allow)
 
-    def boost(self, spec: KernelSpec) -> int:
+    def boost(self, spec: KernelSpec) -> float:
         return sum(v for p, v in self.boosts.items() if self._matches(p, spec))
+
+
+MAX_BOOST = 1e6  # |boost| bound: far above any priority, far below float overflow
+
+
+def _patterns(where: str, name: str, pats: object) -> tuple[str, ...]:
+    """allow/deny as a tuple of non-empty patterns (None = empty); iterables are materialised
+    once, so a generator is not consumed by validation."""
+    allowed = "a list/tuple of non-empty kernel/backend patterns (or None)"
+    if pats is None:
+        return ()
+    if isinstance(pats, (str, bytes, Mapping)):
+        raise PolicyError(f"{where}: {name}", pats, allowed)
+    try:
+        out = tuple(pats)  # type: ignore[arg-type]
+    except TypeError:
+        raise PolicyError(f"{where}: {name}", pats, allowed) from None
+    for p in out:
+        if not isinstance(p, str) or not p.strip():
+            raise PolicyError(f"{where}: {name}", out, allowed, f"bad pattern {p!r}")
+    return out
+
+
+def _mapping(where: str, name: str, value: object, allowed: str) -> Mapping:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise PolicyError(f"{where}: {name}", value, allowed)
+    return value
 
 
 def make_policy(
     lock: Mapping[str | Op, str] | None = None,
-    allow: Iterable[str] = (),
-    deny: Iterable[str] = (),
-    boost: Mapping[str, int] | None = None,
+    allow: Iterable[str] | None = (),
+    deny: Iterable[str] | None = (),
+    boost: Mapping[str, float] | None = None,
     where: str = "code",
 ) -> Policy:
     """Validated Policy from plain values; ``where`` names the source in errors."""
     locks: dict[Op, str] = {}
-    for op, kernel in (lock or {}).items():
+    lock_map = _mapping(where, "lock", lock, "a mapping {op: kernel name} (or None)")
+    for op, kernel in lock_map.items():
         key = op.value if isinstance(op, Op) else op
-        if key not in _OPS:
+        if not isinstance(key, str) or key not in _OPS:
             raise PolicyError(f"{where}: lock", key, f"an op in {sorted(_OPS)}")
-        if not isinstance(kernel, str) or not kernel:
-            raise PolicyError(f"{where}: lock.{key}", kernel, "a kernel name")
+        if not isinstance(kernel, str) or not kernel.strip():
+            raise PolicyError(f"{where}: lock.{key}", kernel, "a non-empty kernel name")
         locks[_OPS[key]] = kernel
-    boosts: dict[str, int] = {}
-    for pat, val in (boost or {}).items():
-        if not isinstance(val, int) or isinstance(val, bool):
-            raise PolicyError(f"{where}: boost.{pat}", val, "an integer")
-        boosts[str(pat)] = val
-    for name, pats in (("allow", allow), ("deny", deny)):
-        if isinstance(pats, str) or not all(isinstance(p, str) and p for p in pats):
-            raise PolicyError(f"{where}: {name}", pats, "a list of kernel/backend patterns")
-    return Policy(locks, tuple(allow), tuple(deny), boosts)
+    boosts: dict[str, float] = {}
+    boost_map = _mapping(where, "boost", boost, "a mapping {pattern: number} (or None)")
+    for pat, val in boost_map.items():
+        if not isinstance(pat, str) or not pat.strip():
+            raise PolicyError(f"{where}: boost", pat, "a non-empty kernel/backend pattern as key")
+        ok = isinstance(val, (int, float)) and not isinstance(val, bool)
+        if ok:
+            try:
+                ok = math.isfinite(val) and abs(val) <= MAX_BOOST
+            except OverflowError:  # an int too large for a float
+                ok = False
+        if not ok:
+            raise PolicyError(
+                f"{where}: boost.{pat}", val, f"a finite number in [-{MAX_BOOST:g}, {MAX_BOOST:g}]"
+            )
+        boosts[pat] = val
+    return Policy(locks, _patterns(where, "allow", allow), _patterns(where, "deny", deny), boosts)
+
+
+def _env_boost(where: str, value: str) -> float:
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        raise PolicyError(where, value, "a number (boost)") from None
 
 
 def parse_env_policy(text: str) -> Policy:
-    """Parse ``LZ_KERNEL_POLICY`` (``;``-separated ``key=value`` entries)."""
+    """Parse ``LZ_KERNEL_POLICY`` (``;``-separated ``key=value`` entries); every error names
+    the entry."""
+    if not isinstance(text, str):
+        raise PolicyError("LZ_KERNEL_POLICY", text, "a str of ';'-separated key=value entries")
     lock: dict[str, str] = {}
-    boost: dict[str, int] = {}
+    boost: dict[str, float] = {}
     allow: list[str] = []
     deny: list[str] = []
     for i, entry in enumerate(e.strip() for e in text.split(";")):
@@ -123,25 +176,36 @@ def parse_env_policy(text: str) -> Policy:
         if not sep or not value:
             raise PolicyError(where, entry, "key=value")
         if key.startswith("lock."):
+            make_policy(lock={key[5:]: value}, where=where)
             lock[key[5:]] = value
         elif key.startswith("boost."):
-            try:
-                boost[key[6:]] = int(value)
-            except ValueError:
-                raise PolicyError(where, value, "an integer boost") from None
+            pat = key[6:]
+            b = _env_boost(where, value)
+            make_policy(boost={pat: b}, where=where)
+            boost[pat] = b
         elif key in ("allow", "deny"):
-            (allow if key == "allow" else deny).extend(p.strip() for p in value.split(","))
+            pats = [p.strip() for p in value.split(",")]
+            make_policy(**{key: pats}, where=where)
+            (allow if key == "allow" else deny).extend(pats)
         else:
             raise PolicyError(where, key, "lock.<op>, boost.<pattern>, allow or deny")
     return make_policy(lock, allow, deny, boost, where="LZ_KERNEL_POLICY")
 
 
 def load_policy_file(path: str | Path) -> Policy:
-    """Parse a YAML policy file; every error names the file and line."""
+    """Parse a YAML policy file; every error is a PolicyError naming the file (and the line
+    when known)."""
     import yaml
 
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise PolicyError("path", path, "a YAML file path (str or Path)")
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError(str(path), "undecodable bytes", "a UTF-8 YAML file", str(e)) from None
+    except OSError as e:
+        raise PolicyError(str(path), "unreadable file", "a readable YAML file", str(e)) from None
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as e:
@@ -154,17 +218,36 @@ def load_policy_file(path: str | Path) -> Policy:
     parts: dict[str, object] = {}
     for key_node, val_node in root.value:
         where = f"{path}:{key_node.start_mark.line + 1}"
-        key = key_node.value
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
         if key not in ("lock", "allow", "deny", "boost"):
-            raise PolicyError(where, key, "one of lock, allow, deny, boost")
-        value = yaml.safe_load(yaml.serialize(val_node))
+            shown = key if key is not None else f"<{type(key_node).__name__}>"
+            raise PolicyError(where, shown, "one of lock, allow, deny, boost")
+        # Construct the section from its own node with the safe constructor: marks (lines)
+        # stay those of the file, and unsafe tags or unhashable keys are PolicyErrors.
+        loader = yaml.SafeLoader("")
         try:
-            parts[key] = value
-            make_policy(**{k: v for k, v in parts.items() if k == key}, where=where)
+            value = loader.construct_document(val_node)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or val_node.start_mark
+            raise PolicyError(
+                f"{path}:{mark.line + 1}",
+                f"invalid '{key}' section",
+                f"a valid '{key}' section",
+                str(e).replace("\n", " "),
+            ) from None
+        except (TypeError, ValueError, RecursionError) as e:
+            raise PolicyError(
+                where, f"invalid '{key}' section", f"a valid '{key}' section", str(e)
+            ) from None
+        finally:
+            loader.dispose()
+        try:
+            make_policy(**{key: value}, where=where)  # type: ignore[arg-type]
         except PolicyError:
             raise
-        except (TypeError, AttributeError):
+        except (TypeError, AttributeError, ValueError):
             raise PolicyError(where, value, f"a valid '{key}' section") from None
+        parts[key] = value
     return make_policy(**parts, where=str(path))  # type: ignore[arg-type]
 
 
@@ -180,14 +263,17 @@ def epoch() -> int:
 
 def configure(
     lock: Mapping[str | Op, str] | None = None,
-    allow: Iterable[str] = (),
-    deny: Iterable[str] = (),
-    boost: Mapping[str, int] | None = None,
+    allow: Iterable[str] | None = (),
+    deny: Iterable[str] | None = (),
+    boost: Mapping[str, float] | None = None,
     reset: bool = False,
 ) -> Policy:
     """Set the process-wide code policy (merged over any earlier ``configure`` unless
-    ``reset``). Returns the new code policy."""
+    ``reset``). Returns the new code policy. ``allow``/``deny`` None means empty; boosts are
+    finite numbers with ``|boost| <= 1e6``."""
     global _code_policy
+    if not isinstance(reset, bool):
+        raise PolicyError("reset", reset, "a bool")
     new = make_policy(lock, allow, deny, boost)
     _code_policy = new if reset else new.over(_code_policy)
     _epoch[0] += 1
@@ -197,9 +283,9 @@ def configure(
 @contextlib.contextmanager
 def prefer(
     lock: Mapping[str | Op, str] | None = None,
-    allow: Iterable[str] = (),
-    deny: Iterable[str] = (),
-    boost: Mapping[str, int] | None = None,
+    allow: Iterable[str] | None = (),
+    deny: Iterable[str] | None = (),
+    boost: Mapping[str, float] | None = None,
 ) -> Iterator[Policy]:
     """Temporarily layer a policy over the code policy (innermost wins)."""
     p = make_policy(lock, allow, deny, boost)

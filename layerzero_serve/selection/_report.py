@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from layerzero_serve.errors import ValidationError
 from layerzero_serve.kernels.spec import KernelContext
 from layerzero_serve.selection._selector import KernelChoice, SelectionError, Selector, get_selector
 
@@ -70,6 +71,10 @@ class SelectionReport:
 
 def explain(ctx: KernelContext, selector: Selector | None = None) -> SelectionReport:
     """Report for one plan: the chosen kernel and why each other candidate lost."""
+    if not isinstance(ctx, KernelContext):
+        raise ValidationError("ctx", ctx, "a KernelContext")
+    if selector is not None and not isinstance(selector, Selector):
+        raise ValidationError("selector", selector, "None or a Selector")
     sel = selector or get_selector()
     try:
         return SelectionReport(ctx, sel.select(ctx.op, ctx), None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,18 @@ class Selector:
     stats: SelectorStats = field(default_factory=SelectorStats)
 
     def __post_init__(self) -> None:
+        if self.specs is not None and (
+            isinstance(self.specs, (str, bytes, Mapping)) or not isinstance(self.specs, Iterable)
+        ):
+            raise ValidationError("specs", self.specs, "None or a list of KernelSpec")
+        if self.backends is not None and not (
+            isinstance(self.backends, Mapping) or callable(self.backends)
+        ):
+            raise ValidationError(
+                "backends", self.backends, "None, a Mapping name -> BackendState or a callable"
+            )
+        if self.timings is not None and not isinstance(self.timings, Mapping):
+            raise ValidationError("timings", self.timings, "None or a Mapping")
         self._specs: dict[str, KernelSpec] = {}
         self._unhealthy: dict[str, str] = {}
         self._cache: dict[KernelContext, KernelChoice] = {}
@@ -110,12 +123,18 @@ class Selector:
     # ---- registry ----------------------------------------------------------------------------
     def register(self, spec: KernelSpec, replace: bool = False) -> None:
         """Add a kernel (for example a user's own Triton kernel)."""
+        if not isinstance(spec, KernelSpec):
+            raise ValidationError("spec", spec, "a KernelSpec")
+        if not isinstance(replace, bool):
+            raise ValidationError("replace", replace, "a bool")
         if spec.name in self._specs and not replace:
             raise ValidationError("spec.name", spec.name, "a name not already registered")
         self._specs[spec.name] = spec
         self._bump()
 
     def unregister(self, name: str) -> None:
+        if not isinstance(name, str):
+            raise ValidationError("name", name, "a kernel name (str)")
         self._specs.pop(name, None)
         self._bump()
 
@@ -134,9 +153,15 @@ class Selector:
     ) -> None:
         """Declare a backend the probe does not know (a user's own kernels, for example), or
         override the probe's verdict for one it does. Takes precedence over ``backends``."""
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name.strip():
             raise ValidationError("name", name, "a non-empty backend name")
-        self._backend_overrides[name] = BackendState(bool(available), version, reason)
+        if not isinstance(available, bool):
+            raise ValidationError("available", available, "a bool")
+        if version is not None and not isinstance(version, str):
+            raise ValidationError("version", version, "None or a str")
+        if not isinstance(reason, str):
+            raise ValidationError("reason", reason, "a str")
+        self._backend_overrides[name] = BackendState(available, version, reason)
         self._bump()
 
     def backend_state(self, name: str) -> BackendState:
@@ -147,7 +172,12 @@ class Selector:
             return self.backends.get(name, BackendState(False, None, "not in the availability set"))
         st = self._backend_cache.get(name)
         if st is None:
-            st = (self.backends or _probe_backends)(name)
+            try:
+                st = (self.backends or _probe_backends)(name)
+            except Exception as e:  # noqa: BLE001 - one bad probe must not break selection
+                st = BackendState(False, None, f"probe raised {type(e).__name__}: {e}")
+            if not isinstance(st, BackendState):
+                st = BackendState(False, None, f"probe returned {type(st).__name__}")
             self._backend_cache[name] = st
         return st
 
@@ -166,6 +196,10 @@ class Selector:
     # ---- selection ---------------------------------------------------------------------------
     def select(self, op: Op, ctx: KernelContext) -> KernelChoice:
         """The kernel for ``op`` in ``ctx`` (``ctx.op`` must equal ``op``). Cached."""
+        if type(ctx) is not KernelContext and not isinstance(ctx, KernelContext):
+            raise ValidationError("ctx", ctx, "a KernelContext")
+        if ctx.op is not op:  # identity: the cheap common case; validate only when it differs
+            _check_op(op, ctx)
         self.stats.select_calls += 1
         ep = policy_mod.epoch()
         if ep != self._cache_epoch:
@@ -174,9 +208,7 @@ class Selector:
         hit = self._cache.get(ctx)
         if hit is not None:
             return hit
-        if ctx.op != op:
-            raise ValidationError("ctx.op", ctx.op, f"equal to the op asked for ({op.value})")
-        choice = self._decide(op, ctx, policy_mod.effective_policy())
+        choice = self._decide(ctx.op, ctx, policy_mod.effective_policy())
         self._cache[ctx] = choice
         self.stats.cold_selections += 1
         return choice
@@ -208,9 +240,13 @@ class Selector:
         if not self.timings:
             return {}
         key = context_key(ctx)
-        measured = {
-            s.name: self.timings[s.name][key] for s in specs if key in self.timings.get(s.name, {})
-        }
+        measured = {}
+        for s in specs:
+            table = self.timings.get(s.name)
+            t = table.get(key) if isinstance(table, Mapping) else None
+            # a malformed entry (not a positive finite number) is ignored, not fatal
+            if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < math.inf:
+                measured[s.name] = float(t)
         if len(measured) < 2:
             return {}
         best = min(measured.values())
@@ -249,6 +285,17 @@ class Selector:
         return KernelChoice(op, ctx, best, scores[best.name], lock is not None, cands)
 
     # ---- run-time fallback -------------------------------------------------------------------
+    def build(self, op: Op, ctx: KernelContext) -> tuple[KernelChoice, object]:
+        """``(choice, implementation)``: the selected kernel's ``factory(ctx)`` (None without a
+        factory). A factory that raises on an automatic choice marks its backend unhealthy and
+        the next candidate is built; a locked choice re-raises."""
+
+        def make(choice: KernelChoice) -> tuple[KernelChoice, object]:
+            factory = choice.spec.factory
+            return choice, (factory(ctx) if factory is not None else None)
+
+        return self.run_with_fallback(op, ctx, make)  # type: ignore[return-value]
+
     def run_with_fallback(self, op: Op, ctx: KernelContext, call: Callable[[KernelChoice], object]):
         """``call(choice)`` with the selected kernel; if it raises and the choice was automatic,
         mark the backend unhealthy and retry with the next candidate. A locked choice re-raises."""
@@ -260,6 +307,18 @@ class Selector:
                 if choice.locked:
                     raise
                 self.mark_unhealthy(choice.spec.backend, e)
+
+
+def _check_op(op: object, ctx: KernelContext) -> None:
+    """``op`` is an Op (or its string value) equal to ``ctx.op``, else a ValidationError."""
+    if not isinstance(op, str):
+        raise ValidationError("op", op, f"an Op: {[o.value for o in Op]}")
+    try:
+        op = Op(op)
+    except ValueError:
+        raise ValidationError("op", op, f"an Op: {[o.value for o in Op]}") from None
+    if ctx.op is not op:
+        raise ValidationError("ctx.op", ctx.op.value, f"equal to the op asked for ({op.value})")
 
 
 def context_key(ctx: KernelContext) -> str:
@@ -282,6 +341,8 @@ def get_selector() -> Selector:
 
 def set_selector(selector: Selector | None) -> None:
     """Replace (or with None, reset) the process-wide selector."""
+    if selector is not None and not isinstance(selector, Selector):
+        raise ValidationError("selector", selector, "None or a Selector")
     _default.clear()
     if selector is not None:
         _default.append(selector)
