@@ -16,7 +16,7 @@ from layerzero_serve.errors import ValidationError
 from layerzero_serve.kv_cache._block_pool import MAX_NUM_BLOCKS
 from layerzero_serve.kv_cache._hashing import HASH_ALGORITHMS
 from layerzero_serve.runner._cpu_threads import MAX_CPU_THREADS
-from layerzero_serve.scheduler._config import POLICIES
+from layerzero_serve.scheduler._config import check_admission
 from layerzero_serve.spec_decode._proposer import Proposer
 
 logger = logging.getLogger("layerzero_serve")
@@ -152,14 +152,7 @@ class EngineConfig:
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValidationError(name, getattr(self, name), "a bool (True or False)")
-        if not self.enable_chunked_prefill and self.max_prefill_chunk:
-            raise ValidationError(
-                "max_prefill_chunk",
-                self.max_prefill_chunk,
-                "0 when enable_chunked_prefill is False (prompts are then admitted whole)",
-            )
-        if not isinstance(self.policy, str) or self.policy not in POLICIES:
-            raise ValidationError("policy", self.policy, f"one of {POLICIES}")
+        check_admission(self.enable_chunked_prefill, self.max_prefill_chunk, self.policy)
         if not isinstance(self.prefix_hash, str) or self.prefix_hash not in HASH_ALGORITHMS:
             raise ValidationError("prefix_hash", self.prefix_hash, f"one of {HASH_ALGORITHMS}")
         self._int("seed", INT64_MIN, INT64_MAX)

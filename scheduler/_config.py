@@ -11,6 +11,19 @@ INT32_MAX = (1 << 31) - 1  # token counts and positions are int32 on the device
 MAX_LOOKAHEAD_TOKENS = 1024
 
 
+def check_admission(enable_chunked_prefill: bool, max_prefill_chunk: int, policy: str) -> None:
+    """The admission settings shared by EngineConfig and SchedulerConfig: a prefill chunk
+    limit only with chunked prefill, and a known queue policy."""
+    if not enable_chunked_prefill and max_prefill_chunk:
+        raise ValidationError(
+            "max_prefill_chunk",
+            max_prefill_chunk,
+            "0 when enable_chunked_prefill is False (prompts are then admitted whole)",
+        )
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise ValidationError("policy", policy, f"one of {POLICIES}")
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     """Budgets and policy of continuous batching.
@@ -46,14 +59,7 @@ class SchedulerConfig:
         _int_in("num_lookahead_tokens", self.num_lookahead_tokens, 0, MAX_LOOKAHEAD_TOKENS)
         if not isinstance(self.enable_chunked_prefill, bool):
             raise ValidationError("enable_chunked_prefill", self.enable_chunked_prefill, "a bool")
-        if not self.enable_chunked_prefill and self.max_prefill_chunk:
-            raise ValidationError(
-                "max_prefill_chunk",
-                self.max_prefill_chunk,
-                "0 when enable_chunked_prefill is False (prompts are then admitted whole)",
-            )
-        if not isinstance(self.policy, str) or self.policy not in POLICIES:
-            raise ValidationError("policy", self.policy, f"one of {POLICIES}")
+        check_admission(self.enable_chunked_prefill, self.max_prefill_chunk, self.policy)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValidationError(
                 "max_num_batched_tokens",

@@ -31,12 +31,11 @@ for gathers is clamped into range. Everything is shape-static: CUDA-graph safe.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
+from layerzero_serve.spec_decode._proposer import check_int
 
 __all__ = [
     "SPECS",
@@ -67,9 +66,9 @@ def draw_randoms(
     device when None). CUDA-graph safe with a CUDA generator registered with the graph (the
     default one is); no host sync.
     """
-    num_rows = _count("num_rows", num_rows, 0, 1 << 24)
-    k = _count("k", k, 0, 64)
-    vocab_size = _count("vocab_size", vocab_size, 1, (1 << 31) - 1)
+    num_rows = check_int("num_rows", num_rows, 0, 1 << 24)
+    k = check_int("k", k, 0, 64)
+    vocab_size = check_int("vocab_size", vocab_size, 1, (1 << 31) - 1)
     if num_rows * vocab_size > 1 << 34:  # 64 GiB of float32 noise: a caller's mistake
         raise ValidationError(
             "num_rows * vocab_size", num_rows * vocab_size, "at most 2**34 noise values"
@@ -79,14 +78,6 @@ def draw_randoms(
     uniforms = torch.rand(num_rows, k, generator=generator, device=device)
     exp = torch.empty(num_rows, vocab_size, device=device).exponential_(generator=generator)
     return uniforms, exp.clamp_min_(_MIN_EXP).reciprocal_()
-
-
-def _count(name: str, value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValidationError(name, value, f"an int in [{low}, {high}]")
-    if not low <= value <= high:
-        raise ValidationError(name, value, f"an int in [{low}, {high}]")
-    return int(value)
 
 
 def _tensor(name: str, t: object, dims: int, dtype: torch.dtype) -> torch.Tensor:
