@@ -69,8 +69,7 @@ def optimize_model(
     impls = {}
     for op in (Op.RMSNORM, Op.SWIGLU, Op.ROPE):
         ctx = base_context(op, dev, shape, block_size, max_num_seqs, 0, True)
-        choice = sel.select(op, ctx)
-        impls[op] = choice.spec.factory(ctx) if choice.spec.factory else None
+        choice, impls[op] = sel.build(op, ctx)
         logger.info("%s kernel: %s", op.value, choice.name)
     if hasattr(model, "optimize"):
         model.optimize(

@@ -46,8 +46,7 @@ def select_dispatch(
     kernel serves every phase, as in a captured bucket)."""
 
     def pick(ctx: KernelContext):
-        choice = selector.select(ctx.op, ctx)
-        return choice, choice.spec.factory(ctx)
+        return selector.build(ctx.op, ctx)  # a factory that raises: the next candidate
 
     first = PhaseKernel(*pick(attention))
     second = first if prefill is None else PhaseKernel(*pick(prefill))

@@ -25,8 +25,8 @@ def select_sampling_kernels(
     When the chosen kernel is not position-invariant (FlashInfer's Philox stream depends on the
     row index), the best-scoring runnable candidate that is becomes the invariant one; the
     torch kernel when none is."""
-    choice = selector.select(Op.SAMPLING, ctx)
-    kernel = _build(choice.spec, ctx)
+    choice, kernel = selector.build(Op.SAMPLING, ctx)
+    kernel = kernel if kernel is not None else TorchSamplingKernel()
     invariant: SamplingKernel | None = kernel if kernel.position_invariant else None
     if invariant is None:
         specs = {s.name: s for s in selector.kernels(Op.SAMPLING)}

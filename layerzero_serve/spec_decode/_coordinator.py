@@ -194,8 +194,7 @@ class SpecCoordinator:
         ``draft_kv_blocks`` the draft's KV pool size in blocks, ``seeds_of`` the target
         sampler's ``seeds_of`` (verification draws from the sampler's own streams),
         ``graph_buckets`` a draft model's CUDA-graph buckets (None: it runs eagerly)."""
-        choice = selector.select(Op.REJECTION_SAMPLING, kernel_ctx)
-        kernel = choice.spec.factory(kernel_ctx)
+        choice, kernel = selector.build(Op.REJECTION_SAMPLING, kernel_ctx)
         if isinstance(cfg.speculative_method, Proposer):
             proposer = cfg.speculative_method  # the user's own
         elif cfg.speculative_method == "draft_model":

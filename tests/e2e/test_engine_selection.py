@@ -157,3 +157,30 @@ def test_kv_writer_failure_falls_back_and_blames_the_writer():
     assert _generate(eng) == expected
     assert set(sel.unhealthy()) == {"flakyw"}
     assert eng.runner.attn.writer.choice.name == "torch.kv_write"
+
+
+def _broken_factory(ctx):
+    raise RuntimeError("injected factory fault")
+
+
+def test_a_factory_that_raises_at_start_up_falls_back():
+    """An automatic kernel whose factory raises is passed over when the engine builds its
+    kernels (its backend marked unhealthy); the outputs are the default engine's."""
+    expected = _generate(Engine(model="dummy:tiny", device="cpu"))
+    sel = _selector_with_flaky()
+    sel.register(
+        KernelSpec(
+            "broken.decode",
+            Op.ATTN_DECODE,
+            "flaky",
+            priority=2000,
+            graph_safe=True,
+            device_types=frozenset({"cpu", "cuda"}),
+            factory=_broken_factory,
+        )
+    )
+    set_selector(sel)
+    eng = Engine(model="dummy:tiny", device="cpu")
+    assert "flaky" in sel.unhealthy()
+    assert eng.runner.attn.decode.choice.name not in ("broken.decode", "flaky.decode")
+    assert _generate(eng) == expected
