@@ -108,6 +108,14 @@ class EngineConfig:
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:
+        # every field's type and range, at construction (ValidationError naming the field)
+        self._check_source()
+        self._check_memory()
+        self._check_scheduling()
+        self._check_speculation()
+
+    def _check_source(self) -> None:
+        """model, dtype, device (paths and torch.device are stored as str)."""
         model = self.model
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
@@ -123,6 +131,9 @@ class EngineConfig:
             object.__setattr__(self, "device", device)
         if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
             raise ValidationError("device", self.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    def _check_memory(self) -> None:
+        """block_size and the KV pool's size (blocks, bytes or a share of the GPU)."""
         self._int("block_size", 1, 256)
         self._int("num_kv_blocks", 2, MAX_NUM_BLOCKS, optional=True)
         kv_bytes = self.kv_cache_bytes
@@ -145,6 +156,9 @@ class EngineConfig:
             or not 0.0 < util <= 1.0  # also rejects nan
         ):
             raise ValidationError("gpu_memory_utilization", util, "a float in (0, 1]")
+
+    def _check_scheduling(self) -> None:
+        """Lengths, batch limits, switches, policy, hash, seed, threads and graph buckets."""
         self._int("max_model_len", 2, INT32_MAX, optional=True)
         self._int("max_num_seqs", 1, MAX_NUM_SEQS)
         self._int("max_num_batched_tokens", 1, INT32_MAX)
@@ -158,6 +172,9 @@ class EngineConfig:
         self._int("seed", INT64_MIN, INT64_MAX)
         self._int("cpu_threads", 1, MAX_CPU_THREADS, optional=True)
         self._int("max_graph_batch", 1, 1024, optional=True)
+
+    def _check_speculation(self) -> None:
+        """The proposer (method, draft checkpoint), k and the n-gram lengths."""
         method = self.speculative_method
         if not (
             (isinstance(method, str) and method in ("ngram", "draft_model"))
@@ -179,9 +196,7 @@ class EngineConfig:
                 self.speculative_model,
                 "a draft checkpoint exactly when speculative_method='draft_model'",
             )
-        k = self.num_speculative_tokens
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16:
-            raise ValidationError("num_speculative_tokens", k, "an integer in [1, 16]")
+        self._int("num_speculative_tokens", 1, 16)
         lo, hi = self.ngram_min, self.ngram_max
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (lo, hi)) or not (
             1 <= lo <= hi <= 32
