@@ -96,6 +96,38 @@ def _resolve_device(device: torch.device | str) -> torch.device:
     return device
 
 
+def _plan_tensors(
+    files: list[Path], expected: dict[str, torch.nn.Parameter]
+) -> tuple[dict[Path, list[str]], bool]:
+    """Which needed tensors to read from which file (each once), checked from the headers
+    alone: shape against ``expected``, storage dtype floating. Returns the plan and whether
+    the headers carried dtypes (safetensors >= 0.4; else the loader checks loaded tensors)."""
+    plan: dict[Path, list[str]] = {}
+    seen: set[str] = set()
+    dtypes_checked = True
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = [k for k in f.keys() if k in expected and k not in seen]  # noqa: SIM118
+                for key in keys:
+                    info = f.get_slice(key)
+                    shape, want = tuple(info.get_shape()), tuple(expected[key].shape)
+                    if shape != want:
+                        raise UnsupportedModelError(
+                            f"{key}: checkpoint shape {shape} != {want} implied by config.json"
+                        )
+                    get_dtype = getattr(info, "get_dtype", None)
+                    if get_dtype is None:
+                        dtypes_checked = False
+                    else:
+                        _check_storage_dtype(file, key, get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise _corrupt(file, e) from None
+        seen.update(keys)
+        plan[file] = keys
+    return plan, dtypes_checked
+
+
 def load_model(
     path: str | Path,
     dtype: torch.dtype | str | None = None,
@@ -127,27 +159,9 @@ def load_model(
 
     model = LlamaForCausalLM(config, dtype=dtype, device="meta")
     expected = dict(model.named_parameters())
-    plan: dict[Path, list[str]] = {}
-    seen: set[str] = set()
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                keys = [k for k in f.keys() if k in expected and k not in seen]  # noqa: SIM118
-                for key in keys:
-                    info = f.get_slice(key)
-                    shape, want = tuple(info.get_shape()), tuple(expected[key].shape)
-                    if shape != want:
-                        raise UnsupportedModelError(
-                            f"{key}: checkpoint shape {shape} != {want} implied by config.json"
-                        )
-                    get_dtype = getattr(info, "get_dtype", None)  # safetensors >= 0.4.x
-                    if get_dtype is not None:
-                        _check_storage_dtype(file, key, get_dtype())
-        except (SafetensorError, OSError) as e:
-            raise _corrupt(file, e) from None
-        seen.update(keys)
-        plan[file] = keys
-    missing = [name for name in expected if name not in seen]
+    plan, dtypes_checked = _plan_tensors(files, expected)
+    found = set().union(*plan.values())
+    missing = [name for name in expected if name not in found]
     if missing:
         raise MissingWeightError(
             f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs: "
@@ -167,9 +181,10 @@ def load_model(
                 with safe_open(str(file), framework="pt", device=str(device)) as f:
                     for key in keys:
                         tensor = f.get_tensor(key)
-                        _check_storage_dtype(
-                            file, key, _TORCH_TO_ST.get(tensor.dtype, tensor.dtype)
-                        )
+                        if not dtypes_checked:  # an old safetensors without header dtypes
+                            _check_storage_dtype(
+                                file, key, _TORCH_TO_ST.get(tensor.dtype, tensor.dtype)
+                            )
                         set_parameter(model, key, tensor.to(dtype))
                         bar.update()
             except SafetensorError as e:
