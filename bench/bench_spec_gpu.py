@@ -7,7 +7,8 @@ decoding in the same run and engine.
     extra cost per draft token of a verification step relative to a plain step
     (k c + 1 = T_verify / T_plain).
 (b) n-gram lookup on repetitive workloads (a repeated motif; rewriting text held in the prompt).
-(c) adaptive k (n-gram, random prompts: little to accept) vs plain decoding at batch 1..64.
+(c) adaptive k (n-gram; random prompts, and repeated motifs whose drafts the target rejects) vs
+    plain decoding at batch 1..64: paired ABBA runs, 95% interval of the ratio.
 
     python bench/bench_spec_gpu.py --out DIR
 """
@@ -209,10 +210,42 @@ def bench_ngram(eng, spec, vocab, rng, tok, res, out) -> None:
         )
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom (the paired-ratio interval)
+_T975 = {
+    1: 12.71,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    11: 2.201,
+    12: 2.179,
+    13: 2.160,
+    14: 2.145,
+    15: 2.131,
+}
+
+
+def paired_ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of per-pair ratios and its 95% t interval (on log ratios):
+    (mean, low, high). An interval that contains 1 means no measurable difference."""
+    logs = [float(np.log(r)) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return float(np.exp(mean)), float("nan"), float("nan")
+    half = _T975.get(len(logs) - 1, 1.96) * statistics.stdev(logs) / len(logs) ** 0.5
+    return float(np.exp(mean)), float(np.exp(mean - half)), float(np.exp(mean + half))
+
+
 def _adaptive_row(eng, spec, prompts, tok: int, repeats: int) -> dict:
-    """Plain and adaptive runs of ``prompts``, ``repeats`` pairs in ABBA order (plain first on
-    even repeats, adaptive first on odd ones, so a drift over time favours neither)."""
-    plain, adaptive, accept, shadow = [], [], [], []
+    """Plain and adaptive runs of ``prompts``: one discarded warm-up pair, then ``repeats``
+    pairs in ABBA order (plain first on even repeats, adaptive first on odd ones, so a drift
+    over time favours neither)."""
+    plain, adaptive, accept, shadow, drafted = [], [], [], [], []
 
     def run_plain():
         plain.append(_measure(eng, prompts, 2 * tok, None)[0]["tokens_per_s"])
@@ -225,32 +258,51 @@ def _adaptive_row(eng, spec, prompts, tok: int, repeats: int) -> dict:
         adaptive.append(got["tokens_per_s"])
         accept.append(got["acceptance_rate"])
         shadow.append(spec.shadow_probes - probes0)
+        drafted.append(spec.metrics.total.num_draft_tokens)
 
+    run_plain(), run_adaptive()  # warm-up pair: the first runs pay one-off host costs
+    del plain[:], adaptive[:], accept[:], shadow[:], drafted[:]
     for i in range(repeats):
         for run in (run_plain, run_adaptive) if i % 2 == 0 else (run_adaptive, run_plain):
             run()
     p, a = statistics.median(plain), statistics.median(adaptive)
+    ratios = [x / y for x, y in zip(adaptive, plain, strict=True)]
+    mean, low, high = paired_ratio_interval(ratios)
     return {
         "batch": len(prompts),
-        "order": "ABBA (plain first on even repeats)",
+        "order": "warm-up pair discarded, then ABBA (plain first on even repeats)",
         "plain_tokens_per_s": p,
         "adaptive_tokens_per_s": a,
         "ratio": a / p,
-        "ratios_per_repeat": [x / y for x, y in zip(adaptive, plain, strict=True)],
+        "ratios_per_repeat": ratios,
+        "ratio_geomean": mean,
+        "ratio_ci95": [low, high],
+        "not_slower": high >= 1.0,
         "acceptance_rate": statistics.median(accept),
+        "drafted_tokens_per_run": drafted,
         "shadow_probes_per_run": shadow,
     }
 
 
-def bench_adaptive(eng, spec, vocab, rng, tok, res, out, repeats: int = 6, batches=None) -> None:
-    """(c) Adaptive k with n-gram drafts on random prompts (little to accept), batch 1..64,
-    against plain decoding; medians of throughput over ABBA-ordered pairs of runs."""
+def _adaptive_prompts(workload: str, batch: int, vocab: int, rng) -> list[list[int]]:
+    """``random``: 64 random ids (n-gram finds nothing to draft). ``motif``: an 8-id motif
+    repeated 8 times, so n-gram drafts the motif on while the target (random weights) rarely
+    follows it: drafts exist and are mostly rejected, the case adaptive k must switch off."""
+    if workload == "random":
+        return [rng.integers(0, vocab, size=64).tolist() for _ in range(batch)]
+    return [rng.integers(0, vocab, size=8).tolist() * 8 for _ in range(batch)]
+
+
+def bench_adaptive(eng, spec, vocab, rng, tok, res, out, repeats: int = 8, batches=None) -> None:
+    """(c) Adaptive k with n-gram drafts against plain decoding at batch 1..64 on two workloads
+    with little to accept; per batch, medians and the paired 95% interval of the ratio."""
     _use_ngram(spec)
-    for batch in batches or (1, 8, 32, 64):
-        prompts = [rng.integers(0, vocab, size=64).tolist() for _ in range(batch)]
-        row = _adaptive_row(eng, spec, prompts, tok, repeats)
-        res["adaptive"].append(row)
-        print(json.dumps(row))
+    for workload in ("random", "motif"):
+        for batch in batches or (1, 8, 32, 64):
+            prompts = _adaptive_prompts(workload, batch, vocab, rng)
+            row = {"workload": workload, **_adaptive_row(eng, spec, prompts, tok, repeats)}
+            res["adaptive"].append(row)
+            print(json.dumps(row))
 
 
 def main() -> None:
