@@ -293,14 +293,31 @@ def _adaptive_prompts(workload: str, batch: int, vocab: int, rng) -> list[list[i
     return [rng.integers(0, vocab, size=8).tolist() * 8 for _ in range(batch)]
 
 
-def bench_adaptive(eng, spec, vocab, rng, tok, res, out, repeats: int = 8, batches=None) -> None:
-    """(c) Adaptive k with n-gram drafts against plain decoding at batch 1..64 on two workloads
-    with little to accept; per batch, medians and the paired 95% interval of the ratio."""
-    _use_ngram(spec)
+class NullProposer(Proposer):
+    """Never drafts, at no host cost: the control that isolates a proposer's host time from
+    the rest of the adaptive machinery."""
+
+    name = "null"
+
+    def propose(self, requests_tokens, k):
+        return [[] for _ in requests_tokens]
+
+
+def bench_adaptive(
+    eng, spec, vocab, rng, tok, res, out, repeats: int = 8, batches=None, proposer="ngram"
+) -> None:
+    """(c) Adaptive k with n-gram drafts (or the null control) against plain decoding at batch
+    1..64 on two workloads with little to accept; per batch, medians and the paired 95%
+    interval of the ratio."""
+    if proposer == "null":
+        spec.proposer, spec._pass_ids = NullProposer(), False
+    else:
+        _use_ngram(spec)
     for workload in ("random", "motif"):
         for batch in batches or (1, 8, 32, 64):
             prompts = _adaptive_prompts(workload, batch, vocab, rng)
-            row = {"workload": workload, **_adaptive_row(eng, spec, prompts, tok, repeats)}
+            row = _adaptive_row(eng, spec, prompts, tok, repeats)
+            row = {"workload": workload, "proposer": proposer, **row}
             res["adaptive"].append(row)
             print(json.dumps(row))
 
@@ -312,6 +329,10 @@ def main() -> None:
     ap.add_argument("--model", default=MODEL, help="smoke-test on the CPU with dummy:tiny")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batches", default="1,8,32,64", help="adaptive part: batch sizes")
+    ap.add_argument(
+        "--adaptive-proposer", default="ngram", choices=["ngram", "null"],
+        help="adaptive part: n-gram drafts, or the null control (never drafts, no host cost)",
+    )  # fmt: skip
     ap.add_argument(
         "--parts", default="oracle,ngram,adaptive", help="comma-separated subset to run"
     )
@@ -337,7 +358,10 @@ def main() -> None:
     for name in args.parts.split(","):
         if name == "adaptive":
             batches = [int(b) for b in args.batches.split(",")]
-            bench_adaptive(eng, spec, vocab, rng, tok, res, args.out, batches=batches)
+            bench_adaptive(
+                eng, spec, vocab, rng, tok, res, args.out, batches=batches,
+                proposer=args.adaptive_proposer,
+            )  # fmt: skip
         else:
             parts[name](eng, spec, vocab, rng, tok, res, args.out)
     res["kernels"] = eng.stats()["kernels"]
