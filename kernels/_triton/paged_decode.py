@@ -12,9 +12,16 @@ Design:
   the device; short sequences leave trailing splits empty). It walks its range in tiles of
   ``BLOCK_N`` tokens, gathering each token's page through the block table (any page size), with
   an online softmax in fp32 (base-2 exponentials, scale folded into ``log2(e)``), and writes the
-  partial ``(max, sum, unnormalised acc)``. Kernel 2 (grid ``(S, Hq)``) merges the splits with
-  log-sum-exp weights. With ``num_splits == 1`` kernel 1 normalises and writes the output itself
-  (one launch).
+  partial ``(max, sum, unnormalised acc)``. The splits are merged with log-sum-exp weights by
+  the **last split to finish** of each ``(s, kv_head)``: every split bumps a per-(s, kv_head)
+  counter (acq_rel atomic, after a CTA barrier); the one that sees ``num_splits - 1`` reads all
+  partials back (bypassing L1) and writes the group's output, then resets the counter to 0, so
+  the zeroed counters persist across launches and graph replays. One launch per layer instead
+  of two. The merge reads every partial from memory in a fixed order, so the result does not
+  depend on which split came last. Where no counters are available (more than
+  ``MAX_MERGE_COUNTERS`` (s, kv_head) pairs, or a first use inside graph capture) a separate
+  merge kernel on the grid ``(S, Hq)`` does the same sums. With ``num_splits == 1`` kernel 1
+  normalises and writes the output itself.
 * ``num_splits`` comes from a host-side bound on the context length (``max_seq_len_hint``,
   default ``block_tables.shape[1] * block_size``), the batch size and the SM count -- never from
   ``seq_lens``' contents -- and the partial buffers' shapes depend only on it, so a captured CUDA
@@ -38,6 +45,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more in merging than it gains
 MAX_SPLITS = 32
+MAX_MERGE_COUNTERS = 1 << 16  # (sequence, kv head) pairs the fused merge covers (256 KiB)
 
 
 # --------------------------------------------------------------------------- shared host helpers
@@ -129,6 +137,7 @@ def _decode_split_kernel(
     m_ptr,
     l_ptr,
     acc_ptr,
+    count_ptr,
     scale_log2,
     stride_qs,
     stride_qh,
@@ -151,6 +160,8 @@ def _decode_split_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -207,6 +218,43 @@ def _decode_split_kernel(
         tl.store(m_ptr + row, m_i, mask=head_mask)
         tl.store(l_ptr + row, l_i, mask=head_mask)
         tl.store(acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=head_mask[:, None])
+        if FUSED_MERGE:
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            counter = count_ptr + seq64 * tl.num_programs(1) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+                _merge_group(m_ptr, l_ptr, acc_ptr, out_ptr, seq64, q_heads, head_mask,
+                             GROUP * tl.num_programs(1), stride_os, stride_oh, stride_od,
+                             HEAD_DIM, NUM_SPLITS, BLOCK_SPLITS)  # fmt: skip
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next
+
+
+@triton.jit
+def _merge_group(
+    m_ptr, l_ptr, acc_ptr, out_ptr, seq64, q_heads, head_mask, num_q_heads,
+    stride_os, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):  # fmt: skip
+    """Merge the ``NUM_SPLITS`` partials of the heads ``q_heads`` ``[BLOCK_H]`` of one
+    sequence into the output (called by the last split; loads bypass L1: ``.cg``)."""
+    offs_j = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = head_mask[:, None] & (offs_j[None, :] < NUM_SPLITS)  # [BLOCK_H, BLOCK_SPLITS]
+    rows = (seq64 * num_q_heads + q_heads[:, None]) * NUM_SPLITS + offs_j[None, :]
+    m = tl.load(m_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(l_ptr + rows, mask=mask, other=0.0, cache_modifier=".cg")  # noqa: E741
+    acc = tl.load(
+        acc_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+        mask=mask[:, :, None], other=0.0, cache_modifier=".cg",
+    )  # fmt: skip
+    m_max = tl.max(m, 1)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty (seq_len 0)
+    w = tl.exp2(m - m_max[:, None])  # empty splits: exp2(-inf) == 0
+    denom = tl.sum(w * l, 1)
+    out = tl.sum(w[:, :, None] * acc, 1) / tl.where(denom > 0, denom, 1.0)[:, None]
+    o_ptrs = (
+        out_ptr + seq64 * stride_os + q_heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+    )
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
 
 
 @triton.jit
@@ -248,6 +296,27 @@ def _decode_merge_kernel(
 # --------------------------------------------------------------------------- entry point
 
 
+_merge_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def merge_counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The device's zeroed int32 ``[MAX_MERGE_COUNTERS]`` counters of the fused split merge
+    (allocated once, outside graph capture; the kernel leaves them zeroed), or None when
+    ``needed`` exceeds them or they would first be allocated inside a capture. Launches that
+    share them must not run concurrently (on two streams at once); the runtime launches its
+    decode steps on one stream. Pass ``fused_merge=False`` where that does not hold."""
+    counters = _merge_counters.get(device)
+    if counters is None:
+        if needed > MAX_MERGE_COUNTERS or (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        ):
+            return None
+        counters = _merge_counters[device] = torch.zeros(
+            MAX_MERGE_COUNTERS, dtype=torch.int32, device=device
+        )
+    return counters if needed <= counters.numel() else None
+
+
 def _block_n(head_dim: int, elem_size: int) -> int:
     return 32 if head_dim * elem_size > 256 else 64
 
@@ -260,6 +329,7 @@ def triton_paged_decode(
     scale: float | None = None,
     num_splits: int | None = None,
     max_seq_len_hint: int | None = None,
+    fused_merge: bool = True,
 ) -> torch.Tensor:
     """Decode attention over the paged cache; same contract as ``torch_ref.paged_decode``.
 
@@ -276,6 +346,8 @@ def triton_paged_decode(
         num_splits: split-KV factor; default chosen by :func:`choose_num_splits`.
         max_seq_len_hint: host-side upper bound on ``seq_lens`` used to choose ``num_splits``;
             default ``max_blocks * bs`` (shape-derived, so graph capture and eager agree).
+        fused_merge: merge the splits in the last split's program (one launch; see the module
+            docstring); False, or no counters available: a separate merge kernel.
 
     Returns:
         ``[S, Hq, D]`` in ``query.dtype``. Never reads device values on the host (CUDA-graph
@@ -300,6 +372,9 @@ def triton_paged_decode(
     group = num_q_heads // num_kv_heads
     block_n = _block_n(head_dim, kv_cache.element_size())
 
+    counters = None
+    if num_splits > 1 and fused_merge:
+        counters = merge_counters(query.device, num_seqs * num_kv_heads)
     if num_splits == 1:
         m_buf = l_buf = acc_buf = out  # unused by the single-split kernel
     else:
@@ -316,6 +391,7 @@ def triton_paged_decode(
         m_buf,
         l_buf,
         acc_buf,
+        out if counters is None else counters,
         float(scale) * LOG2E,
         *query.stride(),
         *kv_cache.stride(),
@@ -329,9 +405,11 @@ def triton_paged_decode(
         NUM_SPLITS=num_splits,
         DOT_PRECISION=dot_precision(kv_cache.dtype),
         DOT_F32=dot_in_fp32(query.device),
+        FUSED_MERGE=counters is not None,
+        BLOCK_SPLITS=triton.next_power_of_2(num_splits),
         num_warps=4,
     )
-    if num_splits > 1:
+    if num_splits > 1 and counters is None:
         _decode_merge_kernel[(num_seqs, num_q_heads)](
             m_buf,
             l_buf,

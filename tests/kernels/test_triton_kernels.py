@@ -261,6 +261,35 @@ def test_decode_zero_length_rows_give_zeros():
     assert torch.equal(all_pad, torch.zeros_like(all_pad))
 
 
+@pytest.mark.parametrize("case", DECODE_CASES[:3] + DECODE_CASES[5:6], ids=_case_id)
+def test_decode_fused_merge_equals_separate_merge_and_resets_its_counters(case):
+    """The last split's merge (one launch) gives the separate merge kernel's output (same
+    log-sum-exp sums; fp32 up to summation order), matches the float64 oracle, and leaves the
+    device's counters at zero, so a second call (a graph replay) gives bitwise the same."""
+    from layerzero_serve.kernels._triton.paged_decode import merge_counters
+
+    lens, heads, bs, dtype = case
+    c = decode_case(lens, heads, bs, dtype, _seed("fused", case), width=-(-100 // bs) + 2)
+    for splits in (2, 3, 5):
+        separate = run_decode(c, num_splits=splits, fused_merge=False)
+        fused = run_decode(c, num_splits=splits)
+        counters = merge_counters(c.query.device, 1)
+        assert counters is not None and int(counters.abs().sum()) == 0
+        assert_close(fused, oracle_case(c), dtype)
+        atol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(fused.float(), separate.float(), atol=atol, rtol=atol)
+        assert torch.equal(fused, run_decode(c, num_splits=splits))
+
+
+def test_decode_merge_counters_capacity():
+    """More (sequence, kv head) pairs than counters: None (the separate merge kernel)."""
+    from layerzero_serve.kernels._triton.paged_decode import MAX_MERGE_COUNTERS, merge_counters
+
+    cpu = torch.device(CPU)
+    assert merge_counters(cpu, MAX_MERGE_COUNTERS) is not None
+    assert merge_counters(cpu, MAX_MERGE_COUNTERS + 1) is None
+
+
 def test_decode_custom_scale_and_odd_block_size():
     c = decode_case([17, 100, 2], (8, 2, 64), 5, torch.float32, 9)
     out = run_decode(c, scale=0.05, num_splits=2)
