@@ -545,6 +545,24 @@ def test_gpu_split_kv_agrees_with_no_split_long_context():
     assert_close(one, oracle_case(c), torch.bfloat16)
 
 
+@gpu
+@needs_cuda
+def test_gpu_fused_merge_equals_separate_merge_long_context():
+    """On the GPU (real concurrency between splits): the last split's merge equals the separate
+    merge kernel up to summation order, repeats bitwise, and leaves the counters zeroed."""
+    from layerzero_serve.kernels._triton.paged_decode import merge_counters
+
+    c = decode_case([4096, 3000, 1, 777], (32, 8, 128), 16, torch.bfloat16, 4, device="cuda")
+    for splits in (2, 7, 32):
+        separate = run_decode(c, num_splits=splits, fused_merge=False)
+        fused = run_decode(c, num_splits=splits)
+        torch.testing.assert_close(fused, separate, atol=1e-2, rtol=1e-2)
+        for _ in range(20):
+            assert torch.equal(run_decode(c, num_splits=splits), fused)
+        assert int(merge_counters(c.query.device, 1).abs().sum()) == 0
+    assert_close(fused, oracle_case(c), torch.bfloat16)
+
+
 def _fresh_decode_inputs(rng, gen, bucket, n, width, bs, num_blocks, hq, hkv, d, dtype):
     """Random decode batch of ``n`` real rows padded to ``bucket``: host lists and tensors."""
     free = rng.sample(range(1, num_blocks), num_blocks - 1)
