@@ -103,70 +103,35 @@ class FlashAttnPaged(ScatterKVWrite):
         return full
 
     def _uniform(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        fa = self._fa
-        if self.version == 2:
-            return fa.flash_attn_with_kvcache(
-                q,
-                k_cache,
-                v_cache,
-                cache_seqlens=meta.seq_lens,
-                block_table=meta.block_tables,
-                causal=True,
+        # FA2 calls the page table block_table, FA3/FA4 page_table; FA4 has no kvcache entry.
+        pages = {"block_table" if self.version == 2 else "page_table": meta.block_tables}
+        if self.version in (2, 3):
+            return self._fa.flash_attn_with_kvcache(
+                q, k_cache, v_cache, cache_seqlens=meta.seq_lens, causal=True, **pages
             )
-        if self.version == 3:
-            return fa.flash_attn_with_kvcache(
-                q,
-                k_cache,
-                v_cache,
-                cache_seqlens=meta.seq_lens,
-                page_table=meta.block_tables,
-                causal=True,
-            )
-        out = fa.flash_attn_varlen_func(
-            q,
-            k_cache,
-            v_cache,
-            seqused_k=meta.seq_lens,
-            page_table=meta.block_tables,
-            causal=True,
+        out = self._fa.flash_attn_varlen_func(
+            q, k_cache, v_cache, seqused_k=meta.seq_lens, causal=True, **pages
         )
         return out[0] if isinstance(out, tuple) else out  # FA4 may return (out, lse)
 
     def _ragged(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         fa = self._fa
-        if self.version == 2:
+        ragged_q = {"cu_seqlens_q": meta.query_start_loc, "max_seqlen_q": meta.max_query_len}
+        if self.version == 2:  # FA2's varlen entry wants the key offsets and maximum too
             return fa.flash_attn_varlen_func(
-                q,
-                k_cache,
-                v_cache,
-                cu_seqlens_q=meta.query_start_loc,
-                cu_seqlens_k=self._cu_seqlens_k,
-                max_seqlen_q=meta.max_query_len,
-                max_seqlen_k=meta.max_seq_len,
-                causal=True,
-                block_table=meta.block_tables,
-            )
+                q, k_cache, v_cache, cu_seqlens_k=self._cu_seqlens_k,
+                max_seqlen_k=meta.max_seq_len, causal=True, block_table=meta.block_tables,
+                **ragged_q,
+            )  # fmt: skip
         if self.version == 3:
             return fa.flash_attn_with_kvcache(
-                q,
-                k_cache,
-                v_cache,
-                cache_seqlens=meta.seq_lens,
-                page_table=meta.block_tables,
-                cu_seqlens_q=meta.query_start_loc,
-                max_seqlen_q=meta.max_query_len,
-                causal=True,
-            )
+                q, k_cache, v_cache, cache_seqlens=meta.seq_lens, page_table=meta.block_tables,
+                causal=True, **ragged_q,
+            )  # fmt: skip
         out = fa.flash_attn_varlen_func(
-            q,
-            k_cache,
-            v_cache,
-            cu_seqlens_q=meta.query_start_loc,
-            max_seqlen_q=meta.max_query_len,
-            seqused_k=meta.seq_lens,
-            page_table=meta.block_tables,
-            causal=True,
-        )
+            q, k_cache, v_cache, seqused_k=meta.seq_lens, page_table=meta.block_tables,
+            causal=True, **ragged_q,
+        )  # fmt: skip
         return out[0] if isinstance(out, tuple) else out
 
 
