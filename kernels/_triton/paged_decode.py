@@ -299,12 +299,21 @@ def _decode_merge_kernel(
 _merge_counters: dict[torch.device, torch.Tensor] = {}
 
 
+def _counter_key(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:N" share a buffer
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def merge_counters(device: torch.device, needed: int) -> torch.Tensor | None:
     """The device's zeroed int32 ``[MAX_MERGE_COUNTERS]`` counters of the fused split merge
     (allocated once, outside graph capture; the kernel leaves them zeroed), or None when
-    ``needed`` exceeds them or they would first be allocated inside a capture. Launches that
-    share them must not run concurrently (on two streams at once); the runtime launches its
-    decode steps on one stream. Pass ``fused_merge=False`` where that does not hold."""
+    ``needed`` exceeds them or they would first be allocated inside a capture (that graph then
+    keeps the separate merge: warm up eagerly before capturing, as the runtime's graph runner
+    does, so graphs and eager calls sum in the same order). Launches that share the counters
+    must not run concurrently (on two streams at once); the runtime launches its decode steps
+    on one stream. Pass ``fused_merge=False`` where that does not hold."""
+    device = _counter_key(device)
     counters = _merge_counters.get(device)
     if counters is None:
         if needed > MAX_MERGE_COUNTERS or (
@@ -315,6 +324,14 @@ def merge_counters(device: torch.device, needed: int) -> torch.Tensor | None:
             MAX_MERGE_COUNTERS, dtype=torch.int32, device=device
         )
     return counters if needed <= counters.numel() else None
+
+
+def reset_merge_counters(device: torch.device) -> None:
+    """Zero the device's merge counters (after a launch was interrupted, or after concurrent
+    launches shared them); not inside graph capture."""
+    counters = _merge_counters.get(_counter_key(device))
+    if counters is not None:
+        counters.zero_()
 
 
 def _block_n(head_dim: int, elem_size: int) -> int:

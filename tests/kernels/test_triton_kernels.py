@@ -290,6 +290,26 @@ def test_decode_merge_counters_capacity():
     assert merge_counters(cpu, MAX_MERGE_COUNTERS + 1) is None
 
 
+def test_decode_reset_merge_counters_recovers_from_a_corrupted_count():
+    """A counter left non-zero (e.g. two launches raced on one buffer) makes a split merge
+    before the others are in; reset_merge_counters restores the correct output."""
+    from layerzero_serve.kernels._triton.paged_decode import merge_counters, reset_merge_counters
+
+    case_a, case_b = (
+        decode_case([100, 90], (8, 2, 64), 16, torch.float32, s, width=9) for s in (11, 12)
+    )
+    good_b = run_decode(case_b, num_splits=3)
+    run_decode(case_a, num_splits=3)  # its partials may be what case b's buffers start with
+    counters = merge_counters(case_b.query.device, 1)
+    counters[0] = 2  # stale: (sequence 0, kv head 0) looks complete to its first split
+    bad_b = run_decode(case_b, num_splits=3)
+    assert not torch.allclose(bad_b[0, :4], good_b[0, :4])  # merged without splits 1 and 2
+    torch.testing.assert_close(bad_b[1], good_b[1], atol=0, rtol=0)  # other rows unaffected
+    reset_merge_counters(case_b.query.device)
+    assert int(counters.abs().sum()) == 0
+    assert torch.equal(run_decode(case_b, num_splits=3), good_b)
+
+
 def test_decode_custom_scale_and_odd_block_size():
     c = decode_case([17, 100, 2], (8, 2, 64), 5, torch.float32, 9)
     out = run_decode(c, scale=0.05, num_splits=2)
