@@ -300,7 +300,7 @@ class SpecCoordinator:
             at = self._shadow_cursor % len(ready)
             ready = (ready[at:] + ready[:at])[:SHADOW_ROWS]
             self._shadow_cursor = at + SHADOW_ROWS
-        drafts = self._ask(ready, k)
+        drafts = self._ask(ready, k, shadow)
         drafted = False
         for r, row in zip(ready, drafts, strict=True):
             room = r.stop_len - len(r.all_token_ids) - 1  # leave room for the target's token
@@ -318,12 +318,13 @@ class SpecCoordinator:
                 self._idle_pause = self._idle_next
                 self._idle_next = min(2 * self._idle_next, MAX_IDLE_PAUSE)
 
-    def _ask(self, ready: list[Request], k: int) -> list:
+    def _ask(self, ready: list[Request], k: int, shadow: bool = False) -> list:
         """The proposer's rows for ``ready``; a call that raises or returns anything but one
-        row per request counts as no drafts this step (logged), never as an engine error."""
+        row per request counts as no drafts this step (logged), never as an engine error. A
+        shadow probe omits the ids where the proposer allows it (``probe_without_ids``)."""
         tokens = [r.all_token_ids for r in ready]
         try:
-            if self._pass_ids:
+            if self._pass_ids and not (shadow and self.proposer.probe_without_ids):
                 ids = [r.request_id for r in ready]
                 drafts = self.proposer.propose(tokens, k, request_ids=ids)
             else:

@@ -69,6 +69,7 @@ class NgramProposer(Proposer):
 
     name = "ngram"
     needs_model = False
+    probe_without_ids = True  # the scan and the index give the same drafts
 
     def __init__(self, k: int = 4, min_n: int = 2, max_n: int = 4) -> None:
         self.k = check_int("k", k, 0, MAX_K)

@@ -37,10 +37,14 @@ class Proposer(abc.ABC):
         name: short identifier for logs and metrics (``"ngram"``, ``"draft_model"``...).
         needs_model: True when proposing runs a model on the device (the runner must schedule
             its forward passes and KV); False for host-only proposers such as n-gram lookup.
+        probe_without_ids: True when ``propose`` without ``request_ids`` gives the same drafts
+            (a stateless lookup): the adaptive k's shadow probes then omit the ids, so no
+            per-request state is built for requests that are not speculating.
     """
 
     name: str = "proposer"
     needs_model: bool = False
+    probe_without_ids: bool = False
 
     @abc.abstractmethod
     def propose(self, requests_tokens: Sequence[Sequence[int]], k: int) -> list[list[int]]:

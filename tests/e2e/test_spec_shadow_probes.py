@@ -192,3 +192,26 @@ def test_a_shadow_probe_decided_ahead_is_drafted_after_the_tokens_arrive():
     assert coord._shadow == {"r": 10} and not coord.shadow_due and req.spec_token_ids == []
     coord.score_shadow([req], [[10]])
     assert (coord.shadow_probes, coord.shadow_hits) == (1, 1)
+
+
+def test_ngram_shadow_probes_build_no_index_and_real_drafting_does():
+    """Shadow probes ask the n-gram proposer without ids (a scan: no per-request index built
+    for requests that are not speculating); verified drafting passes the ids (indexed)."""
+    from layerzero_serve.spec_decode import NgramProposer
+    from layerzero_serve.spec_decode._coordinator import SpecCoordinator
+
+    reqs = [_decode_ready(str(i), [i, 5, 6, 7, 5, 6]) for i in range(4)]
+    prop = NgramProposer(k=4, min_n=1, max_n=2)
+    coord = SpecCoordinator(prop, verifier=None, k_max=4, adaptive=True, vocab_size=100)
+    coord.adaptive.min_evidence = 1e9  # probe every step: every request asked every time
+    for _ in range(3):
+        coord.propose(reqs, len(reqs))
+        assert coord._shadow == {"0": 7, "1": 7, "2": 7, "3": 7}  # after "6": 7 (scanned)
+        coord.score_shadow(reqs, [[1] for _ in reqs])
+    assert prop._indexes == {} and prop._scanned == {}
+    coord.adaptive.min_evidence = 0.0
+    coord.adaptive.best_k = lambda batch, acceptance=None: (2, 2.0)  # speculation on
+    for _ in range(2):
+        coord.propose(reqs, len(reqs))
+    assert [r.spec_token_ids for r in reqs] == [[7, 5]] * 4
+    assert sorted(prop._indexes) == ["0", "1", "2", "3"]  # asked twice in a row with ids
