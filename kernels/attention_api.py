@@ -22,7 +22,11 @@ from layerzero_serve.kernels.metadata import AttentionMetadata
 
 class PagedAttentionImpl(Protocol):
     """A paged-attention kernel (decode, prefill/extend or verification): ``plan`` once per
-    step on the host, ``write_kv`` and ``run`` per layer (shapes in the module docstring)."""
+    step on the host, ``write_kv`` and ``run`` per layer (shapes in the module docstring).
+
+    CUDA graphs: ``plan`` is host work outside capture; ``write_kv`` and ``run`` are captured when
+    the kernel's spec says ``graph_safe`` (no host sync, shapes fixed by the plan).
+    """
 
     name: str
 
@@ -49,6 +53,9 @@ class KVWriter(Protocol):
       cache's dtype; ``kv_cache`` one layer's ``[num_blocks, 2, block_size, Hkv, D]``; token
       ``t`` goes to slot ``meta.slot_mapping[t]`` and slot -1 (padding) writes nothing.
       Graph-safe when the kernel's spec says ``graph_safe``.
+
+    CUDA graphs: ``write`` is captured when the kernel's spec says ``graph_safe``; ``plan`` never
+    is.
     """
 
     name: str

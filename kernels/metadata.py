@@ -34,6 +34,9 @@ class AttentionMetadata:
         seq_lens_cpu: host copy of ``seq_lens`` as a list.
         block_tables_cpu: host copy of ``block_tables`` (int32 numpy), for kernels whose
             planning needs page lists on the host (FlashInfer); None when not provided.
+
+    CUDA graphs: ``from_host`` copies host arrays to the device, outside capture; captured graphs
+    read static metadata buffers that the graph runner refills in place before each replay.
     """
 
     num_seqs: int

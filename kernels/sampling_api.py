@@ -46,7 +46,10 @@ UNIFORM_BITS = 24  # a float32 mantissa: every value k / 2^24 is exact
 class SamplingKernel(Protocol):
     """An ``Op.SAMPLING`` kernel: draws one token per row of already processed probabilities
     (see :meth:`sample`); graph-safe. ``position_invariant`` says whether a seeded row's draw is
-    independent of its batch position."""
+    independent of its batch position.
+
+    CUDA graphs: ``sample`` is graph-safe: no host sync, shapes fixed by its inputs.
+    """
 
     name: str
     position_invariant: bool  # True: a seeded row draws the same token at any batch position

@@ -18,7 +18,10 @@ from layerzero_serve.errors import ValidationError
 
 class Op(str, enum.Enum):
     """The operations a kernel can implement; the selection engine picks one kernel per op and
-    plan (``KernelContext``). Values are the names used in policies and reports."""
+    plan (``KernelContext``). Values are the names used in policies and reports.
+
+    CUDA graphs: a name; whether an op's kernel may be captured is its ``KernelSpec.graph_safe``.
+    """
 
     ATTN_PREFILL = "attention_prefill"
     ATTN_DECODE = "attention_decode"
@@ -144,6 +147,9 @@ class KernelContext:
         q_len: tokens per request (1 decode, k+1 verify, 0 = variable, prefill).
         graph_mode: the kernel will be replayed inside a captured CUDA graph.
         vocab_size: for sampling ops (0 otherwise).
+
+    CUDA graphs: a host object; ``graph_mode`` asks the selection engine for kernels that may be
+    captured.
     """
 
     op: Op
@@ -201,6 +207,9 @@ class KernelSpec:
             one that raises or returns anything else rejects the kernel (``Reason.CUSTOM``).
         factory: builds the implementation (``factory(ctx) -> object``), imported lazily.
         doc: where the constraints come from.
+
+    CUDA graphs: a host object; ``graph_safe`` declares whether the kernel may be captured (no host
+    sync; its launches depend only on the plan and the shapes).
     """
 
     name: str

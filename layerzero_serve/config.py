@@ -78,6 +78,9 @@ class EngineConfig:
         async_scheduling: with CUDA graphs, launch the next pure decode step before the host
             processes this step's tokens (its input ids come from this step's sampler on the
             device), so the host's per-step work overlaps the GPU's. Same tokens as without.
+
+    CUDA graphs: a host object; ``enforce_eager``, ``max_graph_batch`` and ``async_scheduling``
+    decide what the engine captures and replays.
     """
 
     model: str = DEFAULT_MODEL

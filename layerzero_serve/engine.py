@@ -95,6 +95,9 @@ class Engine:
     Requests are token ids; ``step()`` returns streaming outputs (new token ids and, at the
     end, a finish reason). With ``SamplingParams.n > 1`` a request runs as ``n`` sequences
     ``"{id}#{k}"`` that share the prompt's cached blocks.
+
+    CUDA graphs: a host loop that replays the runner's captured graphs; never call it inside a
+    capture.
     """
 
     def __init__(self, config: EngineConfig | None = None, **overrides: object) -> None:

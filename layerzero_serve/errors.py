@@ -15,6 +15,8 @@ class ValidationError(ValueError):
         param: name of the parameter (``"top_p"``, ``"prompt_token_ids[3]"``...).
         allowed: human-readable allowed range (``"(0, 1]"``).
         value: the rejected value.
+
+    CUDA graphs: raised on the host, before anything is launched.
     """
 
     def __init__(self, param: str, value: object, allowed: str, detail: str = "") -> None:

@@ -79,6 +79,8 @@ class LLM:
     Args:
         model: checkpoint directory, ``dummy:<preset>`` or ``"default"``.
         **config: any EngineConfig field (``dtype``, ``device``, ``max_num_seqs``...).
+
+    CUDA graphs: a host loop over ``Engine``; never call it inside a capture.
     """
 
     def __init__(self, model: str | Path = "default", **config: object) -> None:

@@ -50,6 +50,8 @@ class Request:
     ``all_token_ids`` is the prompt followed by the output. ``num_computed_tokens`` counts the
     leading tokens whose KV is in the cache; it catches up with ``num_tokens`` through prefill,
     chunked prefill, prefix hits, recompute after preemption and speculative verification alike.
+
+    CUDA graphs: a host object.
     """
 
     request_id: str
@@ -131,6 +133,8 @@ class SchedulerOutput:
     num_scheduled[i] - 1`` of ``requests[i].all_token_ids + spec_token_ids`` and samples when
     that reaches the end of the known tokens. ``blocks_to_copy`` holds (src, dst) block pairs
     from copy-on-write forks to copy in the KV tensors before this step's forward.
+
+    CUDA graphs: a host object; the runner turns it into device inputs outside capture.
     """
 
     step_id: int
@@ -190,6 +194,8 @@ class RequestOutput:
     ``logprobs`` (when the request asked for them): one entry per token of ``new_token_ids``.
     ``prompt_logprobs``: once, with the first output token: one entry per prompt token, the
     first ``None`` (nothing predicts it).
+
+    CUDA graphs: a host object.
     """
 
     request_id: str

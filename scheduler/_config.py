@@ -41,6 +41,8 @@ class SchedulerConfig:
             then arrival). Preemption victims are taken from the other end.
         num_lookahead_tokens: extra KV slots reserved per running request (speculative drafts),
             in [0, 1024].
+
+    CUDA graphs: a host object.
     """
 
     max_num_seqs: int = 256

@@ -41,7 +41,10 @@ def _lookahead(la: int, req: Request, end: int) -> int:
 
 
 class Scheduler:
-    """Owns the requests and their lifecycle; the KV manager owns their blocks."""
+    """Owns the requests and their lifecycle; the KV manager owns their blocks.
+
+    CUDA graphs: host only; it decides each step before the runner launches or replays it.
+    """
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         if not isinstance(config, SchedulerConfig):

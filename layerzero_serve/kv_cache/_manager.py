@@ -65,6 +65,8 @@ class KVCacheManager:
         enable_prefix_caching: share full blocks between requests with equal prefixes (a bool).
         hash_algo: ``"sha256"`` (default) or ``"fast"`` (64-bit, tokens verified on every hit).
         hash_fn: optional custom ``(parent, token_ids) -> hashable``; always verified on hits.
+
+    CUDA graphs: host only (block ids, reference counts, hashes); nothing here touches the device.
     """
 
     def __init__(

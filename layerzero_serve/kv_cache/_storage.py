@@ -24,6 +24,13 @@ INT32_MAX = (1 << 31) - 1
 
 @dataclass(frozen=True, slots=True)
 class KVCacheSpec:
+    """Geometry and dtype of a paged KV cache: ``num_layers`` tensors of
+    ``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` in ``dtype`` (K at index 0 of the
+    second axis, V at 1). Every integer field is >= 1; ``dtype`` a ``torch.dtype``.
+
+    CUDA graphs: a host-side description.
+    """
+
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -68,6 +75,9 @@ class KVCache:
 
     Give exactly one of ``num_blocks`` or ``budget_bytes``. ``tensors[layer]`` has shape
     ``[num_blocks, 2, block_size, num_kv_heads, head_dim]``.
+
+    CUDA graphs: the tensors are allocated once, here, and captured graphs bake their addresses in:
+    never reallocate them after capture. ``copy_blocks`` runs eagerly between steps.
     """
 
     def __init__(

@@ -72,6 +72,9 @@ def build_attention(
         selector: a ``Selector`` (default: the process-wide one).
         graph_batch: build the kernels of one CUDA-graph bucket of this size instead (graph
             mode plans; decode only).
+
+    CUDA graphs: selection runs here, on the host, once; with ``graph_batch`` every kernel chosen is
+    graph-safe.
     """
     from layerzero_serve.errors import ValidationError
     from layerzero_serve.kernels.spec import Op
@@ -108,6 +111,11 @@ class AttentionDispatch:
     """Callable attention over a KVCache with per-phase kernels.
 
     Shapes: q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]`` in q's dtype.
+
+    CUDA graphs: ``begin_step`` is host work before each step, outside capture. The per-layer call
+    is what ``DecodeGraphRunner`` captures, with the kernels of a dispatch built for its bucket
+    (``build_attention(..., graph_batch=b)``, all graph-safe); an eager dispatch may hold kernels
+    that are not.
     """
 
     def __init__(

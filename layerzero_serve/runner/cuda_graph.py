@@ -54,6 +54,10 @@ class DecodeGraphRunner:
         buckets: batch sizes to capture.
         max_blocks_per_seq: width of the static block table.
         q_len: query tokens per row (1: decode; k + 1: verification of k drafts).
+
+    CUDA graphs: ``capture`` records one graph per bucket (each after a warm-up run, largest first,
+    one shared memory pool); ``run`` copies a step's inputs into the static buffers and replays,
+    from the host, outside any capture.
     """
 
     def __init__(

@@ -91,6 +91,9 @@ class SamplingParams:
     Processing order (``sampling.processors``): logit bias and allowed/bad masks, the
     min-tokens mask, then the penalties; then greedy argmax or temperature -> top-k -> top-p ->
     min-p -> draw.
+
+    CUDA graphs: a host object; the sampler turns a batch's params into device tensors outside
+    capture.
     """
 
     n: int = 1

@@ -76,6 +76,10 @@ class Sampler:
             an int in [1, 2**31 - 1].
         kernel: force a sampling kernel (default: the selection engine's choice at ``bind``,
             or the torch kernel).
+
+    CUDA graphs: ``bind``, ``prepare``, ``seeds_of`` and ``release`` are host work outside capture;
+    ``sample`` is graph-safe (no host sync; its work depends only on the batch's plan and shapes),
+    so the runner captures it per bucket.
     """
 
     def __init__(

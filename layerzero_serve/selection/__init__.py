@@ -31,19 +31,28 @@ from layerzero_serve.selection.plans import ModelShape, batch_buckets, model_pla
 
 
 def select(op: Op, ctx: KernelContext) -> KernelChoice:
-    """The process-wide selector's choice for ``op`` in ``ctx`` (cached)."""
+    """The process-wide selector's choice for ``op`` in ``ctx`` (cached).
+
+    CUDA graphs: host only; called when a plan is built, never per step.
+    """
     return get_selector().select(op, ctx)
 
 
 def register_kernel(spec: KernelSpec, replace: bool = False) -> None:
     """Register a kernel with the process-wide selector. A backend the probe does not know
-    (your own) must also be declared with :func:`register_backend`."""
+    (your own) must also be declared with :func:`register_backend`.
+
+    CUDA graphs: host only; call it before the plans that should see the kernel are selected.
+    """
     get_selector().register(spec, replace=replace)
 
 
 def register_backend(name: str, available: bool = True, version: str | None = None) -> None:
     """Declare a backend (for example ``"user"`` for your own kernels) available to the
-    process-wide selector."""
+    process-wide selector.
+
+    CUDA graphs: host only; call it before the plans that should see the backend are selected.
+    """
     get_selector().register_backend(name, available, version)
 
 

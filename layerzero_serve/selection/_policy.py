@@ -270,7 +270,11 @@ def configure(
 ) -> Policy:
     """Set the process-wide code policy (merged over any earlier ``configure`` unless
     ``reset``). Returns the new code policy. ``allow``/``deny`` None means empty; boosts are
-    finite numbers with ``|boost| <= 1e6``."""
+    finite numbers with ``|boost| <= 1e6``.
+
+    CUDA graphs: host only; a policy applies to plans selected afterwards, not to graphs already
+    captured.
+    """
     global _code_policy
     if not isinstance(reset, bool):
         raise PolicyError("reset", reset, "a bool")
@@ -287,7 +291,11 @@ def prefer(
     deny: Iterable[str] | None = (),
     boost: Mapping[str, float] | None = None,
 ) -> Iterator[Policy]:
-    """Temporarily layer a policy over the code policy (innermost wins)."""
+    """Temporarily layer a policy over the code policy (innermost wins).
+
+    CUDA graphs: host only; plans selected inside the block (a capture's, for example) keep its
+    choice.
+    """
     p = make_policy(lock, allow, deny, boost)
     _prefer_stack.append(p)
     _epoch[0] += 1

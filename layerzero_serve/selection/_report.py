@@ -70,7 +70,10 @@ class SelectionReport:
 
 
 def explain(ctx: KernelContext, selector: Selector | None = None) -> SelectionReport:
-    """Report for one plan: the chosen kernel and why each other candidate lost."""
+    """Report for one plan: the chosen kernel and why each other candidate lost.
+
+    CUDA graphs: host only.
+    """
     if not isinstance(ctx, KernelContext):
         raise ValidationError("ctx", ctx, "a KernelContext")
     if selector is not None and not isinstance(selector, Selector):

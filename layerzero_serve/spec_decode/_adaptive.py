@@ -145,6 +145,8 @@ class AdaptiveK:
 
     ``step_cost`` is a public attribute: the runner may replace it whenever it has measured
     step times (e.g. ``TableStepCost`` from its captured verification graphs).
+
+    CUDA graphs: host only; it decides ``k`` between steps and is never captured.
     """
 
     def __init__(

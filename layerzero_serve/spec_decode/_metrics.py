@@ -45,6 +45,8 @@ class SpecDecodeMetrics:
 
     Args:
         k_max: largest number of drafts per request and step (sizes the per-position arrays).
+
+    CUDA graphs: host only.
     """
 
     def __init__(self, k_max: int) -> None:

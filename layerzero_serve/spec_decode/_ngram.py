@@ -65,6 +65,8 @@ class NgramProposer(Proposer):
     Args:
         k: default number of drafts per request, in ``[0, MAX_K]``.
         min_n, max_n: n-gram lengths tried, longest first; ``1 <= min_n <= max_n <= 64``.
+
+    CUDA graphs: host only (Python and numpy over the token lists).
     """
 
     name = "ngram"

@@ -40,6 +40,9 @@ class Proposer(abc.ABC):
         probe_without_ids: True when ``propose`` without ``request_ids`` gives the same drafts
             (a stateless lookup): the adaptive k's shadow probes then omit the ids, so no
             per-request state is built for requests that are not speculating.
+
+    CUDA graphs: ``propose`` runs on the host between steps, never inside the target's capture; a
+    proposer that runs a model may replay graphs of its own there.
     """
 
     name: str = "proposer"

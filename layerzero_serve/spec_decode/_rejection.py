@@ -153,6 +153,8 @@ def rejection_sample(
         ``(output_ids, num_accepted)``: int64 ``[B, k+1]`` accepted drafts then the recovered or
         bonus token, padded with -1; int32 ``[B]`` accepted drafts per row. All tensors on
         ``target_probs.device``. CUDA-graph safe: no host sync, shapes fixed by the inputs.
+
+    CUDA graphs: safe to capture: no host sync, shapes fixed by the inputs.
     """
     b, k, v = check_rejection_inputs(
         draft_ids, draft_probs, target_probs, uniforms, noise, num_drafts, is_greedy

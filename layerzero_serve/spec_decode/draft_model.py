@@ -44,6 +44,10 @@ class DraftModelProposer(Proposer):
         max_num_seqs, max_model_len: batch and length limits (the target's).
         graph_buckets: batch sizes whose decode step is captured as a CUDA graph (CUDA only;
             None or empty: eager).
+
+    CUDA graphs: ``propose`` runs on the host between target steps; with ``graph_buckets`` the
+    draft's own decode steps replay its own captured graphs there, never inside the target's
+    capture.
     """
 
     name = "draft_model"

@@ -58,6 +58,9 @@ class SpecVerifier:
         seeds_of: ``requests -> int64 [B]`` seeds the sampler draws each request with
             (``Sampler.seeds_of``); None: the request's seed, its params' seed, else a stable
             hash of ``(seed, request id)``.
+
+    CUDA graphs: ``verify`` runs eagerly after the (captured) verification forward: host-side index
+    arithmetic, device sampling, one device-to-host copy.
     """
 
     def __init__(self, kernel, seed: int = 0, seeds_of=None) -> None:

@@ -5,6 +5,8 @@ attention equal to a dense float64 reference) and the forgotten-``begin_step`` g
 
 from __future__ import annotations
 
+import inspect
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,20 @@ def test_every_public_name_resolves_has_a_docstring_and_is_documented():
         assert f"`{name}" in text, f"{name} is not in docs/api.md"
     with pytest.raises(AttributeError):
         _ = lz.not_a_public_name
+
+
+def test_every_public_docstring_says_what_cuda_graphs_may_capture():
+    """The API convention: each public class and function states, in a "CUDA graphs:" line of
+    its docstring, whether (and which part of) it is safe inside a CUDA graph."""
+    missing = [
+        name
+        for name in lz.__all__
+        if name != "__version__"
+        and not re.search(
+            r"^\s*CUDA graphs: \S", inspect.unwrap(getattr(lz, name)).__doc__ or "", re.M
+        )
+    ]
+    assert missing == []
 
 
 def test_metadata_from_host_slots_follow_the_block_table():
