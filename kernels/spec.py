@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from layerzero_serve.errors import ValidationError
+from layerzero_serve.errors import ValidationError, check_int
 
 
 class Op(str, enum.Enum):
@@ -86,14 +86,6 @@ def _enum(cls: type[enum.Enum], param: str, value: object):
         except ValueError:
             pass
     raise ValidationError(param, value, f"a {cls.__name__} or one of {[m.value for m in cls]}")
-
-
-def _int(param: str, value: object, lo: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(param, value, f"an int >= {lo}")
-    if value < lo:
-        raise ValidationError(param, value, f"an int >= {lo}")
-    return int(value)
 
 
 def _name(param: str, value: object) -> str:
@@ -170,11 +162,11 @@ class KernelContext:
         if not isinstance(self.op, Op):
             object.__setattr__(self, "op", _enum(Op, "KernelContext.op", self.op))
         _choice("KernelContext.device_type", self.device_type, DEVICE_TYPES)
-        _int("KernelContext.sm", self.sm)
+        object.__setattr__(self, "sm", check_int("KernelContext.sm", self.sm, 0))
         _choice("KernelContext.generation", self.generation, GENERATIONS)
         _choice("KernelContext.dtype", self.dtype, DTYPES)
         for f in _CTX_INTS:
-            _int(f"KernelContext.{f}", getattr(self, f))
+            object.__setattr__(self, f, check_int(f"KernelContext.{f}", getattr(self, f), 0))
         if not isinstance(self.graph_mode, bool):
             raise ValidationError("KernelContext.graph_mode", self.graph_mode, "a bool")
 
@@ -245,9 +237,11 @@ class KernelSpec:
             norm = _value_set(f"KernelSpec.{f}", v, allowed)
             if norm is not v:
                 object.__setattr__(self, f, norm)
-        _int("KernelSpec.min_sm", self.min_sm)
+        object.__setattr__(self, "min_sm", check_int("KernelSpec.min_sm", self.min_sm, 0))
         if self.max_batch is not None:
-            _int("KernelSpec.max_batch", self.max_batch, lo=1)
+            object.__setattr__(
+                self, "max_batch", check_int("KernelSpec.max_batch", self.max_batch, 1)
+            )
         for f in ("check", "factory"):
             v = getattr(self, f)
             if v is not None and not callable(v):

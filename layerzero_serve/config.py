@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from layerzero_serve.errors import ValidationError
+from layerzero_serve.errors import ValidationError, check_int
 from layerzero_serve.kv_cache._block_pool import MAX_NUM_BLOCKS
 from layerzero_serve.kv_cache._hashing import HASH_ALGORITHMS
 from layerzero_serve.runner._cpu_threads import MAX_CPU_THREADS
@@ -214,15 +214,7 @@ class EngineConfig:
         value = getattr(self, name)
         if optional and value is None:
             return
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Integral)
-            or not low <= value <= high
-        ):
-            allowed = f"an integer in [{low}, {high}]" + (" or None" if optional else "")
-            raise ValidationError(name, value, allowed)
-        if type(value) is not int:
-            object.__setattr__(self, name, int(value))
+        object.__setattr__(self, name, check_int(name, value, low, high))
 
 
 @dataclass(frozen=True, slots=True)

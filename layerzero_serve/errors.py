@@ -7,6 +7,8 @@ specifically and still show users an actionable message.
 
 from __future__ import annotations
 
+import numbers
+
 
 class ValidationError(ValueError):
     """A public input is out of range.
@@ -27,6 +29,21 @@ class ValidationError(ValueError):
         if detail:
             msg += f" ({detail})"
         super().__init__(msg)
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """``value`` as a plain ``int`` in ``[low, high]`` (no upper bound when ``high`` is None);
+    numpy integers pass, bools and non-integral numbers do not. Raises ValidationError naming
+    ``name``. Host only."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise ValidationError(name, value, allowed)
+    return int(value)
 
 
 class RequestRejectedError(ValidationError):

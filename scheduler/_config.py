@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from layerzero_serve.errors import ValidationError
+from layerzero_serve.errors import ValidationError, check_int
 
 POLICIES = ("fcfs", "priority")
 INT32_MAX = (1 << 31) - 1  # token counts and positions are int32 on the device
@@ -54,11 +54,14 @@ class SchedulerConfig:
     num_lookahead_tokens: int = 0
 
     def __post_init__(self) -> None:
-        _int_in("max_num_seqs", self.max_num_seqs, 1)
-        _int_in("max_num_batched_tokens", self.max_num_batched_tokens, 1)
-        _int_in("max_model_len", self.max_model_len, 2)
-        _int_in("max_prefill_chunk", self.max_prefill_chunk, 0)
-        _int_in("num_lookahead_tokens", self.num_lookahead_tokens, 0, MAX_LOOKAHEAD_TOKENS)
+        for name, low, high in (
+            ("max_num_seqs", 1, INT32_MAX),
+            ("max_num_batched_tokens", 1, INT32_MAX),
+            ("max_model_len", 2, INT32_MAX),
+            ("max_prefill_chunk", 0, INT32_MAX),
+            ("num_lookahead_tokens", 0, MAX_LOOKAHEAD_TOKENS),
+        ):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), low, high))
         if not isinstance(self.enable_chunked_prefill, bool):
             raise ValidationError("enable_chunked_prefill", self.enable_chunked_prefill, "a bool")
         check_admission(self.enable_chunked_prefill, self.max_prefill_chunk, self.policy)
@@ -68,8 +71,3 @@ class SchedulerConfig:
                 self.max_num_batched_tokens,
                 f">= max_model_len ({self.max_model_len}) when chunked prefill is off",
             )
-
-
-def _int_in(name: str, value: object, low: int, high: int = INT32_MAX) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValidationError(name, value, f"an integer in [{low}, {high}]")

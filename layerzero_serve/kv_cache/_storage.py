@@ -16,7 +16,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from layerzero_serve.errors import ValidationError
+from layerzero_serve.errors import ValidationError, check_int
 from layerzero_serve.kv_cache._block_pool import MAX_NUM_BLOCKS, check_num_blocks
 
 INT32_MAX = (1 << 31) - 1
@@ -39,9 +39,7 @@ class KVCacheSpec:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValidationError(name, value, "an integer >= 1")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
         if not isinstance(self.dtype, torch.dtype):
             raise ValidationError("dtype", self.dtype, "a torch.dtype")
 
@@ -142,14 +140,8 @@ def build_block_table(
     """Rows of block ids padded with 0 (the null block) -> int32 ``[num_seqs, max_num_blocks]``.
 
     Block ids must be integers in ``[0, 2**31 - 1]``."""
-    if max_num_blocks is not None and (
-        type(max_num_blocks) is not int or not 0 <= max_num_blocks <= INT32_MAX
-    ):
-        if isinstance(max_num_blocks, bool) or not isinstance(max_num_blocks, numbers.Integral):
-            raise ValidationError("max_num_blocks", max_num_blocks, "None or an integer >= 0")
-        max_num_blocks = int(max_num_blocks)
-        if not 0 <= max_num_blocks <= INT32_MAX:
-            raise ValidationError("max_num_blocks", max_num_blocks, f"[0, {INT32_MAX}] or None")
+    if max_num_blocks is not None:
+        max_num_blocks = check_int("max_num_blocks", max_num_blocks, 0, INT32_MAX)
     try:
         lens = np.fromiter(map(len, block_ids), dtype=np.int64, count=len(block_ids))
     except TypeError as e:
@@ -205,12 +197,7 @@ def build_slot_mapping(
 ) -> np.ndarray:
     """int32 ``[sum(lens)]`` slots where token ``start .. start+len-1`` of each sequence lives.
     ``block_table`` has one row per sequence, wide enough for ``start + len`` tokens."""
-    if type(block_size) is not int or block_size < 1:
-        if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
-            raise ValidationError("block_size", block_size, "an integer >= 1")
-        block_size = int(block_size)
-        if block_size < 1:
-            raise ValidationError("block_size", block_size, "an integer >= 1")
+    block_size = check_int("block_size", block_size, 1)
     seq_index, positions = build_positions(starts, lens)
     try:
         blocks = block_table[seq_index, positions // block_size].astype(np.int64)

@@ -9,25 +9,15 @@ rejects ids outside the vocabulary on the device.
 from __future__ import annotations
 
 import abc
-import numbers
 from collections.abc import Sequence
 
-from layerzero_serve.errors import ValidationError
+from layerzero_serve.errors import check_int
 
 __all__ = ["MAX_K", "Proposer", "check_int"]
 
 # Largest number of drafts per request and step: a verification pass of k + 1 query tokens per
 # request beyond this costs more than any acceptance rate can pay back.
 MAX_K = 64
-
-
-def check_int(name: str, value: object, low: int, high: int) -> int:
-    """``value`` as an int in ``[low, high]``, else ValidationError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValidationError(name, value, f"int in [{low}, {high}]")
-    if not low <= value <= high:
-        raise ValidationError(name, value, f"int in [{low}, {high}]")
-    return int(value)
 
 
 class Proposer(abc.ABC):
