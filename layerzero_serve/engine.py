@@ -14,7 +14,7 @@ from pathlib import Path
 from layerzero_serve._async_scheduling import AsyncScheduling
 from layerzero_serve._model_source import LoadedModel, load_model_source
 from layerzero_serve.config import EngineConfig, kv_budget_bytes
-from layerzero_serve.errors import RequestRejectedError, ValidationError
+from layerzero_serve.errors import RequestRejectedError, ValidationError, check_int
 from layerzero_serve.kernels.spec import Op
 from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
 from layerzero_serve.runner._cpu_threads import choose_cpu_threads
@@ -263,10 +263,7 @@ class Engine:
         ids = self._validate_prompt(prompt_token_ids)
         if request_id is not None and not isinstance(request_id, str):
             raise ValidationError("request_id", request_id, "None or a str")
-        is_int = isinstance(priority, int) and not isinstance(priority, bool)
-        if not (is_int and -PRIORITY_BOUND <= priority <= PRIORITY_BOUND):
-            bounds = f"an int in [{-PRIORITY_BOUND}, {PRIORITY_BOUND}]"
-            raise ValidationError("priority", priority, bounds)
+        priority = check_int("priority", priority, -PRIORITY_BOUND, PRIORITY_BOUND)
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise ValidationError("cache_salt", cache_salt, "None or a str")
         rid = request_id
