@@ -12,10 +12,9 @@ Two ways to run it, same results:
   L = 4096 given an int array; converting a 4k Python list costs 50-100 us more);
 * incremental (``request_ids`` given): a per-request :class:`NgramIndex` that costs O(max_n) per
   new token and per proposal, whatever the context length (a few us per request and step).
-  Building one is Python work over the whole context (~0.5 ms per 1k tokens, ~15x a scan), so
-  a request gets its index only when it is asked in two consecutive calls (it is speculating);
-  one asked now and then (the adaptive k's shadow probes, a rotating slice of the batch) is
-  scanned instead.
+  Building one is Python work over the whole context (~0.5 ms per 1k tokens, ~15x a scan),
+  which pays off only for a request asked every step: the adaptive k's shadow probes (a
+  rotating slice of the batch, now and then) ask without ids (``probe_without_ids``) and scan.
 """
 
 from __future__ import annotations
@@ -80,8 +79,6 @@ class NgramProposer(Proposer):
         if self.max_n < self.min_n:
             raise ValidationError("max_n", max_n, f"int in [min_n={self.min_n}, 64]")
         self._indexes: dict[str, NgramIndex] = {}
-        self._calls = 0  # propose calls with request ids so far
-        self._scanned: dict[str, int] = {}  # request id -> the call that last scanned it
 
     def propose(
         self,
@@ -94,9 +91,8 @@ class NgramProposer(Proposer):
         With ``request_ids`` the proposer keeps one incremental index per request and feeds it
         only the tokens appended since the last call (token histories must grow by appending;
         a shorter history or a changed last token rebuilds the index). Call :meth:`release`
-        when a request finishes. Without ``request_ids`` every call scans the full context; a
-        request without an index is scanned too unless the previous call asked for it (see the
-        module docstring). The drafts are the same either way.
+        when a request finishes. Without ``request_ids`` every call scans the full context. The
+        drafts are the same either way.
         """
         k = self.k if k is None else check_int("k", k, 0, MAX_K)
         if request_ids is not None and len(request_ids) != len(requests_tokens):
@@ -107,16 +103,10 @@ class NgramProposer(Proposer):
             return [[] for _ in requests_tokens]
         if request_ids is None:
             return [self._propose_scan(tokens, k) for tokens in requests_tokens]
-        self._calls += 1
-        out = []
-        for rid, tokens in zip(request_ids, requests_tokens, strict=True):
-            if rid not in self._indexes and self._scanned.get(rid) != self._calls - 1:
-                self._scanned[rid] = self._calls  # index it if the next call asks again
-                out.append(self._propose_scan(tokens, k))
-            else:
-                self._scanned.pop(rid, None)
-                out.append(self._index_for(rid, tokens).propose(k))
-        return out
+        return [
+            self._index_for(rid, tokens).propose(k)
+            for rid, tokens in zip(request_ids, requests_tokens, strict=True)
+        ]
 
     def _propose_scan(self, tokens: Sequence[int], k: int) -> list[int]:
         arr = np.asarray(tokens)
@@ -135,4 +125,3 @@ class NgramProposer(Proposer):
 
     def release(self, request_id: str) -> None:
         self._indexes.pop(request_id, None)
-        self._scanned.pop(request_id, None)

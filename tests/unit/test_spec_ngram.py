@@ -94,27 +94,6 @@ def test_incremental_state_follows_appends_and_rebuilds_on_rewrites():
     assert list(prop._indexes) == ["b"]
 
 
-def test_index_only_for_requests_asked_in_consecutive_calls():
-    """A request asked now and then (shadow probes) is scanned, never indexed (an index build
-    is O(context) Python work); one asked in two consecutive calls is indexed from then on.
-    The drafts equal the oracle's either way."""
-    rng = random.Random(3)
-    prop = NgramProposer(k=2, min_n=1, max_n=2)
-    hist = {rid: [rng.randrange(3) for _ in range(20)] for rid in ("every", "rare")}
-    for call in range(40):
-        for toks in hist.values():
-            toks.append(rng.randrange(3))
-        ids = ["every", "rare"] if call % 3 == 0 else ["every"]
-        got = prop.propose([hist[i] for i in ids], request_ids=ids)
-        assert got == [oracle(hist[i], 1, 2, 2) for i in ids]
-        assert ("every" in prop._indexes) == (call >= 1)
-        assert "rare" not in prop._indexes
-    prop.propose([hist["rare"]], request_ids=["rare"])  # asked again right after: indexed
-    assert "rare" in prop._indexes
-    prop.release("rare")
-    assert "rare" not in prop._indexes and "rare" not in prop._scanned
-
-
 def test_long_and_short_appends_agree_with_the_oracle():
     """Appends of 16+ tokens take the vectorised (numpy) path, shorter ones the per-token path:
     after every append of every size the proposal is the oracle's."""
