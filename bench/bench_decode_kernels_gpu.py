@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment  # noqa: E402
+from common import environment, out_dir_or_default  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -148,7 +148,7 @@ def run_case(batch: int, ctx: int, cap_len: int, ws: torch.Tensor) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--out", default=None, help="results folder (default: bench/out/)")
     args = ap.parse_args()
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     bw = copy_bandwidth()
@@ -161,7 +161,7 @@ def main() -> None:
         cases.append(r)
         print(json.dumps(r), flush=True)
     doc = {"environment": environment(), "copy_bandwidth_gbps": bw / 1e9, "cases": cases}
-    path = Path(args.out) / "decode_kernels_gpu.json"
+    path = out_dir_or_default(args.out) / "decode_kernels_gpu.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2))
     print(f"wrote {path}")

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS_DIR, environment  # noqa: E402
+from common import environment, out_dir_or_default  # noqa: E402
 
 from layerzero_serve.kernels._catalog import all_specs  # noqa: E402
 from layerzero_serve.kernels.spec import KernelContext, Op  # noqa: E402
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = 5 if gpu else 1
     env = environment()
     name = env["device"].replace(" ", "_").lower() if gpu else "cpu"
-    out = a.out or RESULTS_DIR / f"sampling_{name}.json"
+    out = a.out or out_dir_or_default(None) / f"sampling_{name}.json"
     device = "cuda" if gpu else "cpu"
     results = []
     for b in a.batches:

@@ -10,7 +10,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).parent / "results"
+# Committed results live in bench/results/ and change only when asked for (``--out bench/results``);
+# a run without --out writes to bench/out/ (git-ignored), so trying a benchmark never overwrites
+# the committed figures.
+DEFAULT_OUT_DIR = Path(__file__).parent / "out"
+
+
+def out_dir_or_default(out_dir: Path | str | None) -> Path:
+    """The folder a benchmark writes to: ``out_dir`` when given, else ``bench/out/``."""
+    return Path(out_dir) if out_dir is not None else DEFAULT_OUT_DIR
 
 
 def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> float:
@@ -50,7 +58,7 @@ def environment() -> dict[str, str]:
 
 
 def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
-    out_dir = out_dir or RESULTS_DIR
+    out_dir = out_dir_or_default(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     doc = {

@@ -18,10 +18,10 @@ export PYTHONPATH=/root/lz/site PYTHONUNBUFFERED=1 FLASHINFER_CUDA_ARCH_LIST=9.0
 export LZ_SPEC_TRIALS=1000000  # the losslessness tests' trial count on the device
 python3 -m pip install -q --no-deps --no-build-isolation . > "$OUT/pip.log" 2>&1 || cat "$OUT/pip.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.txt"
+cd /tmp  # import the installed package, not the checkout (never run Python from the root)
+REPO=$OLDPWD
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" \
   | tee "$OUT/versions.txt"
-cd /tmp  # import the installed package, not the checkout
-REPO=$OLDPWD
 if [ "$what" = tests ] || [ "$what" = all ]; then
   python3 -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider \
     -o addopts="" 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from layerzero_serve._logging import configure_logging as _configure_logging
+
 __version__ = "0.1.0"
+_configure_logging()  # LZ_LOG_LEVEL applies to library users too, not only to the CLI
 
 if TYPE_CHECKING:  # pragma: no cover
     from layerzero_serve.engine import Engine

@@ -17,6 +17,13 @@ def log_level() -> str:
     return os.environ.get("LZ_LOG_LEVEL", "INFO").upper()
 
 
+def configure_logging() -> bool:
+    """``LZ_CONFIGURE_LOGGING``: ``0`` leaves the ``layerzero_serve`` logger to the application
+    (no handler of ours, propagation to root); anything else, or unset, gives it a stderr handler
+    at ``LZ_LOG_LEVEL``."""
+    return os.environ.get("LZ_CONFIGURE_LOGGING", "1").strip().lower() not in ("0", "false", "no")
+
+
 def kernel_policy() -> str | None:
     """``LZ_KERNEL_POLICY``: kernel selection policy entries (see selection.policy)."""
     return os.environ.get("LZ_KERNEL_POLICY") or None
