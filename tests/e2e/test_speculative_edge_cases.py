@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -186,6 +187,7 @@ def test_unseeded_sampling_with_speculation_reproducible_across_processes():
         res = subprocess.run(
             [sys.executable, "-c", _UNSEEDED_SCRIPT],
             env=env,
+            cwd=tempfile.gettempdir(),  # never the repository root (kernels/ shadows PyPI's)
             capture_output=True,
             text=True,
             timeout=300,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -25,7 +26,13 @@ def run_compile_script(script: str) -> None:
     except ImportError:
         pytest.skip("this triton has no ahead-of-time compile API")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    r = subprocess.run(  # cwd: never the repository root (its kernels/ would shadow PyPI's)
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
+    )
     if r.returncode == NO_PTXAS:
         pytest.skip("no ptxas for these targets")
     assert r.returncode == 0, r.stderr[-3000:]

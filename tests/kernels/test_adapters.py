@@ -131,14 +131,16 @@ def test_every_spec_has_unique_name_known_backend_and_factory():
         assert torch_specs and torch_specs[0].device_types == {"cpu", "cuda"}
 
 
-def test_importing_the_catalog_imports_no_kernel_library():
+def test_importing_the_catalog_imports_no_kernel_library(tmp_path):
     code = (
         "import sys\n"
         "from layerzero_serve.kernels._catalog import all_specs\n"
         "all_specs()\n"
         f"print([m for m in {THIRD_PARTY!r} if m in sys.modules])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(  # cwd: never the repository root (its kernels/ would shadow PyPI's)
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
