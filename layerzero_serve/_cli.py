@@ -1,4 +1,7 @@
-"""``layerzero-serve``: ``demo`` (the README's main job), ``generate``, ``doctor``, ``explain``."""
+"""``layerzero-serve``: ``demo`` (the README's main job), ``generate``, ``doctor``, ``explain``.
+
+Help text is plain text (what ``--help`` prints), with every option's default shown.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +31,64 @@ DEMO_QUESTIONS = [
 ]
 
 
+DESCRIPTION = """\
+Run decoder LLMs with a paged KV cache, CUDA-graph decode, speculative decoding and per-plan
+kernel selection. Run 'layerzero-serve COMMAND --help' for a command's options.
+"""
+
+EPILOG = """\
+models (--model):
+  default             the embedded model: a small random-weight Llama written on first use
+                      (its text is gibberish; it runs anywhere, nothing is downloaded)
+  dummy:<preset>      random weights with real shapes: dummy:tiny, dummy:small-d128,
+                      dummy:llama3.2-1b (~4.6 GiB in float32 on a CPU, ~2.3 GiB bf16 on a GPU),
+                      dummy:llama3-8b (~30 GiB in float32 on a CPU, ~15 GiB bf16 on a GPU)
+  /path/to/checkpoint a local Hugging Face checkpoint directory: config.json + *.safetensors
+                      (Hub ids are not downloaded; .bin weights must be converted first)
+
+examples:
+  layerzero-serve demo
+  layerzero-serve generate --prompt "What is the capital of France?" --max-tokens 32
+  layerzero-serve doctor --fake-device h100
+  layerzero-serve explain --op attention_decode --batch 8 --graph
+
+environment: LZ_LOG_LEVEL (log level), LZ_CACHE_DIR (where the default model is written),
+LZ_KERNEL_POLICY (kernel policy, e.g. lock.attention_decode=triton.paged_decode).
+"""
+
+_MODEL_HELP = "a local checkpoint directory, dummy:<preset> or 'default' (see the list below)"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written; ``(default: X)`` after every option that has a meaningful
+    default (not after flags, nor where the default is None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in help_text
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or not action.option_strings
+        ):
+            return help_text
+        return help_text + " (default: %(default)s)"
+
+
+def package_version() -> str:
+    """The installed distribution's version (``layerzero-serve``), else the package's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("layerzero-serve")
+    except PackageNotFoundError:
+        from layerzero_serve import __version__
+
+        return __version__
+
+
 MAX_DEMO_REPEAT = 10_000  # copies of the 14-prompt demo set (140k requests at most)
 _TOKEN_IDS_RE = re.compile(r"\s*[0-9]+\s*(,\s*[0-9]+\s*)*")
 
@@ -51,29 +112,38 @@ def int_in(low: int, high: int):
     return parse
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _engine_args(p: argparse.ArgumentParser, model_help: str = _MODEL_HELP) -> None:
+    p.add_argument("--model", default="default", help=model_help)
     p.add_argument(
-        "--model",
-        default="default",
-        help="checkpoint dir, dummy:<preset> or 'default' (the embedded model)",
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations; auto = float32 on a CPU, the checkpoint's dtype (else "
+        "bfloat16) on a GPU",
     )
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="requests in one batch at most")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="tokens in one step at most"
+    )
+    p.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="KV pool size in blocks (default: sized from the memory available)",
+    )
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
 
 
 def _llm(args: argparse.Namespace):
@@ -175,9 +245,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="layerzero-serve", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    demo = sub.add_parser("demo", help="batch with shared prefixes on the default model")
+    ap = argparse.ArgumentParser(
+        prog="layerzero-serve",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    ap.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            epilog=EPILOG if name in ("demo", "generate") else None,
+            formatter_class=HelpFormatter,
+        )
+
+    demo = add(
+        "demo",
+        "batch with shared prefixes on the default model",
+        "Send a batch of prompts that share two system prompts (first one per system prompt, "
+        "then the rest, repeated)\nand print sample outputs, throughput, the prefix-cache hit "
+        "rate and the kernels chosen.",
+    )
     _engine_args(demo)
     _sampling_args(demo, max_tokens=32)
     demo.add_argument(
@@ -186,20 +278,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help=f"copies of the prompt set in the second wave (1..{MAX_DEMO_REPEAT})",
     )
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo, ignore_eos=True)
-    gen = sub.add_parser("generate", help="generate for prompts")
+    gen = add(
+        "generate",
+        "generate for prompts",
+        "Generate for each --prompt and print one JSON line per prompt: "
+        '{"prompt", "output", "finish_reason"}.',
+    )
     _engine_args(gen)
     _sampling_args(gen, max_tokens=64)
-    gen.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    gen.add_argument(
+        "--prompt",
+        action="append",
+        help="prompt text, repeatable (default: one built-in prompt)",
+    )
     gen.add_argument(
         "--token-ids", action="store_true", help="prompts are comma-separated token ids"
     )
-    gen.add_argument("--quiet", action="store_true")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
     from layerzero_serve._cli_doctor import add_parsers
 
-    add_parsers(sub)
+    add_parsers(add)
     return ap
 
 

@@ -1,5 +1,7 @@
 """Turn ``EngineConfig.model`` into a loaded model: a checkpoint directory, a dummy preset, or
-the embedded default model."""
+the embedded default model. Nothing is downloaded; a wrong path says what is wrong
+(:class:`ModelPathError`), and weights that cannot fit in the device's available memory are
+refused before anything is allocated (:class:`InsufficientMemoryError`)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,28 @@ from pathlib import Path
 
 import torch
 
-from layerzero_serve._models import ModelConfig, build_dummy_model, load_config, load_model
+from layerzero_serve._models import (
+    ModelConfig,
+    build_dummy_model,
+    checkpoint_files,
+    load_config,
+    load_model,
+)
 from layerzero_serve._models.dummy import dummy_config
+from layerzero_serve._models.paths import ModelPathError, check_model_dir
 from layerzero_serve.config import DEFAULT_MODEL, EngineConfig, ResolvedConfig, resolve
-from layerzero_serve.errors import UnsupportedModelError, ValidationError
+from layerzero_serve.errors import UnsupportedModelError
+from layerzero_serve.selection import _device
+
+__all__ = [
+    "InsufficientMemoryError",
+    "LoadedModel",
+    "ModelPathError",
+    "check_weights_fit",
+    "load_checkpoint_tokenizer",
+    "load_model_source",
+    "weight_bytes",
+]
 
 
 @dataclass(slots=True)
@@ -41,12 +61,74 @@ def load_checkpoint_tokenizer(model_dir: Path | None):
         raise UnsupportedModelError(f"{file}: not a valid tokenizer.json ({e})") from None
 
 
+class InsufficientMemoryError(MemoryError, ValueError):
+    """The model's weights do not fit in the memory still available on the target device.
+
+    Raised before anything is allocated, instead of swapping or being killed by the
+    out-of-memory killer part way through. A ``MemoryError`` and a ``ValueError`` (a bad
+    ``model`` / ``dtype`` / ``device`` choice for this machine). ``needed`` and ``available``
+    are bytes.
+
+    CUDA graphs: raised on the host, before the model is built.
+    """
+
+    def __init__(self, model: str, needed: int, available: int, message: str) -> None:
+        self.model, self.needed, self.available = model, needed, available
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.model, self.needed, self.available, str(self)))
+
+
+def weight_bytes(mc: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of the model's parameters in ``dtype``."""
+    return mc.num_parameters() * torch.empty((), dtype=dtype).element_size()
+
+
+def check_weights_fit(name: str, mc: ModelConfig, dtype: torch.dtype, device: torch.device):
+    """Raise :class:`InsufficientMemoryError` when the weights of ``mc`` in ``dtype`` exceed the
+    memory available on ``device`` (host RAM for a CPU, free memory for a GPU). The KV cache and
+    activations come on top; they are sized afterwards from what is left. Host only."""
+    got = _device.available_memory(device)
+    if got is None:
+        return
+    available, source = got
+    needed = weight_bytes(mc, dtype)
+    if needed <= available:
+        return
+    gib = 1 << 30
+    dt = str(dtype).removeprefix("torch.")
+    smaller = [m for m in ("dummy:llama3.2-1b", "dummy:tiny", "default") if m != name]
+    hints = [f"a smaller model ({', '.join(smaller)})"]
+    if dtype == torch.float32:
+        hints.append("dtype bfloat16 (half the memory)")
+    if device.type == "cpu":
+        hints.append("a GPU (device cuda)")
+    raise InsufficientMemoryError(
+        name,
+        needed,
+        available,
+        f"model={name!r} needs {needed / gib:.1f} GiB for its {mc.num_parameters() / 1e9:.2f}B "
+        f"parameters in {dt} on {device}, but only {available / gib:.1f} GiB is available "
+        f"({source}); use " + ", or ".join(hints),
+    )
+
+
 def load_model_source(cfg: EngineConfig) -> LoadedModel:
-    """Load ``cfg.model`` onto the resolved device and dtype."""
+    """Load ``cfg.model`` onto the resolved device and dtype.
+
+    Raises:
+        ModelPathError: the model path is missing, a Hugging Face Hub id (nothing is
+            downloaded), has no ``config.json`` or no weights (says which).
+        UnsupportedModelError: unsupported or malformed checkpoint, ``.bin``-only weights.
+        InsufficientMemoryError: the weights do not fit in the memory available on the device
+            (checked before anything is allocated).
+    """
     name = cfg.model
     if name.startswith("dummy:"):
         mc = dummy_config(name)
         res = resolve(cfg, mc.max_position_embeddings, mc.torch_dtype)
+        check_weights_fit(name, mc, res.dtype, res.device)
         model = build_dummy_model(name, res.dtype, res.device, seed=cfg.seed)
         return LoadedModel(model, mc, None, res)
     if name == DEFAULT_MODEL:
@@ -54,14 +136,10 @@ def load_model_source(cfg: EngineConfig) -> LoadedModel:
 
         path = ensure_default_model()
     else:
-        path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
-            raise ValidationError(
-                "model",
-                name,
-                "a checkpoint directory with config.json, 'dummy:<preset>' or 'default'",
-            )
+        path = check_model_dir(name)
+    checkpoint_files(path)  # weights problems are reported before anything is resolved
     mc = load_config(path)
     res = resolve(cfg, mc.max_position_embeddings, mc.torch_dtype)
+    check_weights_fit(name, mc, res.dtype, res.device)
     model = load_model(path, dtype=res.dtype, device=res.device)
     return LoadedModel(model, mc, path, res)

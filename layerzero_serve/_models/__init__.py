@@ -14,6 +14,7 @@ from layerzero_serve._models.config import (
 from layerzero_serve._models.dummy import DUMMY_PRESETS, build_dummy_model, dummy_config
 from layerzero_serve._models.llama import AttentionFn, LlamaForCausalLM
 from layerzero_serve._models.loader import checkpoint_files, load_model
+from layerzero_serve._models.paths import ModelPathError
 
 __all__ = [
     "DUMMY_PRESETS",
@@ -22,6 +23,7 @@ __all__ = [
     "Llama3RopeScaling",
     "LlamaForCausalLM",
     "ModelConfig",
+    "ModelPathError",
     "build_dummy_model",
     "checkpoint_files",
     "dummy_config",

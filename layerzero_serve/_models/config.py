@@ -16,7 +16,10 @@ or a window at least as long as the context is plain causal attention and is acc
 Every field is type- and range-checked: a malformed ``config.json`` (invalid JSON, a missing
 required field, a string where a number belongs, ``"tie_word_embeddings": "false"``, 4.5 heads,
 a non-positive ``rope_theta`` / ``rms_norm_eps`` / llama3 factor...) raises
-:class:`UnsupportedModelError` (a ``ValueError``) naming ``config.json`` and the field.
+:class:`UnsupportedModelError` (a ``ValueError``) naming ``config.json`` and the field. So does a
+``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` (an int or a list) outside
+``[0, vocab_size)``, which would otherwise make every request fail later, blamed on the prompt.
+A missing path or a directory without ``config.json`` raises ``ModelPathError`` saying which.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 
+from layerzero_serve._models.paths import check_model_dir
 from layerzero_serve.errors import UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -169,9 +173,13 @@ class ModelConfig:
             qkv_bias = o_bias = False
         else:
             qkv_bias = o_bias = _bool(raw, "attention_bias")
+        vocab = _int(raw, "vocab_size")
+        bos = _int(raw, "bos_token_id", None, minimum=0)
+        eos = _eos_ids(raw)
+        _check_token_ids(raw, vocab)
         return cls(
             architecture=arch,
-            vocab_size=_int(raw, "vocab_size"),
+            vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=_int(raw, "intermediate_size"),
             num_layers=num_layers,
@@ -186,23 +194,26 @@ class ModelConfig:
             o_proj_bias=o_bias,
             qk_norm=kind == "qwen3",
             max_position_embeddings=max_pos,
-            bos_token_id=_int(raw, "bos_token_id", None, minimum=0),
-            eos_token_ids=_eos_ids(raw),
+            bos_token_id=bos,
+            eos_token_ids=eos,
             torch_dtype=_config_dtype(raw),
         )
 
 
 def load_config(src: str | Path | Mapping[str, Any] | ModelConfig) -> ModelConfig:
-    """``ModelConfig`` from a checkpoint directory, a ``config.json`` path or a config dict."""
+    """``ModelConfig`` from a checkpoint directory, a ``config.json`` path or a config dict.
+
+    A missing path or a directory without ``config.json`` raises :class:`ModelPathError` (a
+    ``ValueError`` and a ``FileNotFoundError``) saying which; a malformed or unsupported config
+    raises :class:`UnsupportedModelError` naming ``config.json`` and the field.
+    """
     if isinstance(src, ModelConfig):
         return src
     if isinstance(src, Mapping):
         return ModelConfig.from_hf(src)
-    path = Path(src)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json at {path}")
+    path = Path(src).expanduser()
+    if path.is_dir() or not path.exists():
+        path = check_model_dir(src) / "config.json"  # ModelPathError saying what is wrong
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
@@ -283,6 +294,26 @@ def _eos_ids(raw: Mapping[str, Any]) -> tuple[int, ...]:
     if isinstance(eos, (list, tuple)):
         return tuple(_as_int(e, f"eos_token_id[{i}]", 0) for i, e in enumerate(eos))
     return (_as_int(eos, "eos_token_id", 0),)
+
+
+def _check_token_ids(raw: Mapping[str, Any], vocab_size: int) -> None:
+    """``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` (each an int, a list of ints or
+    null) must be token ids of the vocabulary, ``[0, vocab_size)``: an id outside it would make
+    every request fail later, blamed on the prompt."""
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = raw.get(key)
+        items = list(enumerate(value)) if isinstance(value, (list, tuple)) else [(None, value)]
+        for i, tok in items:
+            if tok is None and i is None:
+                continue
+            field = key if i is None else f"{key}[{i}]"
+            is_int = (isinstance(tok, int) and not isinstance(tok, bool)) or (
+                isinstance(tok, float) and tok.is_integer()
+            )
+            if not is_int or not 0 <= tok < vocab_size:
+                raise _invalid(
+                    field, tok, f"a token id in [0, {vocab_size - 1}] (vocab_size={vocab_size})"
+                )
 
 
 def _architecture(raw: Mapping[str, Any]) -> str:

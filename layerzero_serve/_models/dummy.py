@@ -4,6 +4,20 @@ without checkpoints.
 Weights are generated parameter by parameter directly on the target device, in the target dtype,
 with a ``torch.Generator`` on that device: no host copy, no float32 staging, so the 8B preset
 needs exactly its bf16 footprint (~16 GB) and builds in well under a second on a GPU.
+
+Memory of the weights (parameters x bytes per element; on a CPU the dtype defaults to float32):
+
+================== ========== ================ ================
+preset             parameters bf16/fp16 (GPU)  float32 (CPU)
+================== ========== ================ ================
+dummy:llama3-8b    8.03 B     15.0 GiB         29.9 GiB
+dummy:llama3.2-1b  1.24 B     2.3 GiB          4.6 GiB
+dummy:small-d128   6.8 M      13 MiB           26 MiB
+dummy:tiny         0.14 M     0.3 MiB          0.5 MiB
+================== ========== ================ ================
+
+``load_model_source`` refuses a preset whose weights exceed the memory available on the device
+before anything is allocated (``InsufficientMemoryError``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from layerzero_serve._models.config import load_config, parse_dtype
 from layerzero_serve._models.llama import LlamaForCausalLM, set_parameter
+from layerzero_serve._models.paths import ModelPathError, check_model_dir, unsupported_weights
 from layerzero_serve.errors import MissingWeightError, UnsupportedModelError
 
 #: Checkpoints larger than this show a progress bar unless ``progress=False``.
@@ -29,8 +30,17 @@ FLOAT_STORAGE_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint directory: ``model.safetensors``, or the shards
-    named by ``model.safetensors.index.json``, or (fallback) every ``*.safetensors`` file."""
+    named by ``model.safetensors.index.json``, or (fallback) every ``*.safetensors`` file.
+
+    Raises:
+        ModelPathError: (a ValueError and a FileNotFoundError) the directory is missing, has no
+            weights at all, or its index names a shard that is absent (names the file).
+        UnsupportedModelError: the only weights are ``pytorch_model.bin`` / ``*.pt`` /
+            ``*.gguf`` (says to convert them to safetensors).
+    """
     path = Path(path)
+    if not path.is_dir():
+        check_model_dir(path)  # raises the error that says what is wrong
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -39,7 +49,16 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         return [single]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no safetensors checkpoint in {path} (.bin is not supported)")
+        other = unsupported_weights(path)
+        if other is not None:
+            raise other
+        raise ModelPathError(
+            path,
+            f"no weights in {path}: expected model.safetensors, model.safetensors.index.json "
+            "with its shards, or *.safetensors files",
+            path,
+            hint=False,
+        )
     return files
 
 
@@ -65,7 +84,14 @@ def _index_shards(index: Path) -> list[str]:
         names.add(name)
     missing = [n for n in sorted(names) if not (index.parent / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{index} names shard file(s) not found: {', '.join(missing)}")
+        raise ModelPathError(
+            index.parent,
+            f"{index.name} names {len(missing)} shard file(s) absent from {index.parent}: "
+            + ", ".join(missing[:8])
+            + (" ..." if len(missing) > 8 else ""),
+            index.parent / missing[0],
+            hint=False,
+        )
     return sorted(names)
 
 
@@ -144,10 +170,12 @@ def load_model(
         progress: tqdm bar over tensors; ``None`` = only for checkpoints over ~1 GB.
 
     Raises:
+        ModelPathError: a missing directory, no ``config.json``, no weights, or an index
+            naming an absent shard (a ValueError and a FileNotFoundError; names the file).
         MissingWeightError: a tensor the model needs is absent (message names it).
         UnsupportedModelError: unsupported or malformed ``config.json`` (names the field), a
             tensor of the wrong shape or of a non-floating dtype (names it), an unreadable
-            safetensors file or index (names the file).
+            safetensors file or index (names the file), ``.bin``-only weights.
     Names and shapes are checked from the safetensors headers before any tensor is loaded.
     Extra tensors (``rotary_emb.inv_freq``, a tied ``lm_head.weight``...) are ignored.
     """

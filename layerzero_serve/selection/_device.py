@@ -1,13 +1,17 @@
 """Device probe: what the selection engine knows about the machine. Cached; replaceable by a
-fake device for tests and for planning on one machine for another."""
+fake device for tests and for planning on one machine for another. Also the memory a model may
+use here (host RAM from ``/proc/meminfo`` and the cgroup limit, or a GPU's free memory) and
+what the installed kernel backends would be on a fake device."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -17,7 +21,8 @@ class DeviceInfo:
     """Attributes:
     type: "cuda" or "cpu". name: marketing name. sm: major*10+minor (0 on CPU).
     generation: cpu | turing | ampere | ada | hopper | blackwell | unknown.
-    bf16 / fp8: native support. total_memory / free_memory: bytes (0 on CPU).
+    bf16 / fp8: native support. total_memory / free_memory: bytes (on a CPU, host RAM:
+    ``MemTotal`` / ``MemAvailable``, within a cgroup limit; 0 when unknown).
     torch / cuda / driver: versions ("" when not applicable).
     """
 
@@ -64,7 +69,8 @@ def _driver_version() -> str:
 @functools.lru_cache(maxsize=8)
 def _probe(index: int | None) -> DeviceInfo:
     if index is None or not torch.cuda.is_available():
-        return DeviceInfo(type="cpu", name=platform.processor() or platform.machine())
+        avail, total = host_memory()
+        return DeviceInfo(type="cpu", name=cpu_name(), total_memory=total, free_memory=avail)
     props = torch.cuda.get_device_properties(index)
     sm = props.major * 10 + props.minor
     free, total = torch.cuda.mem_get_info(index)
@@ -178,3 +184,127 @@ FAKE_DEVICES: dict[str, DeviceInfo] = {
 
 def with_memory(info: DeviceInfo, free: int) -> DeviceInfo:
     return replace(info, free_memory=free)
+
+
+# ------------------------------------------------------------------ host facts
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()`` or the machine
+    type (``x86_64``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _meminfo(root: Path) -> tuple[int, int]:
+    fields = {}
+    for line in (root / "proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            fields[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    if "MemTotal" not in fields:
+        raise OSError("no MemTotal")
+    return fields.get("MemAvailable", fields.get("MemFree", 0)), fields["MemTotal"]
+
+
+def _cgroup_headroom(root: Path) -> tuple[int, int] | None:
+    """(bytes still usable, limit) under a cgroup v2/v1 memory limit, None when unlimited.
+    Reclaimable page cache (``inactive_file``) counts as usable."""
+    for limit_f, usage_f, stat_f in (
+        ("sys/fs/cgroup/memory.max", "sys/fs/cgroup/memory.current", "sys/fs/cgroup/memory.stat"),
+        (
+            "sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "sys/fs/cgroup/memory/memory.usage_in_bytes",
+            "sys/fs/cgroup/memory/memory.stat",
+        ),
+    ):
+        try:
+            limit_text = (root / limit_f).read_text().strip()
+            if limit_text == "max" or int(limit_text) >= 1 << 60:  # v1 "unlimited" is ~2^63
+                return None
+            limit, usage = int(limit_text), int((root / usage_f).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        cache = 0
+        with contextlib.suppress(OSError, ValueError):
+            for line in (root / stat_f).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key in ("inactive_file", "total_inactive_file"):
+                    cache = int(value)
+                    break
+        return max(0, limit - usage + cache), limit
+    return None
+
+
+def host_memory(root: str | Path = "/") -> tuple[int, int]:
+    """(available, total) host RAM in bytes: ``MemAvailable`` / ``MemTotal`` from
+    ``/proc/meminfo`` (else ``os.sysconf``), capped by a cgroup memory limit (a container's),
+    since exceeding that gets the process killed. ``(0, 0)`` when unknown. ``root`` is for
+    tests."""
+    root = Path(root)
+    try:
+        avail, total = _meminfo(root)
+    except (OSError, ValueError):
+        try:
+            page = os.sysconf("SC_PAGE_SIZE")
+            total = os.sysconf("SC_PHYS_PAGES") * page
+            avail = os.sysconf("SC_AVPHYS_PAGES") * page
+        except (AttributeError, OSError, ValueError):
+            return 0, 0
+    cgroup = _cgroup_headroom(root)
+    if cgroup is not None:
+        avail, total = min(avail, cgroup[0]), min(total, cgroup[1])
+    return avail, total
+
+
+def available_memory(device: torch.device | str) -> tuple[int, str] | None:
+    """Bytes a model may still allocate on ``device`` and where that figure comes from: a GPU's
+    free memory (``torch.cuda.mem_get_info``) or the host's ``MemAvailable`` (within a cgroup
+    limit). None when it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free on {device}"
+    if device.type != "cpu":
+        return None
+    avail, _ = host_memory()
+    return (avail, "host RAM, MemAvailable") if avail else None
+
+
+# ------------------------------------------------------------------ fake devices: backends
+
+
+def backends_on(info: DeviceInfo, local: dict | None = None) -> dict:
+    """``name -> BackendStatus`` as they would be on ``info`` with this machine's installed
+    packages (``local``: this machine's probe, default ``probe_all()``).
+
+    On a CUDA device a backend that is installed here but unusable only because this machine
+    has no CUDA device counts as available (marked "assumed" in its reason); one that failed to
+    import, or whose extension did not load, stays unavailable. On a CPU device only ``torch``
+    is available. Host only.
+    """
+    from layerzero_serve.kernels._backends import BackendStatus, probe_all
+
+    local = probe_all() if local is None else local
+    out = {}
+    for name, st in local.items():
+        if info.type == "cpu" and name != "torch":
+            reason = st.reason if not st.available else "needs a CUDA device"
+            out[name] = BackendStatus(name, False, st.version, reason)
+        elif info.type == "cuda" and not st.available and "no CUDA device" in st.reason:
+            out[name] = BackendStatus(
+                name,
+                True,
+                st.version,
+                f"assumed: installed here, usable on {info.name} (not checked: no GPU here)",
+            )
+        else:
+            out[name] = st
+    return out

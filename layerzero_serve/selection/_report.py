@@ -8,7 +8,14 @@ from dataclasses import asdict, dataclass
 
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.kernels.spec import KernelContext
-from layerzero_serve.selection._selector import KernelChoice, SelectionError, Selector, get_selector
+from layerzero_serve.selection._device import DeviceInfo, backends_on
+from layerzero_serve.selection._selector import (
+    BackendState,
+    KernelChoice,
+    SelectionError,
+    Selector,
+    get_selector,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +53,9 @@ class SelectionReport:
 
     def text(self) -> str:
         c = self.ctx
+        where = "cpu" if c.device_type == "cpu" else f"{c.device_type} sm_{c.sm} ({c.generation})"
         head = (
-            f"{c.op.value}: {c.device_type} sm_{c.sm} ({c.generation}), {c.dtype}, "
+            f"{c.op.value}: {where}, {c.dtype}, "
             f"head_dim {c.head_dim}, heads {c.num_q_heads}/{c.num_kv_heads}, "
             f"block {c.block_size}, batch {c.batch_bucket}, q_len {c.q_len}, "
             f"graph {'on' if c.graph_mode else 'off'}"
@@ -83,3 +91,18 @@ def explain(ctx: KernelContext, selector: Selector | None = None) -> SelectionRe
         return SelectionReport(ctx, sel.select(ctx.op, ctx), None)
     except SelectionError as e:
         return SelectionReport(ctx, None, str(e))
+
+
+def selector_for(device: DeviceInfo, base: Selector | None = None) -> Selector:
+    """A selector that decides as one on ``device`` would, with this machine's installed
+    packages (:func:`~layerzero_serve.selection._device.backends_on`): planning for a fake
+    device. It has ``base``'s kernels (default: the process-wide selector's) and no timing
+    table, since timings measured here say nothing about ``device``.
+
+    CUDA graphs: host only.
+    """
+    specs = (base or get_selector()).kernels()
+    states = {
+        n: BackendState(s.available, s.version, s.reason) for n, s in backends_on(device).items()
+    }
+    return Selector(specs=specs, backends=states, timings={})

@@ -409,7 +409,9 @@ def test_meta_construction_stays_cheap(tmp_path):
         f"LlamaForCausalLM(load_config({str(tmp_path)!r}), device='meta')\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(  # cwd: never the repository root (its kernels/ would shadow PyPI's)
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     if out.stdout.strip() == "preloaded":
         pytest.skip("this torch imports torch._dynamo at import time")
     assert out.stdout.strip() == "False"
