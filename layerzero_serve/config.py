@@ -3,6 +3,7 @@ that turns every "auto" into a concrete, logged choice."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import numbers
@@ -215,6 +216,40 @@ class EngineConfig:
         if optional and value is None:
             return
         object.__setattr__(self, name, check_int(name, value, low, high))
+
+
+def engine_config(**fields: object) -> EngineConfig:
+    """``EngineConfig(**fields)``, with an unknown field name raised as a ValidationError naming
+    it (instead of the dataclass's bare TypeError).
+
+    CUDA graphs: a host object."""
+    known = EngineConfig.__dataclass_fields__
+    for name, value in fields.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValidationError(name, value, f"an EngineConfig field{hint}")
+    return EngineConfig(**fields)  # type: ignore[arg-type]
+
+
+def engine_config_of(config: object, overrides: dict[str, object]) -> EngineConfig:
+    """The config of ``Engine(config, **overrides)``: an EngineConfig as is (no overrides), a
+    str or path as the model (``Engine("dummy:tiny", max_num_seqs=8)``, like ``LLM(...)``),
+    None as ``EngineConfig(**overrides)``; anything else is a ValidationError naming
+    ``config``.
+
+    CUDA graphs: a host object."""
+    if isinstance(config, (str, os.PathLike)):
+        if "model" in overrides:
+            raise ValidationError("model", overrides["model"], "given once (positionally)")
+        return engine_config(model=config, **overrides)
+    if config is None:
+        return engine_config(**overrides)
+    if not isinstance(config, EngineConfig):
+        raise ValidationError("config", config, "an EngineConfig, a model (str or path) or None")
+    if overrides:
+        raise ValidationError("overrides", sorted(overrides), "none when config is given")
+    return config
 
 
 @dataclass(frozen=True, slots=True)

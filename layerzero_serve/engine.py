@@ -7,13 +7,14 @@ import atexit
 import gc
 import itertools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from layerzero_serve._async_scheduling import AsyncScheduling
 from layerzero_serve._model_source import LoadedModel, load_model_source
-from layerzero_serve.config import EngineConfig, kv_budget_bytes
+from layerzero_serve.config import EngineConfig, engine_config_of, kv_budget_bytes
 from layerzero_serve.errors import RequestRejectedError, ValidationError, check_int
 from layerzero_serve.kernels.spec import Op
 from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
@@ -91,7 +92,10 @@ def _freeze_startup_objects() -> None:
 class Engine:
     """A complete serving loop over one model.
 
-    ``Engine(model="dummy:tiny", max_num_seqs=8)`` or ``Engine(EngineConfig(...))``.
+    ``Engine("dummy:tiny", max_num_seqs=8)``, ``Engine(model="dummy:tiny", ...)`` or
+    ``Engine(EngineConfig(...))``: a str or path given positionally is the model, as in
+    ``LLM("...")``; keyword overrides are EngineConfig fields (an unknown name raises a
+    ValidationError naming it).
     Requests are token ids; ``step()`` returns streaming outputs (new token ids and, at the
     end, a finish reason). With ``SamplingParams.n > 1`` a request runs as ``n`` sequences
     ``"{id}#{k}"`` that share the prompt's cached blocks.
@@ -100,12 +104,10 @@ class Engine:
     capture.
     """
 
-    def __init__(self, config: EngineConfig | None = None, **overrides: object) -> None:
-        if config is None:
-            config = EngineConfig(**overrides)  # type: ignore[arg-type]
-        elif overrides:
-            raise ValidationError("overrides", sorted(overrides), "none when config is given")
-        self.config = cfg = config
+    def __init__(
+        self, config: EngineConfig | str | os.PathLike | None = None, **overrides: object
+    ) -> None:
+        self.config = cfg = engine_config_of(config, overrides)
         loaded: LoadedModel = load_model_source(cfg)
         self.model_config = mc = loaded.config
         self.model_dir: Path | None = loaded.path
@@ -396,7 +398,8 @@ class Engine:
     def _apply(self, out: SchedulerOutput, tokens: StepTokens, t2: float) -> list[RequestOutput]:
         """Apply a step's tokens to its requests: failures, update, per-request bookkeeping."""
         tm = self.runner.timings
-        outputs = list(self.scheduler.update(out, tokens))
+        # the runner's rows are ints from a device tensor: only their count is checked
+        outputs = list(self.scheduler.update(out, tokens, check_rows=False))
         tm.update += time.perf_counter() - t2
         tm.steps += 1
         if tokens.logprobs or tokens.prompt_logprobs or self._prompt_lp:
@@ -460,7 +463,12 @@ class Engine:
 
     # ---- reporting ---------------------------------------------------------------------------
     def stats(self) -> dict[str, object]:
-        """Counters for reports: prefix-cache hit rate, preemptions, kernels, timings."""
+        """Counters for reports: prefix-cache hit rate, preemptions, kernels, timings, and the
+        KV pool's blocks (``kv_cache``: ``num_blocks`` usable blocks = ``free`` (never used or
+        evicted) + ``cached`` (free but still in the prefix cache, evictable) + ``used`` (held
+        by requests); ``used`` is 0 once every request has ended).
+
+        CUDA graphs: host only."""
         kv = self.kv_manager
         return {
             "prefix_cache_hit_rate": kv.stats.hit_rate,
@@ -473,6 +481,7 @@ class Engine:
                 "sampling": self.runner.sampler.kernel_name,
             },
             "kv_blocks": kv.num_blocks,
+            "kv_cache": kv.block_usage(),
             "timings_s": self.runner.timings.as_dict(),
             "steps": self.runner.timings.steps,
             # steps launched before the previous step's tokens were read (async scheduling)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -9,11 +11,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from layerzero_serve.config import EngineConfig
 from layerzero_serve.engine import Engine
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.sampling import SamplingParams
+from layerzero_serve.sampling._validate import token_ids_in_vocab
 from layerzero_serve.types import TokenLogprob
+
+logger = logging.getLogger("layerzero_serve")
 
 Prompt = str | Sequence[int]
 
@@ -84,10 +88,19 @@ class LLM:
     """
 
     def __init__(self, model: str | Path = "default", **config: object) -> None:
-        self.engine = Engine(EngineConfig(model=str(model), **config))  # type: ignore[arg-type]
+        if not isinstance(model, (str, os.PathLike)):
+            allowed = "a checkpoint directory (str or path), 'dummy:<preset>' or 'default'"
+            raise ValidationError("model", model, allowed)
+        if "config" in config:  # Engine's own parameter: not an EngineConfig field
+            raise ValidationError("config", config["config"], "EngineConfig fields as keywords")
+        self.engine = Engine(model, **config)
         self.tokenizer = load_tokenizer(self.engine.model_dir)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (a str; ValidationError naming ``text`` otherwise, or when
+        the model has no tokenizer)."""
+        if not isinstance(text, str):
+            raise ValidationError("text", type(text).__name__, "a str")
         if self.tokenizer is None:
             raise ValidationError(
                 "prompts", "a string", "token id lists (this model has no tokenizer.json)"
@@ -95,9 +108,15 @@ class LLM:
         return self.tokenizer.encode(text).ids
 
     def decode(self, token_ids: Sequence[int]) -> str | None:
+        """The text of ``token_ids`` (ints in ``[0, vocab_size)``, a list, tuple or 1-D
+        array; ValidationError naming ``token_ids`` otherwise); None without a tokenizer."""
+        return self._text(token_ids_in_vocab("token_ids", token_ids, self.engine.vocab_size))
+
+    def _text(self, ids: list[int]) -> str | None:
+        """``decode`` of ids the engine produced (already valid)."""
         if self.tokenizer is None:
             return None
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _normalise(self, prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         allowed = "a str, a list of token ids, or a list of those"
@@ -122,8 +141,12 @@ class LLM:
         """Generate for every prompt (strings or token id lists); results in prompt order.
 
         A bad prompt or parameter raises before any request is queued. The engine must be idle:
-        requests added through ``llm.engine`` directly are driven by their caller.
+        requests added through ``llm.engine`` directly are driven by their caller. If anything
+        raises part way (or the call is interrupted), every request of this call is aborted
+        and reported before the exception propagates: the engine is left idle.
         """
+        if not isinstance(use_tqdm, bool):
+            raise ValidationError("use_tqdm", use_tqdm, "a bool")
         items = self._normalise(prompts)
         if self.engine.has_unfinished():
             pending = len(self.engine.scheduler.requests)
@@ -163,8 +186,32 @@ class LLM:
         return self._run(items, encoded, params, use_tqdm)
 
     def _run(self, items, encoded, params, use_tqdm) -> list[GenerationResult]:
-        eng = self.engine
         results: dict[str, GenerationResult] = {}
+        try:
+            return self._drive(items, encoded, params, use_tqdm, results)
+        except BaseException:
+            self._abort_all(list(results))
+            raise
+
+    def _abort_all(self, request_ids: list[str]) -> None:
+        """Abort this call's requests and step until their ends are reported, so the engine is
+        idle again (it was idle when the call began). A failure while doing so is logged, the
+        original exception is what the caller sees."""
+        eng = self.engine
+        try:
+            for rid in request_ids:
+                eng.abort(rid)
+            for _ in range(len(request_ids) + 2):  # nothing runs now: one step reports them
+                if not eng.has_unfinished():
+                    break
+                eng.step()
+        except Exception as e:  # pragma: no cover - only when the engine itself is broken
+            logger.warning(
+                "generate: cleaning up after an error failed: %s: %s", type(e).__name__, e
+            )
+
+    def _drive(self, items, encoded, params, use_tqdm, results) -> list[GenerationResult]:
+        eng = self.engine
         sample_slot: dict[str, tuple[str, int]] = {}
         now = time.monotonic()
         for prompt, ids, sp in zip(items, encoded, params, strict=True):
@@ -180,7 +227,13 @@ class LLM:
             for k, name in enumerate(names):
                 sample_slot[name] = (rid, k)
         remaining = len(sample_slot)
-        bar = tqdm(total=remaining, desc="generate", unit="seq", disable=not use_tqdm)
+        with tqdm(total=remaining, desc="generate", unit="seq", disable=not use_tqdm) as bar:
+            self._collect(results, sample_slot, bar)
+        return list(results.values())
+
+    def _collect(self, results, sample_slot, bar) -> None:
+        """Step the engine until idle, folding every output into ``results``."""
+        eng = self.engine
         while eng.has_unfinished():
             for o in eng.step():
                 rid, k = sample_slot[o.request_id]
@@ -197,8 +250,6 @@ class LLM:
                     res.first_token_time = t
                 if o.finished:
                     comp.finish_reason = o.finish_reason
-                    comp.text = self.decode(comp.token_ids)
+                    comp.text = self._text(comp.token_ids)
                     res.finish_time = t
                     bar.update(1)
-        bar.close()
-        return list(results.values())

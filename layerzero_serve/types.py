@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from layerzero_serve.errors import ValidationError
+
 if TYPE_CHECKING:  # pragma: no cover
     from layerzero_serve.sampling._params import SamplingParams
 
@@ -88,7 +90,12 @@ class Request:
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
-            self.all_token_ids = list(self.prompt_token_ids)
+            try:
+                self.all_token_ids = list(self.prompt_token_ids)
+            except TypeError:  # not iterable (an int, a 0-d array): name it, as add_request would
+                raise ValidationError(
+                    "prompt_token_ids", self.prompt_token_ids, "a sequence of token ids"
+                ) from None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -17,6 +17,7 @@ from itertools import chain
 
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.kv_cache._manager import KVCacheManager
+from layerzero_serve.scheduler._checks import check_request, check_request_id, check_update
 from layerzero_serve.scheduler._config import SchedulerConfig
 from layerzero_serve.scheduler._queues import RequestQueue, sort_key_for
 from layerzero_serve.types import (
@@ -68,21 +69,12 @@ class Scheduler:
     # ---- lifecycle -------------------------------------------------------------------------
     def add_request(self, request: Request) -> bool:
         """Queue a request. A request that can never fit is finished at once as rejected (its
-        output comes with the next ``update``); returns False then."""
-        if not isinstance(request.request_id, str):
-            raise ValidationError("request_id", request.request_id, "a str")
+        output comes with the next ``update``); returns False then. A bad request (not a
+        ``types.Request``, an id in use, fields out of range: see ``_checks.check_request``)
+        raises a ValidationError naming the field, and nothing is queued."""
+        check_request(request)
         if request.request_id in self.requests:
             raise ValidationError("request_id", request.request_id, "an id not already in use")
-        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
-            raise ValidationError("max_tokens", request.max_tokens, "an integer >= 1")
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise ValidationError("prompt_token_ids", prompt, "at least one token")
-        bad = next((t for t in prompt if type(t) is not int or t < 0), None)  # once per request
-        if bad is not None:
-            raise ValidationError("prompt_token_ids", bad, "ints >= 0 (token ids)")
-        if type(request.priority) is not int:
-            raise ValidationError("priority", request.priority, "an int")
         self.requests[request.request_id] = request
         need = request.num_tokens + 1
         if need > self.max_seq_len:
@@ -104,8 +96,9 @@ class Scheduler:
         return True
 
     def abort(self, request_id: str) -> bool:
-        """Abort in any state; unknown or already finished ids are a no-op (returns False)."""
-        req = self.requests.get(request_id)
+        """Abort in any state; unknown or already finished ids are a no-op (returns False).
+        ``request_id`` must be a str (ValidationError otherwise)."""
+        req = self.requests.get(check_request_id(request_id))
         if req is None or req.status.is_finished:
             return False
         if req.status == _RUNNING:
@@ -120,7 +113,9 @@ class Scheduler:
         logits were NaN. Its blocks go back now and its output (finish reason "error",
         ``detail``) comes with the next ``update``; no other request is affected. Unknown or
         finished ids are a no-op (returns False)."""
-        req = self.requests.get(request_id)
+        req = self.requests.get(check_request_id(request_id))
+        if not isinstance(detail, str):
+            raise ValidationError("detail", detail, "a str")
         if req is None or req.status.is_finished:
             return False
         if req.status == _RUNNING:
@@ -230,6 +225,8 @@ class Scheduler:
         ``prev``, requests wait for admission, a row has drafts, or the pool is short. Only
         the slot of each row's next position is allocated; nothing else changes.
         """
+        if not isinstance(prev, SchedulerOutput):
+            raise ValidationError("prev", type(prev).__name__, "a SchedulerOutput")
         if self.waiting or len(prev.requests) != len(self.running):
             return None
         kv = self.kv
@@ -320,12 +317,24 @@ class Scheduler:
         return cfg.max_num_batched_tokens - budget
 
     def update(
-        self, output: SchedulerOutput, new_token_ids: Sequence[Sequence[int]]
+        self,
+        output: SchedulerOutput,
+        new_token_ids: Sequence[Sequence[int]],
+        *,
+        check_rows: bool = True,
     ) -> StepOutputs:
         """Apply a step's results: ``new_token_ids[i]`` are the tokens accepted for row i of
         ``output`` (empty for a prefill chunk short of the prompt's end). Advances
         ``num_computed_tokens``, commits full blocks to the prefix cache, appends tokens, checks
-        stop conditions and frees finished requests."""
+        stop conditions and frees finished requests.
+
+        Every row is checked before any is applied: ``output`` not a SchedulerOutput, a row
+        count other than the scheduled one, or a row that is not a list of token ids (ints in
+        ``[0, 2**31 - 1]``) raises a ValidationError naming it, and nothing changes.
+        ``check_rows=False`` skips the per-row content check (not the row count), for a caller
+        whose rows come from a device tensor's ``tolist()`` (the engine's runner): it costs
+        about a quarter of ``update``'s host time at batch 256."""
+        check_update(output, new_token_ids, check_rows)
         kv = self.kv
         bs = kv.block_size
         rows: list[tuple] = []
@@ -418,13 +427,15 @@ class Scheduler:
         return None, list(toks)
 
     def step(self, runner: Runner) -> StepOutputs:
-        """schedule -> runner -> update, the whole loop for one step."""
+        """schedule -> runner -> update, the whole loop for one step. ``runner`` must be
+        callable; rows it returns that ``update`` rejects raise a ValidationError naming
+        ``runner`` (nothing of the step is applied)."""
+        if not callable(runner):
+            raise ValidationError("runner", type(runner).__name__, "a callable(SchedulerOutput)")
         out = self.schedule()
         toks = runner(out) if out.requests else []
-        if len(toks) != len(out.requests):
-            raise ValidationError(
-                "runner",
-                f"{len(toks)} rows of tokens",
-                f"one per scheduled request ({len(out.requests)})",
-            )
+        try:
+            check_update(out, toks)
+        except ValidationError as e:
+            raise ValidationError("runner", e.value, e.allowed, f"its result: {e}") from None
         return self.update(out, toks)

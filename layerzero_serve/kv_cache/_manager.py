@@ -18,6 +18,13 @@ from dataclasses import dataclass
 
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.kv_cache._block_pool import Block, BlockPool, check_num_blocks
+from layerzero_serve.kv_cache._checks import (
+    MAX_TOKENS,
+    check_counts,
+    check_request,
+    check_request_id,
+    check_tokens,
+)
 from layerzero_serve.kv_cache._hashing import BlockHashFn, resolve_hash_fn, root_hash
 from layerzero_serve.types import Request
 
@@ -44,18 +51,6 @@ _NO_MATCH = PrefixMatch([], 0)
 MAX_BLOCK_SIZE = 1 << 16  # tokens per block
 
 
-def _check_counts(num_new_tokens: object, num_lookahead_tokens: object) -> tuple[int, int]:
-    """Both counts as ints >= 0 (not bools), else a ValidationError naming them."""
-    values = (num_new_tokens, num_lookahead_tokens)
-    if not all(
-        not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 0 for v in values
-    ):
-        raise ValidationError(
-            "num_new_tokens/num_lookahead_tokens", values, "integers >= 0 (not bools)"
-        )
-    return int(num_new_tokens), int(num_lookahead_tokens)
-
-
 class KVCacheManager:
     """Block bookkeeping for all requests.
 
@@ -65,6 +60,10 @@ class KVCacheManager:
         enable_prefix_caching: share full blocks between requests with equal prefixes (a bool).
         hash_algo: ``"sha256"`` (default) or ``"fast"`` (64-bit, tokens verified on every hit).
         hash_fn: optional custom ``(parent, token_ids) -> hashable``; always verified on hits.
+
+    Every method checks its arguments (a ``Request`` where one is expected, token counts as
+    ints in ``[0, 2**31 - 1]``) and raises a ValidationError naming the parameter, with nothing
+    changed, on a bad one.
 
     CUDA graphs: host only (block ids, reference counts, hashes); nothing here touches the device.
     """
@@ -119,11 +118,33 @@ class KVCacheManager:
         """Blocks that an allocation can take now (free and evictable cached ones)."""
         return self.pool.num_free
 
+    def block_usage(self) -> dict[str, int]:
+        """The pool's usable blocks (``num_blocks``, the null block excluded) split into
+        ``free`` (no prefix-cache entry), ``cached`` (free but still in the prefix cache,
+        evictable) and ``used`` (held by requests): ``free + cached + used == num_blocks``,
+        and ``used == 0`` once every request has been freed (the leak check). Counts as
+        ``check_integrity`` does; O(cached blocks).
+
+        CUDA graphs: host only."""
+        pool = self.pool
+        cached = sum(1 for bucket in pool.cached.values() for b in bucket.values() if not b.ref_cnt)
+        total = self.num_usable_blocks
+        return {
+            "num_blocks": total,
+            "free": pool.num_free - cached,
+            "cached": cached,
+            "used": total - pool.num_free,
+        }
+
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table (a live list: read, never mutate)."""
-        return self._req_block_ids.get(request_id, [])
+        ids = self._req_block_ids.get(check_request_id(request_id))
+        return [] if ids is None else ids
 
     def blocks_needed(self, num_tokens: int) -> int:
+        """Blocks that ``num_tokens`` token slots take (``num_tokens`` in ``[0, 2**31 - 1]``)."""
+        if type(num_tokens) is not int or not 0 <= num_tokens <= MAX_TOKENS:
+            num_tokens = check_tokens("num_tokens", num_tokens)
         return -(-num_tokens // self.block_size)
 
     # ---- hashing ---------------------------------------------------------------------------
@@ -146,7 +167,11 @@ class KVCacheManager:
 
     # ---- prefix matching -------------------------------------------------------------------
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
-        """Count one admitted lookup in ``stats`` (the scheduler calls it once per admission)."""
+        """Count one admitted lookup in ``stats`` (the scheduler calls it once per admission):
+        ``num_hit_tokens`` of ``num_tokens`` (ints, ``0 <= hits <= num_tokens <= 2**31 - 1``)."""
+        num_tokens = check_tokens("num_tokens", num_tokens)
+        if check_tokens("num_hit_tokens", num_hit_tokens) > num_tokens:
+            raise ValidationError("num_hit_tokens", num_hit_tokens, f"<= num_tokens={num_tokens}")
         if not self.enable_prefix_caching:
             return
         self.stats.queries += num_tokens
@@ -160,6 +185,9 @@ class KVCacheManager:
         ``record_stats`` the lookup is counted in ``stats`` (the scheduler counts only the
         lookups of admissions that succeed, through ``record_prefix_lookup``).
         """
+        check_request("request", request)
+        if not isinstance(record_stats, bool):
+            raise ValidationError("record_stats", record_stats, "a bool")
         if not self.enable_prefix_caching:
             return _NO_MATCH
         max_blocks = (request.num_tokens - 1) // self.block_size
@@ -229,16 +257,21 @@ class KVCacheManager:
         Copy-on-write: writing into a partially filled block shared after ``fork`` first moves
         the writer to a private copy, recorded in ``pending_copies``.
         """
-        # hot path (every request, every step): two type checks; other integers take the slow path
+        # hot path (every request, every step): type and range checks; other integers take the
+        # slow path
         if (
             type(num_new_tokens) is not int
             or type(num_lookahead_tokens) is not int
-            or num_new_tokens < 0
-            or num_lookahead_tokens < 0
+            or not 0 <= num_new_tokens <= MAX_TOKENS
+            or not 0 <= num_lookahead_tokens <= MAX_TOKENS
         ):
-            num_new_tokens, num_lookahead_tokens = _check_counts(
+            num_new_tokens, num_lookahead_tokens = check_counts(
                 num_new_tokens, num_lookahead_tokens
             )
+        if not isinstance(request, Request):
+            check_request("request", request)
+        if prefix is not None and not isinstance(prefix, PrefixMatch):
+            raise ValidationError("prefix", type(prefix).__name__, "None or a PrefixMatch")
         rid = request.request_id
         blocks = self._req_blocks.get(rid)
         bs = self.block_size
@@ -310,6 +343,8 @@ class KVCacheManager:
     # ---- commit / free / fork --------------------------------------------------------------
     def commit(self, request: Request) -> None:
         """Publish the request's blocks that are full of computed tokens (KV written)."""
+        if not isinstance(request, Request):
+            check_request("request", request)
         if not self.enable_prefix_caching:
             return
         rid = request.request_id
@@ -337,6 +372,8 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         """Release all of the request's blocks, tail first. Idempotent."""
+        if not isinstance(request, Request):
+            check_request("request", request)
         rid = request.request_id
         blocks = self._req_blocks.pop(rid, None)
         if blocks is None:
@@ -350,7 +387,12 @@ class KVCacheManager:
 
     def trim(self, request: Request, num_tokens: int) -> None:
         """Keep only the blocks needed for ``num_tokens`` slots (speculative rollback, aborted
-        lookahead). Committed (hashed) blocks are never trimmed."""
+        lookahead). Committed (hashed) blocks are never trimmed. ``num_tokens``: an int in
+        ``[0, 2**31 - 1]``, else a ValidationError and nothing changes."""
+        if not isinstance(request, Request):
+            check_request("request", request)
+        if type(num_tokens) is not int or not 0 <= num_tokens <= MAX_TOKENS:
+            num_tokens = check_tokens("num_tokens", num_tokens)
         rid = request.request_id
         blocks = self._req_blocks.get(rid)
         if blocks is None:
@@ -368,6 +410,8 @@ class KVCacheManager:
         """Give ``child`` the parent's blocks by reference (parallel sampling). The child must
         be fresh; it inherits the parent's computed tokens. A shared partial block is copied on
         the first write by either side."""
+        check_request("parent", parent)
+        check_request("child", child)
         if child.request_id in self._req_blocks:
             raise ValidationError("child.request_id", child.request_id, "a request with no blocks")
         pid = parent.request_id

@@ -15,13 +15,16 @@ from dataclasses import dataclass
 
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.sampling import _validate as v
-from layerzero_serve.sampling._validate import INT64_MAX, INT64_MIN
+from layerzero_serve.sampling._validate import INT32_MAX, INT64_MAX, INT64_MIN, MAX_TOKEN_ID
 
 __all__ = [
     "INT64_MAX",
     "INT64_MIN",
     "MAX_LOGPROBS",
     "MAX_N",
+    "MAX_TOKENS",
+    "MAX_TOKEN_ID",
+    "MAX_TOP_K",
     "MAX_REPETITION_PENALTY",
     "MAX_TEMPERATURE",
     "MIN_REPETITION_PENALTY",
@@ -31,6 +34,11 @@ __all__ = [
 ]
 
 MAX_N = 256
+# Token counts and token ids are int32 on the device (positions, the sampler's tables), and no
+# sequence is longer than max_model_len <= 2**31 - 1: larger values are rejected up front
+# instead of overflowing a tensor at the first step.
+MAX_TOKENS = INT32_MAX  # max_tokens and min_tokens
+MAX_TOP_K = INT32_MAX  # top_k above the vocabulary size means "no top-k filtering"
 MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0  # presence / frequency penalty range, as in the OpenAI API
 MAX_BIAS = 100.0  # logit bias range, as in the OpenAI API
@@ -56,15 +64,18 @@ class SamplingParams:
       underflow float32 to 0 and would divide by zero).
     * ``top_p`` [1.0]: nucleus mass in [1e-6, 1] (``MIN_TOP_P``); 1 disables it. Keeps the
       smallest set of most likely tokens whose probability sums to at least ``top_p``.
-    * ``top_k`` [0]: keep the ``top_k`` most likely tokens; 0 or -1 disables it, otherwise >= 1.
-      A value larger than the vocabulary is clamped to the vocabulary size (i.e. no filtering).
+    * ``top_k`` [0]: keep the ``top_k`` most likely tokens; 0 or -1 disables it, otherwise in
+      [1, 2**31 - 1] (``MAX_TOP_K``). A value larger than the vocabulary is clamped to the
+      vocabulary size (i.e. no filtering).
     * ``min_p`` [0.0]: in [0, 1]; drop tokens whose probability is below ``min_p`` times the
       probability of the most likely token (after temperature, top-k and top-p). 0 disables it.
     * ``seed`` [None]: int in the int64 range; a seeded request's tokens do not depend on its
       batch position or batch mates. None = a seed drawn from the sampler's own generator.
-    * ``max_tokens`` [16]: maximum number of generated tokens, >= 1.
-    * ``stop_token_ids`` [()]: token ids (non-negative ints) that end generation; any iterable of
-      ints is accepted and stored as a tuple.
+    * ``max_tokens`` [16]: maximum number of generated tokens, in [1, 2**31 - 1]
+      (``MAX_TOKENS``; the model's ``max_model_len`` caps the sequence anyway).
+    * ``stop_token_ids`` [()]: token ids (ints in [0, 2**31 - 1], ``MAX_TOKEN_ID``; the model's
+      vocabulary is checked by :meth:`validate_for_vocab`) that end generation; any iterable of
+      ints is accepted and stored as a tuple. Every token-id field below has the same range.
     * ``ignore_eos`` [False]: keep generating after the EOS token (bool).
     * ``repetition_penalty`` [1.0]: in [1e-6, 1e6] (``MIN_REPETITION_PENALTY``,
       ``MAX_REPETITION_PENALTY``, so the float32 logits stay finite); for every token in the
@@ -134,9 +145,9 @@ class SamplingParams:
         allowed = f"float in [{MIN_TOP_P:g}, 1]"
         set_(self, "top_p", v.float_in("top_p", self.top_p, MIN_TOP_P, 1.0, allowed))
 
-        allowed = "int: -1 or 0 (disabled) or >= 1"
+        allowed = f"int: -1 or 0 (disabled) or in [1, {MAX_TOP_K}]"
         top_k = v.as_int("top_k", self.top_k, allowed)
-        if top_k < -1:
+        if not -1 <= top_k <= MAX_TOP_K:
             raise ValidationError("top_k", self.top_k, allowed)
         set_(self, "top_k", top_k)
 
@@ -149,9 +160,9 @@ class SamplingParams:
                 raise ValidationError("seed", self.seed, allowed)
             set_(self, "seed", seed)
 
-        allowed = "int >= 1"
+        allowed = f"int in [1, {MAX_TOKENS}]"
         max_tokens = v.as_int("max_tokens", self.max_tokens, allowed)
-        if max_tokens < 1:
+        if not 1 <= max_tokens <= MAX_TOKENS:
             raise ValidationError("max_tokens", self.max_tokens, allowed)
         set_(self, "max_tokens", max_tokens)
 
@@ -192,7 +203,7 @@ class SamplingParams:
             "prompt_logprobs",
             v.optional_count("prompt_logprobs", self.prompt_logprobs, MAX_LOGPROBS),
         )
-        if self.logprobs_mode not in LOGPROBS_MODES:
+        if not isinstance(self.logprobs_mode, str) or self.logprobs_mode not in LOGPROBS_MODES:
             raise ValidationError("logprobs_mode", self.logprobs_mode, " or ".join(LOGPROBS_MODES))
 
     # ---- derived -------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ from layerzero_serve.errors import ValidationError
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+# Token ids, token counts and positions are int32 on the device: a token id or a count above
+# this is rejected when the params are built, before it can overflow a tensor.
+INT32_MAX = 2**31 - 1
+MAX_TOKEN_ID = INT32_MAX
 
 
 def as_int(param: str, value: object, allowed: str) -> int:
@@ -54,19 +58,20 @@ def optional_count(param: str, value: object, hi: int) -> int | None:
 
 
 def token_ids(param: str, value: object) -> tuple[int, ...]:
-    """Any iterable of non-negative ints (not a string) as a tuple."""
-    allowed = "iterable of ints >= 0"
+    """Any iterable of ints in ``[0, MAX_TOKEN_ID]`` (not a string) as a tuple."""
+    allowed = f"iterable of ints in [0, {MAX_TOKEN_ID}]"
     if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Iterable):
         raise ValidationError(param, value, allowed)
     try:
         ids = tuple(value)
-    except TypeError:  # e.g. a 0-d NumPy array or tensor: iterable type, not iterable value
-        raise ValidationError(param, value, allowed, "not iterable (a scalar?)") from None
+    except Exception as e:  # a 0-d array or tensor (iterable type, not iterable value), or an
+        # iterator that raises while iterated
+        raise ValidationError(param, value, allowed, f"not iterable: {e}") from None
     out = []
     for i, tok in enumerate(ids):
         if isinstance(tok, bool) or not isinstance(tok, numbers.Integral):
             raise ValidationError(param, ids, allowed, f"index {i} is {type(tok).__name__}")
-        if tok < 0:
+        if not 0 <= tok <= MAX_TOKEN_ID:
             raise ValidationError(param, ids, allowed, f"id {tok} at index {i}")
         out.append(int(tok))
     return tuple(out)
@@ -75,7 +80,9 @@ def token_ids(param: str, value: object) -> tuple[int, ...]:
 def logit_bias(value: object, limit: float) -> tuple[tuple[int, float], ...]:
     """A mapping (or iterable of pairs) token id -> finite bias in ``[-limit, limit]``, as pairs
     sorted by token id (hashable, so SamplingParams stays hashable)."""
-    allowed = f"None or a dict token id (int >= 0) -> float in [-{limit:g}, {limit:g}]"
+    allowed = (
+        f"None or a dict token id (int in [0, {MAX_TOKEN_ID}]) -> float in [-{limit:g}, {limit:g}]"
+    )
     if value is None:
         return ()
     if isinstance(value, Mapping):
@@ -92,7 +99,11 @@ def logit_bias(value: object, limit: float) -> tuple[tuple[int, float], ...]:
         if not isinstance(item, tuple) or len(item) != 2:
             raise ValidationError("logit_bias", value, allowed, f"entry {item!r}")
         tok, bias = item
-        if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or tok < 0:
+        if (
+            isinstance(tok, bool)
+            or not isinstance(tok, numbers.Integral)
+            or not 0 <= tok <= MAX_TOKEN_ID
+        ):
             raise ValidationError("logit_bias", value, allowed, f"key {tok!r}")
         out[int(tok)] = float_in("logit_bias", bias, -limit, limit, allowed)
     return tuple(sorted(out.items()))

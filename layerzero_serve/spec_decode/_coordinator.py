@@ -59,7 +59,13 @@ def clean_drafts(row: object, limit: int, vocab_size: int) -> list[int]:
     first entry that is not an integer id in ``[0, vocab_size)`` (a float, a string, an array
     of more than one element, an id outside the vocabulary...). A row that is not a sequence of
     ids gives no drafts. So whatever a (user-written) proposer returns for one request, the
-    others are untouched and no draft id reaches an embedding gather."""
+    others are untouched and no draft id reaches an embedding gather.
+
+    Any other exception the row raises while iterated, or an entry raises in ``__index__``
+    (the proposer's own code running), propagates: the coordinator counts it as a proposer
+    error and drops that row's drafts.
+
+    CUDA graphs: host only, between steps."""
     if row is None or limit <= 0 or isinstance(row, (str, bytes, dict, set, frozenset)):
         return []
     try:
@@ -171,8 +177,12 @@ class SpecCoordinator:
         self.proposer_errors = 0  # proposer calls that raised or returned a malformed batch
         # Proposers that keep per-request state take the ids (NgramProposer's incremental
         # index); a user's proposer with the base signature gets tokens and k only.
-        params = inspect.signature(proposer.propose).parameters
-        self._pass_ids = "request_ids" in params
+        try:
+            params = inspect.signature(proposer.propose).parameters
+            self._pass_ids = "request_ids" in params
+        except Exception as e:  # no signature (or a raising attribute): tokens and k only
+            self._pass_ids = False
+            self._proposer_failed("inspect", e)
 
     def new_adaptive(self) -> AdaptiveK:
         """A fresh adaptive ``k`` over this coordinator's measured step costs."""
@@ -302,15 +312,21 @@ class SpecCoordinator:
             self._shadow_cursor = at + SHADOW_ROWS
         drafts = self._ask(ready, k, shadow)
         drafted = False
+        failed = None
         for r, row in zip(ready, drafts, strict=True):
             room = r.stop_len - len(r.all_token_ids) - 1  # leave room for the target's token
-            d = clean_drafts(row, min(room, k), self.vocab_size)
+            try:  # iterating the row runs the proposer's code (its iterators, __index__)
+                d = clean_drafts(row, min(room, k), self.vocab_size)
+            except Exception as e:  # only this row loses its drafts
+                d, failed = [], e
             if d:
                 drafted = True
                 if shadow:
                     self._shadow[r.request_id] = d[0]
                 else:
                     r.spec_token_ids = d
+        if failed is not None:  # counted once per step, like a failed call
+            self._proposer_failed("rows", failed)
         if self.adaptive is not None:
             if drafted:
                 self._idle_next = 1
@@ -333,16 +349,32 @@ class SpecCoordinator:
             if len(drafts) != len(ready):
                 raise ValueError(f"{len(drafts)} rows for {len(ready)} requests")
         except Exception as e:  # a plug-in's failure must not stop the engine
-            self.proposer_errors += 1
-            n = self.proposer_errors
-            if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th ... time
-                logger.warning(
-                    "proposer %s failed (%d times so far), no drafts this step: %s: %s",
-                    getattr(self.proposer, "name", type(self.proposer).__name__), n,
-                    type(e).__name__, e,
-                )  # fmt: skip
+            self._proposer_failed("propose", e)
             return [None] * len(ready)
         return drafts
+
+    def proposer_name(self) -> str:
+        """The proposer's ``name`` (its class name when reading it fails or gives no str)."""
+        try:
+            name = self.proposer.name
+        except Exception:
+            name = None
+        return name if isinstance(name, str) else type(self.proposer).__name__
+
+    def _proposer_failed(self, what: str, e: BaseException) -> None:
+        """Count and log (the 1st, 2nd, 4th, 8th ... time) a proposer failure: it costs drafts
+        (or per-request state), never a request or the engine."""
+        self.proposer_errors += 1
+        n = self.proposer_errors
+        if n & (n - 1) == 0:
+            try:  # a hostile exception's __str__ must not escape from here either
+                detail = f"{type(e).__name__}: {e}"
+            except Exception:
+                detail = type(e).__name__
+            logger.warning(
+                "proposer %s failed in %s (%d times so far), no drafts from it: %s",
+                self.proposer_name(), what, n, detail,
+            )  # fmt: skip
 
     def drop_shadow(self) -> None:
         """Forget shadow drafts whose step will not be scored (it was dropped)."""
@@ -377,13 +409,19 @@ class SpecCoordinator:
         self.costs.observe(batch, seconds, verifying)
 
     def release(self, request_id: str) -> None:
-        self.proposer.release(request_id)
+        """Forget a finished request: the proposer's state (a ``release`` that raises is
+        counted and logged as a proposer error; the request's output is still delivered) and
+        its metrics."""
+        try:
+            self.proposer.release(request_id)
+        except Exception as e:
+            self._proposer_failed("release", e)
         self.metrics.pop_request(request_id)
 
     def stats(self) -> dict[str, object]:
         m = self.metrics
         return {
-            "method": self.proposer.name,
+            "method": self.proposer_name(),
             "k_max": self.k_max,
             "last_k": self.last_k,
             "drafts": int(m.total.num_drafts),

@@ -31,6 +31,12 @@ class Proposer(abc.ABC):
             (a stateless lookup): the adaptive k's shadow probes then omit the ids, so no
             per-request state is built for requests that are not speculating.
 
+    A failing proposer never fails a request: an exception from ``propose``, ``release``, an
+    attribute read (``name``, ``probe_without_ids``) or while its returned rows are iterated
+    (``__iter__``, an entry's ``__index__``) costs drafts only (that step's, or that row's). It
+    is counted in ``Engine.stats()["speculative"]["proposer_errors"]`` and logged (the 1st, 2nd,
+    4th, 8th ... time); every request still gets exactly the tokens of plain decoding.
+
     CUDA graphs: ``propose`` runs on the host between steps, never inside the target's capture; a
     proposer that runs a model may replay graphs of its own there.
     """
