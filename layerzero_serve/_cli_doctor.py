@@ -51,8 +51,7 @@ def _model_config(model: str):
     ValidationError naming ``--model`` (no traceback)."""
     from layerzero_serve._models import ModelPathError, load_config
     from layerzero_serve._models.dummy import dummy_config
-    from layerzero_serve._models.paths import MODEL_ALLOWED
-    from layerzero_serve.errors import ValidationError
+    from layerzero_serve.errors import MODEL_ALLOWED, ValidationError
 
     try:
         if model.startswith("dummy:"):

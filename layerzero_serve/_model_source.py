@@ -18,9 +18,9 @@ from layerzero_serve._models import (
     load_model,
 )
 from layerzero_serve._models.dummy import dummy_config
-from layerzero_serve._models.paths import ModelPathError, check_model_dir
+from layerzero_serve._models.paths import check_model_dir
 from layerzero_serve.config import DEFAULT_MODEL, EngineConfig, ResolvedConfig, resolve
-from layerzero_serve.errors import UnsupportedModelError
+from layerzero_serve.errors import InsufficientMemoryError, ModelPathError, UnsupportedModelError
 from layerzero_serve.selection import _device
 
 __all__ = [
@@ -59,25 +59,6 @@ def load_checkpoint_tokenizer(model_dir: Path | None):
         return Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises bare Exception for malformed files
         raise UnsupportedModelError(f"{file}: not a valid tokenizer.json ({e})") from None
-
-
-class InsufficientMemoryError(MemoryError, ValueError):
-    """The model's weights do not fit in the memory still available on the target device.
-
-    Raised before anything is allocated, instead of swapping or being killed by the
-    out-of-memory killer part way through. A ``MemoryError`` and a ``ValueError`` (a bad
-    ``model`` / ``dtype`` / ``device`` choice for this machine). ``needed`` and ``available``
-    are bytes.
-
-    CUDA graphs: raised on the host, before the model is built.
-    """
-
-    def __init__(self, model: str, needed: int, available: int, message: str) -> None:
-        self.model, self.needed, self.available = model, needed, available
-        super().__init__(message)
-
-    def __reduce__(self):
-        return (type(self), (self.model, self.needed, self.available, str(self)))
 
 
 def weight_bytes(mc: ModelConfig, dtype: torch.dtype) -> int:

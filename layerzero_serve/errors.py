@@ -8,6 +8,7 @@ specifically and still show users an actionable message.
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 
 
 class ValidationError(ValueError):
@@ -57,3 +58,55 @@ class UnsupportedModelError(ValueError):
 class MissingWeightError(KeyError, ValueError):
     """A tensor the model needs is absent from the checkpoint (a KeyError for callers that
     catch that, and a ValueError like every other bad-input error)."""
+
+
+MODEL_ALLOWED = (
+    "a local checkpoint directory (config.json + *.safetensors), 'default' (the embedded "
+    "model) or 'dummy:<preset>'"
+)
+
+
+class ModelPathError(ValidationError, FileNotFoundError):
+    """``model`` does not lead to a loadable checkpoint: a missing path, a Hub id, a directory
+    without ``config.json``, no weights, or an index naming an absent shard.
+
+    A ``ValidationError`` (so a ``ValueError``) with ``param == "model"``, and a
+    ``FileNotFoundError`` for callers that caught that before. ``problem`` says which case
+    applies; ``path`` is the file or directory at fault.
+
+    CUDA graphs: raised on the host, while loading, before anything is launched.
+    """
+
+    def __init__(
+        self, value: object, problem: str, path: Path | str | None = None, hint: bool = True
+    ) -> None:
+        self.param = "model"
+        self.value = str(value)
+        self.allowed = MODEL_ALLOWED
+        self.problem = problem
+        self.path = None if path is None else Path(path)
+        self._hint = hint
+        msg = f"model={self.value!r}: {problem}" + (f"; pass {MODEL_ALLOWED}" if hint else "")
+        ValueError.__init__(self, msg)  # not OSError's (errno, strerror) parsing
+
+    def __reduce__(self):
+        return (type(self), (self.value, self.problem, self.path, self._hint))
+
+
+class InsufficientMemoryError(MemoryError, ValueError):
+    """The model's weights do not fit in the memory still available on the target device.
+
+    Raised before anything is allocated, instead of swapping or being killed by the
+    out-of-memory killer part way through. A ``MemoryError`` and a ``ValueError`` (a bad
+    ``model`` / ``dtype`` / ``device`` choice for this machine). ``needed`` and ``available``
+    are bytes.
+
+    CUDA graphs: raised on the host, before the model is built.
+    """
+
+    def __init__(self, model: str, needed: int, available: int, message: str) -> None:
+        self.model, self.needed, self.available = model, needed, available
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.model, self.needed, self.available, str(self)))

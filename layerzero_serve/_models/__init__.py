@@ -14,7 +14,7 @@ from layerzero_serve._models.config import (
 from layerzero_serve._models.dummy import DUMMY_PRESETS, build_dummy_model, dummy_config
 from layerzero_serve._models.llama import AttentionFn, LlamaForCausalLM
 from layerzero_serve._models.loader import checkpoint_files, load_model
-from layerzero_serve._models.paths import ModelPathError
+from layerzero_serve.errors import ModelPathError
 
 __all__ = [
     "DUMMY_PRESETS",

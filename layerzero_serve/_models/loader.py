@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from layerzero_serve._models.config import load_config, parse_dtype
 from layerzero_serve._models.llama import LlamaForCausalLM, set_parameter
-from layerzero_serve._models.paths import ModelPathError, check_model_dir, unsupported_weights
-from layerzero_serve.errors import MissingWeightError, UnsupportedModelError
+from layerzero_serve._models.paths import check_model_dir, unsupported_weights
+from layerzero_serve.errors import MissingWeightError, ModelPathError, UnsupportedModelError
 
 #: Checkpoints larger than this show a progress bar unless ``progress=False``.
 PROGRESS_THRESHOLD_BYTES = 1 << 30

@@ -12,12 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from layerzero_serve.errors import UnsupportedModelError, ValidationError
-
-MODEL_ALLOWED = (
-    "a local checkpoint directory (config.json + *.safetensors), 'default' (the embedded "
-    "model) or 'dummy:<preset>'"
-)
+from layerzero_serve.errors import ModelPathError, UnsupportedModelError
 
 #: ``org/name`` with Hub-legal characters: what a Hugging Face Hub model id looks like.
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -34,33 +29,6 @@ def convert_hint(src: Path) -> str:
         f"AutoModelForCausalLM as M; M.from_pretrained('{src}').save_pretrained('{dst}', "
         'safe_serialization=True)" (then copy the tokenizer files), and pass that directory'
     )
-
-
-class ModelPathError(ValidationError, FileNotFoundError):
-    """``model`` does not lead to a loadable checkpoint: a missing path, a Hub id, a directory
-    without ``config.json``, no weights, or an index naming an absent shard.
-
-    A ``ValidationError`` (so a ``ValueError``) with ``param == "model"``, and a
-    ``FileNotFoundError`` for callers that caught that before. ``problem`` says which case
-    applies; ``path`` is the file or directory at fault.
-
-    CUDA graphs: raised on the host, while loading, before anything is launched.
-    """
-
-    def __init__(
-        self, value: object, problem: str, path: Path | str | None = None, hint: bool = True
-    ) -> None:
-        self.param = "model"
-        self.value = str(value)
-        self.allowed = MODEL_ALLOWED
-        self.problem = problem
-        self.path = None if path is None else Path(path)
-        self._hint = hint
-        msg = f"model={self.value!r}: {problem}" + (f"; pass {MODEL_ALLOWED}" if hint else "")
-        ValueError.__init__(self, msg)  # not OSError's (errno, strerror) parsing
-
-    def __reduce__(self):
-        return (type(self), (self.value, self.problem, self.path, self._hint))
 
 
 def looks_like_hub_id(name: str) -> bool:

@@ -14,11 +14,15 @@ from safetensors.torch import save_file
 
 import layerzero_serve._model_source as model_source
 from layerzero_serve._cli import main
-from layerzero_serve._model_source import InsufficientMemoryError, load_model_source
+from layerzero_serve._model_source import load_model_source
 from layerzero_serve._models import DUMMY_PRESETS, build_dummy_model, load_config, load_model
-from layerzero_serve._models.paths import ModelPathError
 from layerzero_serve.config import EngineConfig
-from layerzero_serve.errors import UnsupportedModelError, ValidationError
+from layerzero_serve.errors import (
+    InsufficientMemoryError,
+    ModelPathError,
+    UnsupportedModelError,
+    ValidationError,
+)
 from layerzero_serve.selection import _device
 
 TINY = DUMMY_PRESETS["dummy:tiny"]  # vocab_size 512
