@@ -47,6 +47,15 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
     return int(value)
 
 
+class KernelOutputError(RuntimeError):
+    """A plug-in kernel returned junk: an attention ``run`` whose output is not a tensor of the
+    query's shape, dtype and device, or a sampling ``sample`` whose output is not int ``[B]``
+    token ids on the logits' device. The runtime treats it like the kernel raising: an
+    automatic choice falls back to the next candidate, a locked one re-raises.
+
+    CUDA graphs: raised on the host (shape/dtype/device checks only, no sync)."""
+
+
 class RequestRejectedError(ValidationError):
     """A request can never be served (too long for the model or for the whole KV pool)."""
 

@@ -114,7 +114,9 @@ def _rejection_kernel(
         r = tl.load(noise_ptr + row * vocab_size + offs, mask=mask, other=0.0)
         if HAS_DRAFT_PROBS:
             q = tl.load(q_row + offs, mask=mask, other=0.0)
-            q = tl.where(rejected, q, 0.0)  # bonus draws come from p itself
+            # bonus draws come from p itself, and so does the draw after an out-of-vocabulary
+            # draft (x_a == -1): it was never drawn from q, so its residual is p
+            q = tl.where(x_a >= 0, q, 0.0)
         else:
             q = tl.where(offs == x_a, 1.0, 0.0)
         res = tl.maximum(p - q, 0.0)

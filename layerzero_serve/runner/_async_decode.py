@@ -59,6 +59,8 @@ def collect_decode(runner, pending: PendingDecode) -> StepTokens:
     which ``failed`` reports)."""
     t0 = time.perf_counter()
     res = first_rows(pending.host.result(), len(pending.out.requests))
+    # ids outside the vocabulary from a plug-in sampler: its rows fail; blame it for later steps
+    runner.check_sampling_kernel(res, pending.out.requests)
     results = StepTokens([tok] for tok in res.tokens)
     for row, detail in res.failed.items():
         results[row].clear()

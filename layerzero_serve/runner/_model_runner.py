@@ -20,7 +20,12 @@ from layerzero_serve.kernels.spec import Op
 from layerzero_serve.kv_cache._storage import BlockTableCache, KVCache
 from layerzero_serve.runner._input_batch import prepare_batch
 from layerzero_serve.runner._sampler_graphs import SamplerGraphs
-from layerzero_serve.runner.attention import AttentionDispatch, select_dispatch
+from layerzero_serve.runner.attention import (
+    AttentionDispatch,
+    PhaseKernel,
+    WriterKernel,
+    select_dispatch,
+)
 from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
 from layerzero_serve.sampling import Sampler
 from layerzero_serve.sampling._prompt_logprobs import (
@@ -29,12 +34,13 @@ from layerzero_serve.sampling._prompt_logprobs import (
     prompt_logprobs,
 )
 from layerzero_serve.selection._device import probe_device
-from layerzero_serve.selection._selector import Selector, get_selector
+from layerzero_serve.selection._selector import KernelChoice, Selector, get_selector
 from layerzero_serve.selection.plans import ModelShape, base_context
 from layerzero_serve.types import SchedulerOutput
 
 logger = logging.getLogger("layerzero_serve")
 REFERENCE_BACKEND = "torch"
+MAX_FALLBACKS = 16  # kernel failures one step may fall back from (each one a new backend)
 
 
 @dataclass(slots=True)
@@ -162,6 +168,7 @@ class ModelRunner:
             width,
             self.device,
             q_len,
+            on_kernel_failure=self._graph_kernel_failed,
         )
         with torch.inference_mode():
             graphs.capture(progress)
@@ -222,19 +229,101 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     def _forward(self, batch) -> torch.Tensor:
-        while True:
-            phase = self.attn.begin_step(batch.meta)
+        for attempt in range(MAX_FALLBACKS + 1):
             try:
+                self.attn.begin_step(batch.meta)  # a plan() that raises falls back too
                 return self.model(batch.input_ids, batch.positions, self.attn, batch.meta)
             except Exception as e:
-                # Blame the KV writer when it raised, else the phase's attention kernel.
-                culprit = self.attn.writer.choice if self.attn.failed_write else phase.choice
-                backend = culprit.spec.backend
-                if culprit.locked or backend == REFERENCE_BACKEND:
-                    raise
                 # Re-running the step rewrites the same K/V slots: the retry is idempotent.
-                self.selector.mark_unhealthy(backend, e)
+                if attempt == MAX_FALLBACKS or not self._fall_back(self.attn.culprit(), e):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _graph_kernel_failed(self, culprit: KernelChoice | None, error: Exception) -> None:
+        """``DecodeGraphRunner``'s callback: re-raise ``error`` when final (see ``_fall_back``);
+        else the backend is marked unhealthy and the graph runner re-captures the bucket."""
+        if not self._fall_back(culprit, error):
+            raise error
+
+    def _fall_back(self, culprit: KernelChoice | None, error: Exception) -> bool:
+        """An attention / KV-write kernel raised: False when that is final (no kernel to blame,
+        a locked kernel or the torch reference); else mark its backend unhealthy (unless it
+        already is: a kernel selected before another plan's failure), re-select the eager
+        kernels, return True."""
+        if culprit is None:  # the model raised, not a kernel of the dispatch
+            return False
+        backend = culprit.spec.backend
+        if culprit.locked or backend == REFERENCE_BACKEND:
+            return False
+        if backend not in self.selector.unhealthy():
+            self.selector.mark_unhealthy(backend, error)
+        self.attn = self._select_kernels()
+        return True
+
+    # ---- sampling kernels that return junk ------------------------------------------------
+    def check_sampling_kernel(self, res, requests: list) -> None:
+        """For a step sampled without ``execute`` (async scheduling's ``collect_decode``): when
+        rows got ids outside the vocabulary, blame the sampling kernel (its rows stay failed:
+        the logits are gone) and drop the sampler graphs captured with it. Host only."""
+        if self.sampler.blame_bad_output(res, requests):
+            self._drop_sampler_graphs()
+
+    def _drop_sampler_graphs(self) -> None:
+        """A sampling kernel was replaced: graphs captured with it are stale."""
+        if self.sampler_graphs is not None:
+            self.sampler_graphs = SamplerGraphs(self.sampler, self.graphs.logits_out)
+
+    # ---- kernels that return NaN / inf -------------------------------------------------------
+    def _blame_non_finite(self, batch, hidden: torch.Tensor, rows) -> bool:
+        """Rows of an eager step failed. When their hidden states are not finite and the step's
+        automatic, non-reference attention or KV-write kernel is the cause (the torch kernels
+        give finite states in its place), mark its backend unhealthy, re-select, return True
+        (run the step again). Host sync, on this failure path only."""
+        a = self.attn
+        kinds = [k for k in (a.active, a.writer) if k is not None]
+        suspects = [
+            k for k in kinds if not k.choice.locked and k.choice.spec.backend != REFERENCE_BACKEND
+        ]
+        qsl = batch.meta.query_start_loc_cpu
+        idx = np.concatenate([np.arange(qsl[i], qsl[i + 1]) for i in rows])
+        idx = torch.from_numpy(idx).to(hidden.device)
+        if not suspects or bool(torch.isfinite(hidden[idx]).all()):
+            return False  # not a kernel's NaN (degenerate logits of the request itself)
+        ref = self._reference_dispatch()
+        trials = [[k] for k in suspects] + ([suspects] if len(suspects) > 1 else [])
+        for swap in trials:
+            phase = ref if any(k is a.active for k in swap) else a
+            writer = ref.writer if any(k is a.writer for k in swap) else a.writer
+            d = AttentionDispatch(self.kv_cache, phase.decode, phase.prefill, writer)
+            d.begin_step(batch.meta)
+            h = self.model(batch.input_ids, batch.positions, d, batch.meta)
+            if bool(torch.isfinite(h[idx]).all()):
+                for k in swap:
+                    err = f"{k.choice.name} returned non-finite values (the torch kernel did not)"
+                    self.selector.mark_unhealthy(k.choice.spec.backend, err)
                 self.attn = self._select_kernels()
+                return True
+        return False
+
+    def _reference_dispatch(self) -> AttentionDispatch:
+        """The torch reference kernels of the eager plans (built on the failure path only)."""
+        kernels = {}
+        for op, ctx in self.plans.items():
+            if op in (Op.ATTN_DECODE, Op.ATTN_PREFILL, Op.KV_WRITE):
+                ok = [
+                    s
+                    for s in self.selector.kernels(op)
+                    if s.backend == REFERENCE_BACKEND and s.supports(ctx) is None
+                ]
+                spec = max(ok, key=lambda s: (s.priority, s.name))
+                choice = KernelChoice(op, ctx, spec, float(spec.priority), False, ())
+                kernels[op] = (choice, spec.factory(ctx))
+        return AttentionDispatch(
+            self.kv_cache,
+            PhaseKernel(*kernels[Op.ATTN_DECODE]),
+            PhaseKernel(*kernels[Op.ATTN_PREFILL]),
+            WriterKernel(*kernels[Op.KV_WRITE]),
+        )
 
     # ---- speculative verification ------------------------------------------------------------
     def _graph_verify(self, out: SchedulerOutput, results) -> tuple | None:
@@ -346,10 +435,14 @@ class ModelRunner:
             self._sync()
             t2 = time.perf_counter()
             reqs = [out.requests[i] for i in sample_rows]
+            epoch = self.sampler.kernel_epoch
             if sample_bucket is not None:
                 res = self.sampler_graphs.sample(reqs, sample_bucket)
             else:
                 res = self.sampler.sample(logits, self.sampler.prepare(reqs)).to_host()
+            res = self.sampler.redraw(logits, res, reqs)  # a plug-in's out-of-vocabulary ids
+            if self.sampler.kernel_epoch != epoch:
+                self._drop_sampler_graphs()
             for row, tok, lp in zip(sample_rows, res.tokens, res.logprobs, strict=True):
                 results[row].append(tok)
                 if lp is not None:
@@ -364,4 +457,6 @@ class ModelRunner:
         tm.prepare += t1 - t0
         tm.forward += t2 - t1
         tm.sample += t3 - t2
+        if got is None and results.failed and self._blame_non_finite(batch, hidden, results.failed):
+            return self.execute(out)  # the step again, with the kernels that replaced it
         return results

@@ -7,6 +7,12 @@ the phase's implementation and runs its host-side ``plan``; each layer then call
 through ``meta.slot_mapping`` (with the ``Op.KV_WRITE`` kernel selected for the plan, or the
 attention kernel's own ``write_kv`` when none is given) and attends through
 ``meta.block_tables``. No selection happens per step or per layer.
+
+**Faults.** A kernel's ``plan``, ``write`` or ``run`` that raises, or a ``run`` whose output is
+not a tensor of the query's shape, dtype and device (``KernelOutputError``), propagates out of
+``begin_step`` / the layer call; ``culprit()`` then names the kernel to blame (None when the
+exception came from elsewhere in the model), so the caller (the model runner) can mark its
+backend unhealthy and fall back to the next candidate.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from layerzero_serve.errors import KernelOutputError
 from layerzero_serve.kernels.attention_api import KVWriter, PagedAttentionImpl
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.spec import KernelContext
@@ -131,7 +138,7 @@ class AttentionDispatch:
         self.writer = writer
         self._active = prefill
         self._write = None if writer is None else writer.impl.write
-        self.failed_write = False  # set when the KV writer raised (the runner's fallback reads it)
+        self.failed: KernelChoice | None = None  # the kernel that raised (``culprit``)
         self._planned: AttentionMetadata | None = None
 
     @property
@@ -142,17 +149,35 @@ class AttentionDispatch:
         return names
 
     def begin_step(self, meta: AttentionMetadata) -> PhaseKernel:
-        """Pick the phase's kernel and plan it (host work, once per step, outside graphs)."""
+        """Pick the phase's kernel and plan it (host work, once per step, outside graphs).
+        A ``plan`` that raises propagates; ``culprit()`` then names the kernel that raised."""
+        self.failed = None
+        self._planned = None
         self._active = (
             self.decode
             if meta.is_decode_only and (meta.num_tokens == meta.num_seqs)
             else self.prefill
         )
-        self._active.impl.plan(meta)
-        if self.writer is not None:
-            self.writer.impl.plan(meta)
+        for kernel in (self._active, self.writer):
+            if kernel is not None:
+                try:
+                    kernel.impl.plan(meta)
+                except Exception:
+                    self.failed = kernel.choice
+                    raise
         self._planned = meta
         return self._active
+
+    @property
+    def active(self) -> PhaseKernel:
+        """The phase kernel the last ``begin_step`` chose (host only)."""
+        return self._active
+
+    def culprit(self) -> KernelChoice | None:
+        """The kernel whose ``plan``, ``write`` or ``run`` raised (or returned junk) in the
+        exception that just left ``begin_step`` or a layer call; None when the exception did
+        not come from a kernel of this dispatch. Host only."""
+        return self.failed
 
     def __call__(
         self,
@@ -167,14 +192,36 @@ class AttentionDispatch:
                 "AttentionDispatch: call begin_step(meta) with this step's metadata before the "
                 "layers run (the kernels were planned for another step)"
             )
-        impl = self._active.impl
+        phase = self._active
         cache = self.kv_cache.tensors[layer_idx]
-        if self._write is None:
-            impl.write_kv(k, v, cache, meta)
-        else:
-            try:  # zero-cost unless it raises
-                self._write(k, v, cache, meta)
-            except Exception:
-                self.failed_write = True
-                raise
-        return impl.run(q, cache, meta)
+        try:  # zero-cost unless it raises
+            if self._write is None:
+                phase.impl.write_kv(k, v, cache, meta)
+            else:
+                try:
+                    self._write(k, v, cache, meta)
+                except Exception:
+                    self.failed = self.writer.choice
+                    raise
+            out = phase.impl.run(q, cache, meta)
+        except Exception:
+            self.failed = self.failed or phase.choice
+            raise
+        # host metadata only (graph-safe): a plug-in's junk must not flow on silently
+        if (
+            not isinstance(out, torch.Tensor)
+            or out.shape != q.shape
+            or out.dtype != q.dtype
+            or out.device != q.device
+        ):
+            self.failed = phase.choice
+            got = (
+                f"{out.dtype} {tuple(out.shape)} on {out.device}"
+                if isinstance(out, torch.Tensor)
+                else type(out).__name__
+            )
+            raise KernelOutputError(
+                f"attention kernel {phase.choice.name} returned {got}; expected "
+                f"{q.dtype} {tuple(q.shape)} on {q.device} (the query's)"
+            )
+        return out

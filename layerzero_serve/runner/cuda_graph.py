@@ -13,6 +13,12 @@ block_tables]`` (int32). A batch is padded to the smallest bucket that fits: pad
 slot -1 (they write nothing to the KV cache) and length 1 over the null block (finite outputs
 that nobody reads). Each bucket has its own attention implementation, chosen by the selection
 engine for that bucket's plan (graph mode on), whose ``plan()`` runs on the host before replay.
+
+**Faults.** When a bucket kernel's host ``plan()`` (or a warm-up run) raises, the runner's
+``on_kernel_failure(choice, error)`` decides: it re-raises for a locked kernel or the torch
+reference, else marks the backend unhealthy; the bucket is then selected again and re-captured
+(at start-up, or before the replay that failed: its inputs are staged again), so one failing
+automatic kernel costs one re-capture, never the step. Without the callback the error propagates.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ from tqdm.auto import tqdm
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kv_cache._storage import KVCache
 from layerzero_serve.runner.attention import AttentionDispatch
+from layerzero_serve.selection._selector import KernelChoice
 
 logger = logging.getLogger("layerzero_serve")
+MAX_RECAPTURES = 8  # per bucket and call: each marks one more backend unhealthy
 
 
 @dataclass(slots=True)
@@ -54,6 +62,10 @@ class DecodeGraphRunner:
         buckets: batch sizes to capture.
         max_blocks_per_seq: width of the static block table.
         q_len: query tokens per row (1: decode; k + 1: verification of k drafts).
+        on_kernel_failure: ``(choice, error) -> None`` for a bucket kernel whose host plan (or
+            warm-up run) raised (``choice`` None: the error did not come from a kernel):
+            re-raises when final, else marks its backend unhealthy so the bucket can be
+            selected and captured again (see the module docstring).
 
     CUDA graphs: ``capture`` records one graph per bucket (each after a warm-up run, largest first,
     one shared memory pool); ``run`` copies a step's inputs into the static buffers and replays,
@@ -69,8 +81,10 @@ class DecodeGraphRunner:
         max_blocks_per_seq: int,
         device: torch.device,
         q_len: int = 1,
+        on_kernel_failure: Callable[[KernelChoice | None, Exception], None] | None = None,
     ) -> None:
         self.model = model
+        self.on_kernel_failure = on_kernel_failure
         self.kv_cache = kv_cache
         self.dispatch_for_bucket = dispatch_for_bucket
         self.buckets = sorted(set(buckets))
@@ -99,6 +113,7 @@ class DecodeGraphRunner:
         self.block_tables = self._dev[self._table_at :].view(b, m)
         self.query_start_loc = torch.arange(0, bq + 1, q, dtype=torch.int32, device=device)
         self.graphs: dict[int, CapturedBucket] = {}
+        self._pool = None
         self._bucket_of = np.searchsorted(np.asarray(self.buckets), np.arange(b + 1))
         self.capture_seconds = 0.0
         self.graph_memory_bytes = 0
@@ -154,8 +169,7 @@ class DecodeGraphRunner:
         t0 = time.perf_counter()
         torch.cuda.synchronize(self.device)
         mem0 = torch.cuda.memory_reserved(self.device)
-        pool = torch.cuda.graph_pool_handle()
-        max_len = self.width * self.block_size
+        self._pool = torch.cuda.graph_pool_handle()
         # One logits buffer shared by every bucket (outside the graph pool): a per-graph output
         # would keep sum(buckets) x vocab floats alive in the pool.
         vocab = self.model.config.vocab_size
@@ -168,27 +182,7 @@ class DecodeGraphRunner:
             unit="bucket",
             disable=not progress,
         ):
-            dispatch = self.dispatch_for_bucket(batch)
-            self._fill(0, batch, [], [], [], [], np.zeros((0, 0), np.int32))
-            q = self.q_len
-            # Plan for the longest sequences while capturing, so kernels whose launch shape
-            # depends on the plan (FlashInfer's split-KV decode) are captured in the variant
-            # that covers every later plan. The padding rows' table points at the null block.
-            meta = self._meta(batch, [max_len] * batch, max_len)
-            dispatch.begin_step(meta)
-            ids, pos = self.input_ids[: batch * q], self.positions[: batch * q]
-            for _ in range(2):  # warm-up: autotuning, lazy inits, allocator
-                self.model.compute_logits(self.model(ids, pos, dispatch, meta))
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            logits = self.logits_out[: batch * q]
-            with torch.cuda.graph(graph, pool=pool):
-                logits.copy_(self.model.compute_logits(self.model(ids, pos, dispatch, meta)))
-            kernels = [dispatch.decode, dispatch.prefill, dispatch.writer]
-            replan = any(
-                getattr(k.impl, "host_plan_per_step", True) for k in kernels if k is not None
-            )
-            self.graphs[batch] = CapturedBucket(batch, graph, logits, dispatch, meta, replan)
+            self.graphs[batch] = self._capture_bucket(batch)
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
         self.graph_memory_bytes = torch.cuda.memory_reserved(self.device) - mem0
@@ -199,6 +193,41 @@ class DecodeGraphRunner:
             self.capture_seconds,
             self.graph_memory_bytes / 2**20,
         )
+
+    def _kernel_failed(self, dispatch: AttentionDispatch, error: Exception, attempt: int) -> None:
+        """A bucket kernel raised on the host: the callback re-raises when final."""
+        if self.on_kernel_failure is None or attempt >= MAX_RECAPTURES:
+            raise error
+        self.on_kernel_failure(dispatch.culprit(), error)
+
+    def _capture_bucket(self, batch: int) -> CapturedBucket:
+        """Select the bucket's kernels, plan and warm up (retried with the next candidate when
+        an automatic kernel raises), then capture its graph into the shared pool."""
+        max_len = self.width * self.block_size
+        q = self.q_len
+        ids, pos = self.input_ids[: batch * q], self.positions[: batch * q]
+        for attempt in range(MAX_RECAPTURES + 1):
+            dispatch = self.dispatch_for_bucket(batch)
+            self._fill(0, batch, [], [], [], [], np.zeros((0, 0), np.int32))
+            # Plan for the longest sequences while capturing, so kernels whose launch shape
+            # depends on the plan (FlashInfer's split-KV decode) are captured in the variant
+            # that covers every later plan. The padding rows' table points at the null block.
+            meta = self._meta(batch, [max_len] * batch, max_len)
+            try:  # host plan + eager warm-ups (autotuning, lazy inits, allocator): no capture yet
+                dispatch.begin_step(meta)
+                for _ in range(2):
+                    self.model.compute_logits(self.model(ids, pos, dispatch, meta))
+                break
+            except Exception as e:
+                self._kernel_failed(dispatch, e, attempt)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        logits = self.logits_out[: batch * q]
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits.copy_(self.model.compute_logits(self.model(ids, pos, dispatch, meta)))
+        kernels = [dispatch.decode, dispatch.prefill, dispatch.writer]
+        replan = any(getattr(k.impl, "host_plan_per_step", True) for k in kernels if k is not None)
+        return CapturedBucket(batch, graph, logits, dispatch, meta, replan)
 
     # ---- replay ----------------------------------------------------------------------------
     def bucket_for(self, n: int) -> int | None:
@@ -225,16 +254,34 @@ class DecodeGraphRunner:
         batch = self.bucket_for(n)
         if batch is None:
             raise ValueError(f"batch {n} above the largest captured bucket {self.max_batch}")
-        cap = self.graphs[batch]
-        self._fill(n, batch, ids, positions, slots, seq_lens, table)
-        if device_ids is not None:  # after the staging copy, which wrote placeholder ids
-            nt = n * self.q_len
-            vocab = cap.logits.shape[-1]
-            self.input_ids[:nt].copy_(device_ids[:nt].clamp(0, vocab - 1))
-        if cap.replan:  # host-side plan (FlashInfer) for this step's lengths
+        for attempt in range(MAX_RECAPTURES + 1):
+            cap = self.graphs[batch]
+            self._fill(n, batch, ids, positions, slots, seq_lens, table)
+            if device_ids is not None:  # after the staging copy, which wrote placeholder ids
+                nt = n * self.q_len
+                vocab = cap.logits.shape[-1]
+                self.input_ids[:nt].copy_(device_ids[:nt].clamp(0, vocab - 1))
+            if not cap.replan:
+                break
             lens = seq_lens.tolist() + [self.q_len] * (batch - n)
-            cap.dispatch.begin_step(self._meta(batch, lens, int(max(lens))))
+            try:  # host-side plan (FlashInfer) for this step's lengths
+                cap.dispatch.begin_step(self._meta(batch, lens, int(max(lens))))
+                break
+            except Exception as e:  # nothing was replayed: re-capture, then stage again
+                self._kernel_failed(cap.dispatch, e, attempt)
+                self._recapture(batch)
         if self._copied is not None:  # after the plan's own staged copies, too
             self._copied.record()
         cap.graph.replay()
         return cap.logits[: n * self.q_len]
+
+    @torch.inference_mode()
+    def _recapture(self, batch: int) -> None:
+        """Capture ``batch`` again with freshly selected kernels (a kernel of it failed)."""
+        torch.cuda.synchronize(self.device)  # no staging copy in flight while we re-stage
+        old = self.graphs.pop(batch)
+        old.graph.reset()
+        self.graphs[batch] = self._capture_bucket(batch)
+        logger.warning(
+            "re-captured the CUDA graph of bucket %d: %s", batch, self.graphs[batch].dispatch.name
+        )

@@ -19,9 +19,13 @@ from layerzero_serve.sampling._state import ACTIVE_MIN_TOKENS, DeviceTables
 
 NON_FINITE = 1  # NaN or +inf in the row
 ALL_MASKED = 2  # every logit is -inf
+BAD_KERNEL_OUTPUT = 4  # the sampling kernel drew an id outside [0, V) (set by sampling._kernels)
 FAILURE_DETAILS = {
     NON_FINITE: "sampling failed: the model's logits contain NaN or +inf",
     ALL_MASKED: "sampling failed: every token's logit is -inf (after bias, masks and penalties)",
+    BAD_KERNEL_OUTPUT: (
+        "sampling failed: the sampling kernel returned a token id outside the vocabulary"
+    ),
 }
 
 

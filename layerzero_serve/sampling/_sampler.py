@@ -18,6 +18,13 @@ gives the same tokens at any batch position and with any batch mates.
 **Failures.** A row whose processed logits contain NaN / ``+inf`` or are all ``-inf`` is
 flagged (``HostSample.failed``); its token is 0 and it is sanitised before the softmax, so the
 other rows are bitwise what they would be without it.
+
+**Plug-in kernels.** An automatically chosen kernel that raises, or returns anything but integer
+``[B]`` ids on the device (``KernelOutputError``), has its backend (its ``KernelSpec.backend``)
+marked unhealthy; the next candidate draws the same batch. Ids outside ``[0, V)`` cannot be seen
+without a host sync: such a row is flagged ``BAD_KERNEL_OUTPUT`` on the device (token 0), and
+:meth:`Sampler.redraw` (the runner calls it once the step is on the host) blames the kernel and
+samples the step again. A locked (forced) kernel's failure propagates / fails its rows.
 """
 
 from __future__ import annotations
@@ -48,7 +55,17 @@ from layerzero_serve.sampling._batch import (
     SamplingBatch,
     SamplingPlan,
 )
-from layerzero_serve.sampling._kernels import select_sampling_kernels
+from layerzero_serve.sampling._kernels import (
+    BAD_KERNEL_DETAIL,
+    BAD_KERNEL_OUTPUT,
+    MAX_FALLBACKS,
+    REFERENCE_BACKEND,
+    KernelOutputError,
+    SamplingSelection,
+    check_kernel,
+    check_tokens,
+    select_sampling,
+)
 from layerzero_serve.sampling._outputs import DeviceSample, HostSample, pack
 from layerzero_serve.sampling._params import SamplingParams
 from layerzero_serve.sampling._processors import (
@@ -75,7 +92,8 @@ class Sampler:
         max_num_seqs: rows per step (the capacity of the persistent buffers and slot tables),
             an int in [1, 2**31 - 1].
         kernel: force a sampling kernel (default: the selection engine's choice at ``bind``,
-            or the torch kernel).
+            or the torch kernel), locked (its failures propagate): a ``SamplingKernel`` (str
+            ``name``, bool ``position_invariant``, callable ``sample``), else ValidationError.
 
     CUDA graphs: ``bind``, ``prepare``, ``seeds_of`` and ``release`` are host work outside capture;
     ``sample`` is graph-safe (no host sync; its work depends only on the batch's plan and shapes),
@@ -97,12 +115,16 @@ class Sampler:
         self.seed = seed
         self._rng = np.random.default_rng(None if seed is None else seed % 2**64)
         self.max_rows = v.int_in("max_num_seqs", max_num_seqs, 1, MAX_ROWS)
+        if kernel is not None:
+            check_kernel(kernel, "kernel")
         self._forced = kernel
         self._kernel: SamplingKernel = kernel or TorchSamplingKernel()
         self._invariant: SamplingKernel = (
             kernel if kernel is not None and kernel.position_invariant else TorchSamplingKernel()
         )
         self._locked = kernel is not None
+        self._backends = (REFERENCE_BACKEND, REFERENCE_BACKEND)  # (kernel's, invariant's)
+        self.kernel_epoch = 0  # bumped when a failing kernel is replaced (captured graphs: stale)
         self._selector = self._ctx = None
         self.device: torch.device | None = None
         self.vocab_size = 0
@@ -138,8 +160,12 @@ class Sampler:
         self._slot_owner.clear()
         if self._forced is None and selector is not None and ctx is not None:
             self._selector, self._ctx = selector, ctx
-            self._kernel, self._invariant, self._locked = select_sampling_kernels(selector, ctx)
+            self._use(select_sampling(selector, ctx))
         return self
+
+    def _use(self, sel: SamplingSelection) -> None:
+        self._kernel, self._invariant, self._locked = sel.kernel, sel.invariant, sel.locked
+        self._backends = (sel.backend, sel.invariant_backend)
 
     @property
     def kernel_name(self) -> str:
@@ -319,7 +345,7 @@ class Sampler:
                 r.sampling_params.validate_for_vocab(logits.shape[1])
         self._ensure_bound(logits.device, logits.shape[1])
         try:
-            return self.sample(logits, self.prepare(rows)).to_host()
+            return self.redraw(logits, self.sample(logits, self.prepare(rows)).to_host(), rows)
         finally:
             for r in rows:
                 self.release(r.request_id)
@@ -350,60 +376,97 @@ class Sampler:
                 tokens = self._draw(probs, batch)
             if plan.any_greedy:
                 tokens = torch.where((batch.flags & st.GREEDY) != 0, greedy_tokens, tokens)
+            if type(self._kernel_for(plan)) is not TorchSamplingKernel:  # a plug-in's ids
+                bad = (tokens < 0) | (tokens >= x.shape[-1])
+                flags = torch.where(bad & (flags == 0), BAD_KERNEL_OUTPUT, flags)
         tokens = torch.where(flags != 0, 0, tokens)
         batch.offset.add_(1)  # fresh numbers if a graph replays without a new prepare()
         packed = pack(tokens, flags, raw, x, probs, batch)
         return DeviceSample(tokens, flags, packed, batch.num_logprobs)
+
+    def redraw(self, logits: torch.Tensor, result: HostSample, requests: Sequence) -> HostSample:
+        """Host: when ``blame_bad_output`` replaced the kernel, the step sampled again from the
+        same ``logits`` (float ``[>= B, V]``; ``prepare`` gives the same seeds and offsets);
+        else ``result`` itself (a locked kernel's bad rows stay failed). Not graph-captured."""
+        if not self.blame_bad_output(result, requests):
+            return result
+        return self.sample(logits, self.prepare(requests)).to_host()
+
+    def blame_bad_output(self, result: HostSample, requests: Sequence) -> bool:
+        """When rows of ``result`` (the step of ``requests``) got ids outside the vocabulary,
+        mark the drawing kernel's backend unhealthy and choose again; True when replaced. Host
+        only; stages nothing (safe while a later step is in flight, async scheduling)."""
+        if BAD_KERNEL_DETAIL not in result.failed.values():
+            return False
+        get = self._states.get
+        seeded = any((s := get(r.request_id)) and s.flags & st.SEEDED for r in requests)
+        kernel = self._invariant if seeded else self._kernel
+        error = KernelOutputError(f"sampling kernel {kernel.name} returned ids outside [0, V)")
+        try:
+            self._fall_back(kernel, error)
+        except KernelOutputError:
+            return False
+        return True
 
     def _kernel_for(self, plan: SamplingPlan) -> SamplingKernel:
         """The kernel this plan draws with: a position-invariant one when a row is seeded."""
         return self._invariant if plan.invariant else self._kernel
 
     def _from_logits(self, plan: SamplingPlan) -> bool:
-        return getattr(self._kernel_for(plan), "takes_logits", False)
+        return getattr(self._kernel_for(plan), "takes_logits", False) is True
 
     def _draw_from_logits(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor | None:
         """Tokens from a kernel that samples ``softmax(x / T)`` itself (no probabilities
         materialised); None when that kernel failed and the replacement takes probabilities.
         Greedy rows ask for top-k 1, the kernels' cheapest case (their token is the argmax)."""
-        kernel = self._kernel_for(batch.plan)
-        top_k = batch.top_k.to(torch.int32)
-        if batch.plan.any_greedy:
-            top_k = torch.where((batch.flags & st.GREEDY) != 0, 1, top_k)
-        try:
-            return kernel.sample_logits(
-                x, batch.temperature, top_k, batch.top_p, batch.min_p, batch.seed, batch.offset
-            )
-        except Exception as e:
-            if self._locked:
-                raise
-            self._fall_back(kernel, e)
-            return self._draw_from_logits(x, batch) if self._from_logits(batch.plan) else None
+        b = batch
+        top_k = b.top_k.to(torch.int32)
+        if b.plan.any_greedy:
+            top_k = torch.where((b.flags & st.GREEDY) != 0, 1, top_k)
+
+        def call(k: SamplingKernel) -> torch.Tensor | None:
+            if getattr(k, "takes_logits", False) is not True:
+                return None
+            out = k.sample_logits(x, b.temperature, top_k, b.top_p, b.min_p, b.seed, b.offset)
+            return check_tokens(k, out, x.shape[0], x.device)
+
+        return self._with_fallback(b.plan, call)
 
     def _draw(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        plan = batch.plan
-        kernel = self._kernel_for(plan)
-        if not plan.filters and isinstance(kernel, TorchSamplingKernel):
-            return draw_unfiltered(probs, batch.min_p, batch.seed, batch.offset)
-        top_k = batch.top_k.to(torch.int32)
-        try:
-            return kernel.sample(probs, top_k, batch.top_p, batch.min_p, batch.seed, batch.offset)
-        except Exception as e:
-            if isinstance(kernel, TorchSamplingKernel) or self._locked:
-                raise
-            self._fall_back(kernel, e)
-            return self._draw(probs, batch)
+        b = batch
+        top_k = b.top_k.to(torch.int32)
+
+        def call(k: SamplingKernel) -> torch.Tensor:
+            if not b.plan.filters and type(k) is TorchSamplingKernel:
+                return draw_unfiltered(probs, b.min_p, b.seed, b.offset)
+            out = k.sample(probs, top_k, b.top_p, b.min_p, b.seed, b.offset)
+            return check_tokens(k, out, probs.shape[0], probs.device)
+
+        return self._with_fallback(b.plan, call)
+
+    def _with_fallback(self, plan: SamplingPlan, call):
+        """``call(kernel)`` with the plan's kernel; when it raises, ``_fall_back`` (which
+        re-raises when final) and again with the next kernel, a bounded number of times."""
+        for _ in range(MAX_FALLBACKS):
+            kernel = self._kernel_for(plan)
+            try:
+                return call(kernel)
+            except Exception as e:
+                self._fall_back(kernel, e)
+        return call(self._kernel_for(plan))  # the last try: its error propagates
 
     def _fall_back(self, kernel: SamplingKernel, error: Exception) -> None:
-        """An automatically chosen kernel raised: mark its backend unhealthy, choose again."""
+        """``kernel`` raised or returned junk: re-raise ``error`` when that is final (a locked
+        kernel or the torch reference); else mark the backend of its ``KernelSpec`` unhealthy
+        (unless it already is) and choose again, so the next call draws with another kernel."""
+        backend = self._backends[0] if kernel is self._kernel else self._backends[1]
+        if self._locked or backend == REFERENCE_BACKEND or self._selector is None:
+            raise error
         logger.warning("sampling kernel %s failed (%s); choosing another", kernel.name, error)
-        if self._selector is not None:
-            self._selector.mark_unhealthy(kernel.name.split(".")[0], error)
-            self._kernel, self._invariant, self._locked = select_sampling_kernels(
-                self._selector, self._ctx
-            )
-        else:
-            self._kernel = self._invariant = TorchSamplingKernel()
+        self.kernel_epoch += 1
+        if backend not in self._selector.unhealthy():
+            self._selector.mark_unhealthy(backend, error)
+        self._use(select_sampling(self._selector, self._ctx))
 
 
 def _as_device(device: object) -> torch.device:

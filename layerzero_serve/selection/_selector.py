@@ -298,15 +298,20 @@ class Selector:
 
     def run_with_fallback(self, op: Op, ctx: KernelContext, call: Callable[[KernelChoice], object]):
         """``call(choice)`` with the selected kernel; if it raises and the choice was automatic,
-        mark the backend unhealthy and retry with the next candidate. A locked choice re-raises."""
+        mark the backend unhealthy and retry with the next candidate. A locked choice re-raises,
+        and so does a retry that lands on a backend already tried (no progress: bounded by the
+        number of backends). Host only; CUDA graphs: never called inside a capture."""
+        tried: set[str] = set()
         while True:
             choice = self.select(op, ctx)
             try:
                 return call(choice)
             except Exception as e:
-                if choice.locked:
+                backend = choice.spec.backend
+                if choice.locked or backend in tried:
                     raise
-                self.mark_unhealthy(choice.spec.backend, e)
+                tried.add(backend)
+                self.mark_unhealthy(backend, e)
 
 
 def _check_op(op: object, ctx: KernelContext) -> None:

@@ -26,7 +26,11 @@ makes both.
 
 **Padding and bad input never reach an index**: ``num_drafts`` is clamped to ``[0, k]``; draft
 positions ``j >= num_drafts[b]`` and draft ids outside ``[0, V)`` are rejected, and the id used
-for gathers is clamped into range. Everything is shape-static: CUDA-graph safe.
+for gathers is clamped into range. A draft id outside ``[0, V)`` is rejected with acceptance
+probability 0 and the token at its position is drawn from the target ``p`` itself (residual
+``= p``, as if ``q`` were 0 there), so the emitted tokens still follow the target's law; ids are
+checked on the device, not validated on the host, because that would need a host sync.
+Everything is shape-static: CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -139,7 +143,8 @@ def rejection_sample(
     """Verify drafts; the torch reference (see the module docstring for the rule).
 
     Args:
-        draft_ids: int64 ``[B, k]`` proposed ids (positions past ``num_drafts`` are ignored).
+        draft_ids: int64 ``[B, k]`` proposed ids (positions past ``num_drafts`` are ignored; an
+            id outside ``[0, V)`` is rejected and its position draws from the target).
         draft_probs: float32 ``[B, k, V]`` draft distributions ``q`` (processed like the
             request's sampling), or None for a one-hot ``q`` at each draft id.
         target_probs: float32 ``[B, k+1, V]`` target distributions ``p`` (processed the same
@@ -191,8 +196,11 @@ def rejection_sample(
         hit = (rejected & in_vocab[rows, a_draft]).to(p_a.dtype)[:, None]
         q_a = torch.zeros_like(p_a).scatter_(1, idx[rows, a_draft][:, None], hit)
     else:
-        # where, not a product: padding rows of draft_probs may hold anything (inf, NaN)
-        q_a = torch.where(rejected[:, None], draft_probs[rows, a_draft], 0.0)
+        # where, not a product: padding rows of draft_probs may hold anything (inf, NaN). An
+        # out-of-vocabulary draft was never drawn from q: its rejection is certain and says
+        # nothing about q, so the token there follows p itself (residual against q = 0).
+        use_q = rejected & in_vocab[rows, a_draft]
+        q_a = torch.where(use_q[:, None], draft_probs[rows, a_draft], 0.0)
     residual = (p_a - q_a).clamp_min(0.0)
     use_residual = residual.amax(dim=1) > 0
     weights = torch.where(use_residual[:, None], residual, p_a)
