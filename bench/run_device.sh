@@ -28,7 +28,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   # kernel tests that run natively when CUDA is present (interpreted on the CPU in CI)
   python3 -m pytest "$REPO/tests/kernels/test_triton_norm.py" \
     "$REPO/tests/kernels/test_triton_sampling.py" "$REPO/tests/kernels/test_triton_rejection.py" \
-    "$REPO/tests/kernels/test_triton_gemv.py" \
+    "$REPO/tests/kernels/test_triton_gemv.py" "$REPO/tests/unit/test_plugin_faults_rejection.py" \
     -q -p no:cacheprovider -o addopts="" 2>&1 | tail -5 | tee -a "$OUT/gpu_tests.txt"
   layerzero-serve doctor > "$OUT/doctor.txt" 2>&1
   layerzero-serve doctor --json > "$OUT/doctor.json" 2>/dev/null
