@@ -89,11 +89,24 @@ def decode_run(eng: Engine, batch: int, context: int, tokens: int) -> dict:
     }
 
 
+def set_async(eng: Engine, on: bool) -> None:
+    """Async scheduling on or off in a built engine (its execution strategy)."""
+    from layerzero_serve._step_execution import SyncExecution
+
+    if not hasattr(eng, "_launch_ahead"):
+        eng._launch_ahead = eng._async  # the strategy built at start-up (None: graphs off)
+    ahead = eng._launch_ahead if on else None
+    if hasattr(eng, "_set_execution"):
+        eng._set_execution(ahead or SyncExecution(eng.runner, eng.scheduler))
+    else:  # engines before the step-loop redesign
+        eng._async = ahead
+
+
 def host_time_per_step(eng: Engine, batch: int, steps: int = 50) -> dict:
     """Host work per step (schedule + prepare + sample + update) with the GPU synchronised
     around the forward, so device time is excluded (async scheduling off: its phases overlap
     the device's)."""
-    saved, eng._async = eng._async, None
+    set_async(eng, False)
     eng.runner.timings.sync = True
     params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
     for i in range(batch):
@@ -107,7 +120,7 @@ def host_time_per_step(eng: Engine, batch: int, steps: int = 50) -> dict:
         eng.step()
     after = tm.as_dict()
     eng.runner.timings.sync = False
-    eng._async = saved
+    set_async(eng, True)
     n = tm.steps - n0
     d = {k: (after[k] - before[k]) / n * 1e6 for k in after}
     return {
@@ -160,16 +173,15 @@ def hf_peer(tokens: int, context: int) -> dict:
 def async_ab(eng: Engine, res: dict, tokens: int) -> None:
     """A/B in this run: async scheduling on vs off, alternating so that drift does not favour
     either; ``res["async_ab_batch*"]`` (ms per step)."""
-    saved = eng._async
     modes = ("async", "sync", "sync", "async")
     for batch, ctx, steps in ((1, 128, tokens), (64, 2048, 48)):
         key = f"async_ab_batch{batch}_ctx{ctx}"
         for mode in modes:
-            eng._async = saved if mode == "async" else None
+            set_async(eng, mode == "async")
             ms = decode_run(eng, batch, ctx, steps)["step_ms"]
             res.setdefault(key, {}).setdefault(mode, []).append(ms)
         print(f"batch {batch} ctx {ctx} async A/B ms/step:", res[key])
-    eng._async = saved
+    set_async(eng, True)
 
 
 def main() -> None:

@@ -34,7 +34,15 @@ def main() -> None:
     sel = Selector(backends=avail)  # the real registry, every backend "available"
     shape = ModelShape("bfloat16", 128, 32, 8, 128256)
     dev = FAKE_DEVICES["h100"]
-    ctx = base_context(Op.ATTN_DECODE, dev, shape, 16, 64, 1, True)
+    ctx = base_context(
+        Op.ATTN_DECODE,
+        device=dev,
+        shape=shape,
+        block_size=16,
+        batch_bucket=64,
+        q_len=1,
+        graph_mode=True,
+    )
     sel.select(ctx.op, ctx)
     n = 100_000
     laps = []
@@ -46,7 +54,15 @@ def main() -> None:
     cached = statistics.median(laps)
     cold = []
     for b in range(1, 2001):  # distinct contexts: each is a cold decision
-        c = base_context(Op.ATTN_DECODE, dev, shape, 16, b, 1, True)
+        c = base_context(
+            Op.ATTN_DECODE,
+            device=dev,
+            shape=shape,
+            block_size=16,
+            batch_bucket=b,
+            q_len=1,
+            graph_mode=True,
+        )
         t0 = time.perf_counter()
         sel.select(c.op, c)
         cold.append(time.perf_counter() - t0)

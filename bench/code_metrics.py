@@ -28,15 +28,27 @@ MUTATORS = {"append", "extend", "clear", "pop", "insert", "remove", "add", "upda
 
 
 def _request_fields(root: Path) -> list[str]:
-    tree = ast.parse((root / "layerzero_serve" / "types.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Request":
-            return [
-                n.target.id
-                for n in node.body
-                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
-            ]
-    return []
+    """The per-request fields: ``Request``'s annotated fields in ``types.py`` (before the
+    redesign), or ``RequestDescription``'s fields plus ``Request.__slots__`` in ``request.py``."""
+    fields: list[str] = []
+    for rel in ("layerzero_serve/types.py", "layerzero_serve/request.py"):
+        path = root / rel
+        if not path.exists():
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            if node.name in ("Request", "RequestDescription"):
+                for n in node.body:
+                    if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name):
+                        fields.append(n.target.id)
+                    elif (
+                        isinstance(n, ast.Assign)
+                        and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in n.targets)
+                        and isinstance(n.value, ast.Tuple)
+                    ):
+                        fields.extend(e.value for e in n.value.elts if isinstance(e, ast.Constant))
+    return [f for f in dict.fromkeys(fields) if f != "desc"]
 
 
 def _written_attr(node: ast.AST) -> str | None:
@@ -69,7 +81,7 @@ def field_writers(root: Path) -> dict[str, list[str]]:
             for t in targets:
                 for sub in t.elts if isinstance(t, ast.Tuple) else [t]:
                     attr = _written_attr(sub)
-                    if attr in fields and not (rel.endswith("types.py")):
+                    if attr in fields and not rel.endswith(("types.py", "request.py")):
                         places[attr].add(f"{rel}:{node.lineno}")
     return {f: sorted(places.get(f, ())) for f in sorted(fields)}
 

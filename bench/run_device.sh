@@ -2,7 +2,9 @@
 # One device call: unpack the GPU bundle, install the package (regular install: the device
 # image's setuptools does not map package-dir folders in editable mode), run the gpu-marked
 # tests, doctor, and the GPU benchmarks, writing everything under $OUT.
-#   bash bench/run_device.sh [tests|kernels|bench|sampling|spec|all]
+#   bash bench/run_device.sh [tests|kernels|bench|sampling|spec|all|ab]
+# "ab": .device/before.tar.gz (git archive of the commit to compare with) and this checkout are
+# installed side by side and timed alternately (bench/commit_ab_gpu.py, AB_ROUNDS rounds).
 # "tests" (~4 min) and "bench" (~5 min) each fit one 10-minute device call; "all" runs both.
 set -uo pipefail
 what=${1:-all}
@@ -22,6 +24,15 @@ cd /tmp  # import the installed package, not the checkout (never run Python from
 REPO=$OLDPWD
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" \
   | tee "$OUT/versions.txt"
+if [ "$what" = ab ]; then  # before/after A/B of two commits in one run
+  mkdir -p /root/ab/before_src && tar xzf "$REPO/.device/before.tar.gz" -C /root/ab/before_src
+  (cd /root/ab/before_src && python3 -m pip install -q --no-deps --no-build-isolation \
+    --target /root/ab/before .) > "$OUT/pip_ab.log" 2>&1
+  (cd "$REPO" && python3 -m pip install -q --no-deps --no-build-isolation \
+    --target /root/ab/after .) >> "$OUT/pip_ab.log" 2>&1
+  python3 "$REPO/bench/commit_ab_gpu.py" --site before=/root/ab/before --site after=/root/ab/after \
+    --rounds "${AB_ROUNDS:-2}" --out "$OUT" 2>&1 | grep -v "^INFO" | tail -20 | tee "$OUT/ab.txt"
+fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   python3 -m pytest "$REPO/tests" -m gpu -q -p no:cacheprovider \
     -o addopts="" 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"

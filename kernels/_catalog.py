@@ -19,7 +19,6 @@ ADAPTER_MODULES = (
     "layerzero_serve.kernels._xformers_backend",
     "layerzero_serve.kernels._triton.rejection_sampling",
     "layerzero_serve.kernels._flashinfer_rejection",
-    "layerzero_serve.spec_decode._rejection",
 )
 
 

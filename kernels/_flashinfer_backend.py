@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from layerzero_serve.kernels import torch_ref
+from layerzero_serve.kernels.block_layout import build_positions
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
-from layerzero_serve.kv_cache._storage import build_positions
 
 _WORKSPACE_BYTES = 256 << 20
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}

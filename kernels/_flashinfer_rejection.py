@@ -2,9 +2,10 @@
 
 FlashInfer's fused kernel verifies a chain of ``k`` drafts per row against ``k + 1`` target
 distributions, but it knows neither per-row draft counts, greedy rows, out-of-vocabulary ids nor
-one-hot (``draft_probs=None``) drafts. This adapter maps the project's contract (the torch
-reference ``layerzero_serve.spec_decode._rejection.rejection_sample``, same arguments and
-outputs) onto it without changing the law of the emitted tokens:
+one-hot (``draft_probs=None``) drafts. This adapter maps the project's contract
+(:mod:`layerzero_serve.kernels.rejection_api`; the torch reference
+``layerzero_serve.kernels.torch_ref.rejection_sample`` has the same arguments and outputs) onto
+it without changing the law of the emitted tokens:
 
 * **Fewer drafts than k.** A row's drafts end at ``n = num_drafts`` or at its first
   out-of-vocabulary id, whichever comes first. Position ``n`` is given the draft id 0 with a
@@ -30,7 +31,9 @@ from collections.abc import Callable
 
 import torch
 
+from layerzero_serve.kernels.rejection_api import check_rejection_inputs, emitted_ids
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
+from layerzero_serve.kernels.torch_ref import rejection_sample
 
 __all__ = ["SPECS", "FlashInferRejectionSampler", "chain_inputs", "chain_rejection_sample"]
 
@@ -44,7 +47,7 @@ def chain_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The equal-length chain FlashInfer verifies (see the module docstring).
 
-    Args: as :func:`layerzero_serve.spec_decode.rejection_sample` (``k >= 1``).
+    Args: as :func:`layerzero_serve.kernels.torch_ref.rejection_sample` (``k >= 1``).
 
     Returns:
         ``(ids, q, p, n)``: int32 ``[B, k]`` draft ids (0 from each row's end on), float32
@@ -98,15 +101,10 @@ def chain_rejection_sample(
     """Verify drafts through ``chain`` (``flashinfer.sampling.chain_speculative_sampling`` or a
     function with its signature and law).
 
-    Args and returns: as :func:`layerzero_serve.spec_decode.rejection_sample`; ``uniforms`` and
-    ``noise`` only seed ``chain``'s own random stream. CUDA-graph safe when ``chain`` is.
+    Args and returns: as :func:`layerzero_serve.kernels.torch_ref.rejection_sample`;
+    ``uniforms`` and ``noise`` only seed ``chain``'s own random stream. CUDA-graph safe when
+    ``chain`` is.
     """
-    from layerzero_serve.spec_decode._rejection import (
-        check_rejection_inputs,
-        emitted_ids,
-        rejection_sample,
-    )
-
     b, k, _ = check_rejection_inputs(
         draft_ids, draft_probs, target_probs, uniforms, noise, num_drafts, is_greedy
     )

@@ -117,4 +117,14 @@ SPECS = [
     KernelSpec(
         "torch.swiglu", Op.SWIGLU, "torch", graph_safe=True, device_types=ANY_DEVICE, factory=_none
     ),
+    KernelSpec(
+        "torch.rejection_sampling",
+        Op.REJECTION_SAMPLING,
+        "torch",
+        priority=0,
+        graph_safe=True,
+        device_types=ANY_DEVICE,
+        factory=torch_ref.TorchRejectionSampler,
+        doc="kernels/torch_ref.py: vectorised gathers, no host sync",
+    ),
 ]

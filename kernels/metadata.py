@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from layerzero_serve.errors import ValidationError
+from layerzero_serve.kernels.block_layout import build_slot_mapping
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -80,9 +83,6 @@ class AttentionMetadata:
         Returns: metadata whose slot mapping writes sequence i's tokens at positions
         ``seq_lens[i] - query_lens[i] .. seq_lens[i] - 1``. Host work; not graph-captured.
         """
-        from layerzero_serve.errors import ValidationError
-        from layerzero_serve.kv_cache._storage import build_slot_mapping
-
         q = np.asarray(query_lens, dtype=np.int64).reshape(-1)
         n = np.asarray(seq_lens, dtype=np.int64).reshape(-1)
         table = np.asarray(block_tables, dtype=np.int32)

@@ -3,7 +3,7 @@
 Correctness over speed. Every function runs on any device torch supports (CPU or CUDA) and
 computes attention in ``compute_dtype`` (float32 by default) whatever the storage dtype.
 
-KV cache layout per layer (see ``layerzero_serve.kv_cache._storage``):
+KV cache layout per layer (see ``layerzero_serve.kernels.block_layout``):
 ``kv_cache[num_blocks, 2, block_size, num_kv_heads, head_dim]`` with K at index 0 of dim 1 and V
 at index 1. A slot is ``block_id * block_size + offset``; slot ``-1`` (any negative slot) means
 "write nothing" (padding rows).
@@ -18,6 +18,9 @@ CUDA-graph safety (no host sync, no data-dependent shapes, device work only):
   metadata, so a captured graph would bake in one batch's shapes.
 * :func:`dense_causal_attention` -- safe for fixed shapes (nothing reads device values on the
   host), but it is meant for tests, not for the serving path.
+* :func:`rejection_sample` (lossless speculative verification, the rule every
+  ``Op.REJECTION_SAMPLING`` kernel follows) and :class:`TorchRejectionSampler`, its catalog
+  adapter -- safe: no host sync, shapes fixed by the inputs.
 """
 
 from __future__ import annotations
@@ -25,8 +28,17 @@ from __future__ import annotations
 import torch
 
 from layerzero_serve.kernels.metadata import AttentionMetadata
+from layerzero_serve.kernels.rejection_api import check_rejection_inputs, emitted_ids
+from layerzero_serve.kernels.spec import KernelContext
 
-__all__ = ["dense_causal_attention", "paged_attention", "paged_decode", "write_kv"]
+__all__ = [
+    "TorchRejectionSampler",
+    "dense_causal_attention",
+    "paged_attention",
+    "paged_decode",
+    "rejection_sample",
+    "write_kv",
+]
 
 
 def _check_heads(num_q_heads: int, num_kv_heads: int) -> int:
@@ -303,3 +315,101 @@ def dense_causal_attention(
     allowed = k_pos[None, :] <= q_pos[:, None]
     out = _attend(query[None], key[None], value[None], allowed[None], scale, compute_dtype)
     return out[0].to(query.dtype)
+
+
+# ---- speculative verification (Op.REJECTION_SAMPLING) ---------------------------------------
+def rejection_sample(
+    draft_ids: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    uniforms: torch.Tensor,
+    noise: torch.Tensor,
+    num_drafts: torch.Tensor,
+    is_greedy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verify ``k`` draft tokens per request against the target model's distributions in one
+    batched, host-sync-free pass: the torch reference of lossless speculative sampling (the rule,
+    which every ``Op.REJECTION_SAMPLING`` kernel follows, is in
+    :mod:`layerzero_serve.kernels.rejection_api`).
+
+    Args:
+        draft_ids: int64 ``[B, k]`` proposed ids (positions past ``num_drafts`` are ignored; an
+            id outside ``[0, V)`` is rejected and its position draws from the target).
+        draft_probs: float32 ``[B, k, V]`` draft distributions ``q`` (processed like the
+            request's sampling), or None for a one-hot ``q`` at each draft id.
+        target_probs: float32 ``[B, k+1, V]`` target distributions ``p`` (processed the same
+            way); position ``j`` is the distribution of the token after draft ``j-1``.
+        uniforms: float32 ``[B, k]`` in [0, 1), one per draft position.
+        noise: float32 ``[B, V]``, ``1 / Exp(1)`` samples, positive and finite.
+        num_drafts: int32 ``[B]`` drafts per row (clamped to ``[0, k]``).
+        is_greedy: bool ``[B]`` rows verified greedily, or None (no greedy row).
+
+    Returns:
+        ``(output_ids, num_accepted)``: int64 ``[B, k+1]`` accepted drafts then the recovered or
+        bonus token, padded with -1; int32 ``[B]`` accepted drafts per row. All tensors on
+        ``target_probs.device``.
+
+    CUDA graphs: safe to capture: no host sync, shapes fixed by the inputs.
+    """
+    b, k, v = check_rejection_inputs(
+        draft_ids, draft_probs, target_probs, uniforms, noise, num_drafts, is_greedy
+    )
+    device = target_probs.device
+    rows = torch.arange(b, device=device)
+    pos = torch.arange(k, device=device)
+    n = num_drafts.to(torch.long).clamp(0, k)
+    in_vocab = (draft_ids >= 0) & (draft_ids < v)
+    valid = in_vocab & (pos < n[:, None])
+    idx = draft_ids.clamp(0, v - 1)  # safe to gather; `valid` forces rejection where clamped
+
+    p_x = target_probs[:, :k].gather(2, idx[..., None]).squeeze(2)
+    if draft_probs is None:
+        q_x = torch.ones_like(p_x)
+    else:
+        q_x = draft_probs.gather(2, idx[..., None]).squeeze(2)
+    accept = uniforms * q_x < p_x
+    if is_greedy is not None:
+        greedy_accept = idx == target_probs[:, :k].argmax(dim=2)
+        accept = torch.where(is_greedy[:, None], greedy_accept, accept)
+    accept &= valid
+    # Length of the accepted prefix: drafts after the first rejection do not count.
+    num_acc = accept.to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
+
+    # One draw per row at position a = num_acc: the residual after a rejection, else p (bonus).
+    a = num_acc.to(torch.long)
+    rejected = a < n
+    p_a = target_probs[rows, a]
+    a_draft = a.clamp(max=max(k - 1, 0))
+    if k == 0:
+        q_a = torch.zeros_like(p_a)
+    elif draft_probs is None:  # one-hot at the rejected id (when it was a real id)
+        hit = (rejected & in_vocab[rows, a_draft]).to(p_a.dtype)[:, None]
+        q_a = torch.zeros_like(p_a).scatter_(1, idx[rows, a_draft][:, None], hit)
+    else:
+        # where, not a product: padding rows of draft_probs may hold anything (inf, NaN). An
+        # out-of-vocabulary draft was never drawn from q: its rejection is certain and says
+        # nothing about q, so the token there follows p itself (residual against q = 0).
+        use_q = rejected & in_vocab[rows, a_draft]
+        q_a = torch.where(use_q[:, None], draft_probs[rows, a_draft], 0.0)
+    residual = (p_a - q_a).clamp_min(0.0)
+    use_residual = residual.amax(dim=1) > 0
+    weights = torch.where(use_residual[:, None], residual, p_a)
+    token = (weights * noise).argmax(dim=1)
+    if is_greedy is not None:
+        token = torch.where(is_greedy, p_a.argmax(dim=1), token)
+
+    return emitted_ids(draft_ids, a, token), num_acc
+
+
+class TorchRejectionSampler:
+    """Kernel-catalog adapter of :func:`rejection_sample` (``run`` and ``__call__``); its spec,
+    ``torch.rejection_sampling``, is in the catalog. CUDA graphs: as :func:`rejection_sample`."""
+
+    name = "torch.rejection_sampling"
+
+    def __init__(self, ctx: KernelContext | None = None) -> None:
+        self.ctx = ctx
+
+    # the reference signature, as is (no host work added)
+    run = staticmethod(rejection_sample)
+    __call__ = run

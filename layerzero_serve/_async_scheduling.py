@@ -18,10 +18,11 @@ without async scheduling.
 
 from __future__ import annotations
 
-from layerzero_serve.runner._async_decode import PendingDecode, collect_decode, launch_decode
-from layerzero_serve.sampling._prompt_logprobs import StepTokens
+import time
+
+from layerzero_serve.runner import PendingDecode, collect_decode, launch_decode
 from layerzero_serve.spec_decode.verifier import can_speculate
-from layerzero_serve.types import Request, RequestStatus, SchedulerOutput
+from layerzero_serve.types import Request, RequestStatus, SchedulerOutput, StepTokens
 
 __all__ = ["AsyncScheduling"]
 
@@ -35,6 +36,7 @@ class AsyncScheduling:
         self.ahead: tuple[SchedulerOutput, PendingDecode] | None = None
         self._stateful: set[str] = set()  # running requests whose sampling keeps state
         self.steps_ahead = 0  # steps launched before the previous one's tokens were read
+        self.launches_ahead = True
 
     def add(self, request: Request) -> None:
         if not can_speculate(request.sampling_params):  # the same "stateless" test
@@ -49,21 +51,47 @@ class AsyncScheduling:
             return None
         return launch_decode(self.runner, out) if out.is_pure_decode() else None
 
-    def launch_next(self, pending: PendingDecode, spec=None) -> None:
+    def launch_next(self, pending: PendingDecode, hooks=None) -> None:
         """Put the step after ``pending`` on the device when it is the plain continuation
         (with speculation configured: when its ``k`` is decided 0 now, see
-        ``SpecCoordinator.next_is_plain``)."""
+        ``SpeculationHooks.next_is_plain``)."""
         nxt = self.scheduler.schedule_next_decode(pending.out)
         if nxt is None:
             return
-        if spec is not None and not spec.next_is_plain(len(nxt.requests)):
-            # not launched: a copy-on-write it scheduled goes to the next schedule instead
-            self.scheduler.kv.pending_copies[:0] = nxt.blocks_to_copy
+        if hooks is not None and not hooks.next_is_plain(len(nxt.requests)):
+            self.scheduler.unschedule(nxt)  # not launched
             return
         ahead = launch_decode(self.runner, nxt, prev=pending)
         if ahead is not None:
             self.ahead = (nxt, ahead)
             self.steps_ahead += 1
+
+    # ---- the step loop's execution strategy (see _step_execution) ---------------------------
+    def take_launched(self, hooks) -> tuple[SchedulerOutput, StepTokens] | None:
+        """The step launched by the previous call, with its tokens; the one after it is
+        launched first (when it continues plainly). None when no step is in flight, or the
+        one in flight was stale (dropped, with ``hooks.drop_step()``)."""
+        if self.ahead is None:
+            return None
+        if self.take_stale():
+            hooks.drop_step()  # its shadow drafts go with it
+            return None
+        out, pending = self.ahead
+        self.ahead = None
+        t0 = time.perf_counter()
+        self.launch_next(pending, hooks)
+        self.runner.timings.schedule += time.perf_counter() - t0
+        return out, self.collect(pending)
+
+    def run(self, out: SchedulerOutput, hooks, stateful_pending: bool) -> StepTokens:
+        """Run ``out``: launched without waiting when it is a plain decode step (and the next
+        step launched before its tokens are read), else synchronously."""
+        pending = None if hooks.last_k else self.launch(out, stateful_pending)
+        hooks.during_step(self.scheduler)
+        if pending is None:
+            return self.runner.execute(out) if out.requests else StepTokens()
+        self.launch_next(pending, hooks)  # step N+1 on the device before N's tokens
+        return self.collect(pending)
 
     def collect(self, pending: PendingDecode) -> StepTokens:
         return collect_decode(self.runner, pending)

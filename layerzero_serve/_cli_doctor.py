@@ -24,7 +24,7 @@ _GiB = 1 << 30
 
 
 def _device(args: argparse.Namespace):
-    from layerzero_serve.selection._device import FAKE_DEVICES, probe_device
+    from layerzero_serve.selection import FAKE_DEVICES, probe_device
 
     if args.fake_device:
         return FAKE_DEVICES[args.fake_device]
@@ -33,15 +33,14 @@ def _device(args: argparse.Namespace):
 
 def _selector(args: argparse.Namespace, dev):
     """The process-wide selector, or for a fake device one that decides as that device would."""
-    from layerzero_serve.selection import get_selector
-    from layerzero_serve.selection._report import selector_for
+    from layerzero_serve.selection import get_selector, selector_for
 
     return selector_for(dev) if args.fake_device else get_selector()
 
 
 def _backends(args: argparse.Namespace, dev):
-    from layerzero_serve.kernels._backends import probe_all
-    from layerzero_serve.selection._device import backends_on
+    from layerzero_serve.kernels.registry import probe_all
+    from layerzero_serve.selection import backends_on
 
     return backends_on(dev) if args.fake_device else probe_all()
 
@@ -84,7 +83,7 @@ def _shape(model: str, dtype: str | None, device_type: str):
 
 
 def _host() -> dict:
-    from layerzero_serve.selection._device import cpu_name, host_memory
+    from layerzero_serve.selection import cpu_name, host_memory
 
     avail, total = host_memory()
     cores = os.cpu_count() or 0
@@ -188,7 +187,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     dev = _device(args)
     shape = _shape(args.model, args.dtype, dev.type)
-    ctx = base_context(Op(args.op), dev, shape, args.block_size, args.batch, args.q_len, args.graph)
+    ctx = base_context(
+        Op(args.op),
+        device=dev,
+        shape=shape,
+        block_size=args.block_size,
+        batch_bucket=args.batch,
+        q_len=args.q_len,
+        graph_mode=args.graph,
+    )
     rep = explain(ctx, _selector(args, dev))
     if args.json:
         print(rep.to_json())
@@ -200,7 +207,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    from layerzero_serve.selection._device import FAKE_DEVICES
+    from layerzero_serve.selection import FAKE_DEVICES
 
     p.add_argument(
         "--fake-device",

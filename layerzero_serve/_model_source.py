@@ -21,7 +21,7 @@ from layerzero_serve._models.dummy import dummy_config
 from layerzero_serve._models.paths import check_model_dir
 from layerzero_serve.config import DEFAULT_MODEL, EngineConfig, ResolvedConfig, resolve
 from layerzero_serve.errors import InsufficientMemoryError, ModelPathError, UnsupportedModelError
-from layerzero_serve.selection import _device
+from layerzero_serve.selection import available_memory
 
 __all__ = [
     "InsufficientMemoryError",
@@ -70,7 +70,7 @@ def check_weights_fit(name: str, mc: ModelConfig, dtype: torch.dtype, device: to
     """Raise :class:`InsufficientMemoryError` when the weights of ``mc`` in ``dtype`` exceed the
     memory available on ``device`` (host RAM for a CPU, free memory for a GPU). The KV cache and
     activations come on top; they are sized afterwards from what is left. Host only."""
-    got = _device.available_memory(device)
+    got = available_memory(device)
     if got is None:
         return
     available, source = got

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from layerzero_serve.errors import ValidationError, check_int
-from layerzero_serve.kv_cache._block_pool import MAX_NUM_BLOCKS
-from layerzero_serve.kv_cache._hashing import HASH_ALGORITHMS
-from layerzero_serve.runner._cpu_threads import MAX_CPU_THREADS
-from layerzero_serve.scheduler._config import check_admission
-from layerzero_serve.spec_decode._proposer import Proposer
+from layerzero_serve.kv_cache import HASH_ALGORITHMS, MAX_NUM_BLOCKS
+from layerzero_serve.runner import MAX_CPU_THREADS
+from layerzero_serve.scheduler import check_admission
+from layerzero_serve.spec_decode import Proposer
 
 logger = logging.getLogger("layerzero_serve")
 

@@ -9,29 +9,34 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from layerzero_serve._async_scheduling import AsyncScheduling
 from layerzero_serve._model_source import LoadedModel, load_model_source
+from layerzero_serve._step_execution import SyncExecution
 from layerzero_serve.config import EngineConfig, engine_config_of, kv_budget_bytes
 from layerzero_serve.errors import RequestRejectedError, ValidationError, check_int
 from layerzero_serve.kernels.spec import Op
 from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
-from layerzero_serve.runner._cpu_threads import choose_cpu_threads
-from layerzero_serve.runner._memory import measure_graph_memory
-from layerzero_serve.runner._model_runner import ModelRunner, optimize_model
+from layerzero_serve.runner import (
+    ModelRunner,
+    choose_cpu_threads,
+    measure_graph_memory,
+    prepare_model,
+)
 from layerzero_serve.sampling import Sampler, SamplingParams
-from layerzero_serve.sampling._prompt_logprobs import StepTokens
 from layerzero_serve.scheduler import Scheduler, SchedulerConfig
-from layerzero_serve.selection._device import probe_device
-from layerzero_serve.selection.plans import ModelShape, base_context, batch_buckets
-from layerzero_serve.spec_decode._coordinator import SpecCoordinator
+from layerzero_serve.selection import get_selector, probe_device
+from layerzero_serve.selection.plans import base_context, batch_buckets
+from layerzero_serve.spec_decode import SpecCoordinator
+from layerzero_serve.spec_decode.step_hooks import NoSpeculation, SpeculationHooks
 from layerzero_serve.types import (
     Request,
     RequestOutput,
     RequestStatus,
     SchedulerOutput,
+    StepTokens,
     TokenLogprob,
 )
 
@@ -79,6 +84,12 @@ def _scheduler_config(cfg: EngineConfig, max_model_len: int, speculating: bool):
     )
 
 
+def _sibling_seed(seed: int | None, k: int, n: int) -> int | None:
+    """The seed of sample ``k`` of an ``n``-sample request seeded with ``seed`` (n > 1 siblings
+    draw distinct streams); None when the params' seed applies as it is."""
+    return None if seed is None or n == 1 else (seed + k * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
 def _freeze_startup_objects() -> None:
     """Start-up objects (weights' Python wrappers, the block pool) never die: keep the cyclic
     collector off them so its passes stay short on the hot path."""
@@ -112,20 +123,11 @@ class Engine:
         self.model_config = mc = loaded.config
         self.model_dir: Path | None = loaded.path
         self.resolved = loaded.resolved
-        device, dtype = loaded.resolved.device, loaded.resolved.dtype
+        device = loaded.resolved.device
         if device.type == "cpu":
             choose_cpu_threads(mc.hidden_size, cfg.cpu_threads)
-        spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.block_size, dtype)
-        shape = ModelShape(
-            str(dtype).removeprefix("torch."),
-            mc.head_dim,
-            mc.num_heads,
-            mc.num_kv_heads,
-            mc.vocab_size,
-        )
+        shape, spec = prepare_model(loaded, cfg.block_size, cfg.max_num_seqs)
         use_graphs = device.type == "cuda" and not cfg.enforce_eager
-        if device.type == "cuda":
-            optimize_model(loaded.model, shape, device, cfg.block_size, cfg.max_num_seqs)
         buckets = batch_buckets(cfg.max_graph_batch or min(cfg.max_num_seqs, 256))
         max_len = loaded.resolved.max_model_len
         kv_cache = _kv_pool(cfg, loaded, spec, shape, buckets[-1] if use_graphs else 0)
@@ -134,31 +136,47 @@ class Engine:
         )
         speculating = cfg.speculative_method is not None
         self.scheduler = Scheduler(_scheduler_config(cfg, max_len, speculating), self.kv_manager)
+        sampler = Sampler(seed=cfg.seed, max_num_seqs=cfg.max_num_seqs)
+        selector = get_selector()
+        # verification graphs (and a draft model's decode graphs) stop at a smaller batch
+        small = [b for b in buckets if b <= MAX_VERIFY_GRAPH_BATCH] or buckets[:1]
+        self.spec = (
+            self._speculation(
+                cfg, loaded, shape, kv_cache, selector, sampler, small if use_graphs else None
+            )
+            if speculating
+            else None
+        )
+        # the runner's collaborators, all given here (none is assigned from outside later)
         self.runner = ModelRunner(
             loaded.model,
             shape,
             kv_cache,
-            Sampler(seed=cfg.seed, max_num_seqs=cfg.max_num_seqs),
+            sampler,
             device,
             cfg.max_num_seqs,
-        )
-        # verification graphs (and a draft model's decode graphs) stop at a smaller batch
-        small = [b for b in buckets if b <= MAX_VERIFY_GRAPH_BATCH] or buckets[:1]
-        self.spec = (
-            self._speculation(cfg, loaded, shape, kv_cache, small if use_graphs else None)
-            if speculating
-            else None
+            selector=selector,
+            verifier=None if self.spec is None else self.spec.verifier,
         )
         self._setup_graphs(buckets, small, min(max_len, self.scheduler.max_seq_len), use_graphs)
+        self._speculation = NoSpeculation() if self.spec is None else SpeculationHooks(self.spec)
+
         eos_ids = list(mc.eos_token_ids)
         self.eos_token_id: int | None = eos_ids[0] if eos_ids else None
-        self._extra_stop_ids = frozenset(eos_ids[1:])
         self._eos_ids = tuple(eos_ids)
         self._ids = itertools.count()
         self._children: dict[str, list[str]] = {}
         # prompt logprobs collected over prefill chunks, until the first output token
         self._prompt_lp: dict[str, list[TokenLogprob | None]] = {}
         self.num_generated_tokens = 0
+        # Components holding per-request state register how to forget a request; its end
+        # (reported by the scheduler's update) runs them all. Only other objects' methods: a
+        # bound method of the engine here would make a cycle that gc.freeze() below keeps
+        # alive, with the whole KV pool.
+        self._releases: list[Callable[[str], None]] = [self.runner.sampler.release]
+        if self.spec is not None:
+            self._releases.append(self.spec.release)
+        self._releases.append(self._execution.release)
         _freeze_startup_objects()
 
     def _setup_graphs(
@@ -168,7 +186,7 @@ class Engine:
         graphs, the verification graphs (k + 1 tokens per row, ``small`` buckets) and async
         scheduling (decode steps through the graphs without drafts)."""
         self.runner.set_decode_buckets(buckets, graph_len)
-        self._async = None
+        self._execution = SyncExecution(self.runner, self.scheduler)
         if not use_graphs:
             return
         cfg = self.config
@@ -176,34 +194,47 @@ class Engine:
         if self.spec is not None:
             self.runner.enable_verify_graphs(small, graph_len, cfg.num_speculative_tokens + 1)
         if cfg.async_scheduling:
-            self._async = AsyncScheduling(self.runner, self.scheduler)
+            self._execution = AsyncScheduling(self.runner, self.scheduler)
 
     def _speculation(
-        self, cfg, loaded: LoadedModel, shape, kv_cache, graph_buckets
+        self, cfg, loaded: LoadedModel, shape, kv_cache, selector, sampler, graph_buckets
     ) -> SpecCoordinator:
         """Proposer, verifier (its kernel selected once for the plan), metrics and adaptive k;
-        the runner verifies through it. ``graph_buckets``: a draft model's CUDA-graph buckets
-        (None: eager)."""
+        the runner is built with its verifier. ``graph_buckets``: a draft model's CUDA-graph
+        buckets (None: eager)."""
         ctx = base_context(
             Op.REJECTION_SAMPLING,
-            probe_device(loaded.resolved.device),
-            shape,
-            cfg.block_size,
-            cfg.max_num_seqs,
-            cfg.num_speculative_tokens + 1,
-            False,
+            device=probe_device(loaded.resolved.device),
+            shape=shape,
+            block_size=cfg.block_size,
+            batch_bucket=cfg.max_num_seqs,
+            q_len=cfg.num_speculative_tokens + 1,
+            graph_mode=False,
         )
-        spec = SpecCoordinator.from_config(
+        return SpecCoordinator.from_config(
             cfg,
-            self.runner.selector,
+            selector,
             ctx,
             loaded.resolved,
             kv_cache.num_blocks,
-            seeds_of=self.runner.sampler.seeds_of,
+            seeds_of=sampler.seeds_of,
             graph_buckets=graph_buckets,
         )
-        self.runner.spec_verifier = spec.verifier
-        return spec
+
+    @property
+    def _async(self) -> AsyncScheduling | None:
+        """The async-scheduling strategy when steps launch ahead, else None (host only)."""
+        ex = self._execution
+        return ex if isinstance(ex, AsyncScheduling) else None
+
+    def _set_execution(self, execution) -> None:
+        """Swap the step-execution strategy (``SyncExecution`` or ``AsyncScheduling``): tests
+        run async scheduling on a CPU engine, benchmarks compare both. Host only; call between
+        steps with no step in flight and no request running."""
+        old = self._execution
+        self._releases = [r for r in self._releases if r != old.release]
+        self._execution = execution
+        self._releases.append(execution.release)
 
     # ---- requests ----------------------------------------------------------------------------
     @property
@@ -288,23 +319,25 @@ class Engine:
                 prompt_token_ids=ids,
                 max_tokens=params.max_tokens,
                 eos_token_id=self.eos_token_id,
-                # ignore_eos covers every EOS id of the model (its generation config may list
-                # several), as in HF/vLLM; explicit stop_token_ids still stop.
-                stop_token_ids=frozenset(params.stop_token_ids)
-                | (frozenset() if params.ignore_eos else self._extra_stop_ids),
+                eos_token_ids=self._eos_ids,  # the model's generation config may list several
+                stop_token_ids=params.stop_token_ids,
                 ignore_eos=params.ignore_eos,
                 priority=priority,
                 cache_salt=salt,
                 sampling_params=params,
+                seed=_sibling_seed(params.seed, k, params.n),
             )
-            if params.seed is not None and params.n > 1:  # siblings draw distinct streams
-                req.seed = (params.seed + k * 0x9E3779B97F4A7C15) % (1 << 63)
             if params.prompt_logprobs is not None:
                 self._prompt_lp[name] = [None] * len(ids)
             self.scheduler.add_request(req)
-            if self._async is not None:
-                self._async.add(req)
+            self._execution.add(req)
         return rid
+
+    def _forget_request(self, name: str) -> None:
+        """The engine's own per-request state: prompt logprobs not yet delivered, and the
+        parent id of an n > 1 request once all its samples have ended."""
+        self._prompt_lp.pop(name, None)
+        self._forget_parent(name)
 
     def _forget_parent(self, name: str) -> None:
         """Once every sample ``rid#k`` of an n > 1 request has ended, ``rid`` is free again."""
@@ -325,67 +358,36 @@ class Engine:
         if not isinstance(request_id, str):
             raise ValidationError("request_id", request_id, "a str")
         names = self._children.pop(request_id, [request_id])
-        done = [self.scheduler.abort(n) for n in names]
-        if self._async is not None:
-            for n in names:
-                self._async.release(n)
-        return any(done)
+        return any([self.scheduler.abort(n) for n in names])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the outputs of every request that got tokens or ended."""
-        if self._async is not None and self._async.ahead is not None:
-            if not self._async.take_stale():
-                return self._step_ahead()
-            if self.spec is not None:
-                self.spec.drop_shadow()  # its shadow drafts go with it
-        tm = self.runner.timings
-        t0 = time.perf_counter()
-        spec = self.spec
-        t_draft = 0.0
-        if spec is not None:  # drafting is part of a speculative step's cost
-            running = self.scheduler.running.items
-            spec.propose(running, len(self.scheduler.running), defer_shadow=self._async is not None)
-            t_draft = time.perf_counter() - t0
-        # speculation off this step (adaptive k = 0): no lookahead slots to reserve
-        out = (
-            self.scheduler.schedule() if spec is None or spec.last_k else self.scheduler.schedule(0)
-        )
-        t1 = time.perf_counter()
-        pending = None
-        if self._async is not None and (spec is None or not spec.last_k):
-            pending = self._async.launch(out, bool(self._prompt_lp))
-        if spec is not None and spec.shadow_due:  # deferred: drafted while the step runs
-            spec.propose_shadow(self.scheduler.running.items)
-        if pending is not None:
-            self._async.launch_next(pending, spec)  # step N+1 on the device before N's tokens
-            tokens = self._async.collect(pending)
-        else:
-            tokens = self.runner.execute(out) if out.requests else StepTokens()
-        t2 = time.perf_counter()
-        self._fail_rows(out, tokens)
-        if spec is not None:
-            self._record_speculation(out, tokens, t2 - t1 + t_draft)
-        tm.schedule += t1 - t0
-        return self._apply(out, tokens, t2)
+        """Run one step; returns the outputs of every request that got tokens or ended.
 
-    def _step_ahead(self) -> list[RequestOutput]:
-        """Async scheduling: the step launched by the previous call; the one after it is
-        launched (when it continues plainly) before this one's tokens are read."""
-        out, pending = self._async.ahead
-        self._async.ahead = None
-        t0 = time.perf_counter()
-        self._async.launch_next(pending, self.spec)
-        t1 = time.perf_counter()
-        tokens = self._async.collect(pending)
-        self.runner.timings.schedule += t1 - t0
+        schedule -> execute -> update. Launching ahead (``_execution``) and speculation
+        (``_speculation``) are strategies plugged in at construction: a step launched by the
+        previous call is collected instead of scheduled, and speculation's hooks draft before
+        the schedule and record after the step."""
+        hooks = self._speculation
+        launched = self._execution.take_launched(hooks)
+        if launched is not None:
+            out, tokens = launched
+            seconds = None  # a launched-ahead step has no time of its own
+        else:
+            t0 = time.perf_counter()
+            drafts = hooks.propose(self.scheduler, defer_shadow=self._execution.launches_ahead)
+            t_draft = time.perf_counter() - t0  # drafting is part of a speculative step's cost
+            out = self.scheduler.schedule(hooks.lookahead(), drafts)
+            t1 = time.perf_counter()
+            tokens = self._execution.run(out, hooks, bool(self._prompt_lp))
+            seconds = time.perf_counter() - t1 + t_draft
+            self.runner.timings.schedule += t1 - t0
         t2 = time.perf_counter()
         self._fail_rows(out, tokens)
-        if self.spec is not None:  # shadow probes only: a launched-ahead step has no own time
-            self._record_speculation(out, tokens, None)
+        hooks.after_step(out, tokens, seconds)
         return self._apply(out, tokens, t2)
 
     def _fail_rows(self, out: SchedulerOutput, tokens: StepTokens) -> None:
@@ -404,42 +406,14 @@ class Engine:
         tm.steps += 1
         if tokens.logprobs or tokens.prompt_logprobs or self._prompt_lp:
             self._attach_logprobs(out, tokens, outputs)
-        spec = self.spec
         for o in outputs:
             self.num_generated_tokens += len(o.new_token_ids)
-            if o.finished:
-                self.runner.sampler.release(o.request_id)
-                if spec is not None:
-                    spec.release(o.request_id)
-                if self._async is not None:
-                    self._async.release(o.request_id)
-                self._prompt_lp.pop(o.request_id, None)
-                self._forget_parent(o.request_id)
-        if spec is not None and spec.shadow_due:  # for the step already on the device
-            spec.propose_shadow(self.scheduler.running.items)
+            if o.finished:  # every component that keeps per-request state registered here
+                for release in self._releases:
+                    release(o.request_id)
+                self._forget_request(o.request_id)  # (not in the list: no engine <-> list cycle)
+        self._speculation.during_step(self.scheduler)  # for the step already on the device
         return outputs
-
-    def _record_speculation(self, out, tokens: StepTokens, seconds: float | None) -> None:
-        """Drafts and accepted drafts of this step's verification rows (before ``update``
-        clears the drafts), and the step's time (``seconds``; None: unknown) when it was a pure
-        decode step."""
-        spec = self.spec
-        spec.score_shadow(out.requests, tokens)
-        if not spec.last_k:  # no drafts this step: only its time, when it was pure decode
-            if seconds is not None and out.num_batched_tokens == len(out.requests):
-                spec.observe_step(len(out.requests), seconds, False)
-            return
-        total = sum(len(r.spec_token_ids) for r in out.requests)
-        if out.num_batched_tokens == len(out.requests) + total:  # no prefill in the step
-            spec.observe_step(len(out.requests), seconds, total > 0)
-        drafts, accepted, ids = [], [], []
-        for row, req in enumerate(out.requests):
-            d = len(req.spec_token_ids)
-            if d and tokens[row]:
-                drafts.append(d)
-                accepted.append(len(tokens[row]) - 1)
-                ids.append(req.request_id)
-        spec.record(drafts, accepted, ids)
 
     def _attach_logprobs(self, out, tokens: StepTokens, outputs: list[RequestOutput]) -> None:
         """Per-token logprobs onto this step's outputs; prompt logprobs collected per position
@@ -485,6 +459,6 @@ class Engine:
             "timings_s": self.runner.timings.as_dict(),
             "steps": self.runner.timings.steps,
             # steps launched before the previous step's tokens were read (async scheduling)
-            "async_steps_ahead": 0 if self._async is None else self._async.steps_ahead,
+            "async_steps_ahead": self._execution.steps_ahead,
             "speculative": None if self.spec is None else self.spec.stats(),
         }

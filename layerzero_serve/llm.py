@@ -13,8 +13,7 @@ from tqdm.auto import tqdm
 
 from layerzero_serve.engine import Engine
 from layerzero_serve.errors import ValidationError
-from layerzero_serve.sampling import SamplingParams
-from layerzero_serve.sampling._validate import token_ids_in_vocab
+from layerzero_serve.sampling import SamplingParams, token_ids_in_vocab
 from layerzero_serve.types import TokenLogprob
 
 logger = logging.getLogger("layerzero_serve")

@@ -1,121 +1,21 @@
-"""Shared vocabulary of the runtime: requests, statuses and the scheduler's per-step output.
+"""Shared vocabulary of the runtime: requests (from ``layerzero_serve.request``), the
+scheduler's per-step output, the runner's per-step tokens, and the per-request outputs.
 
-A leaf module: imports nothing from the rest of the package except errors, so the scheduler,
-the KV cache and the runner can all depend on it.
+A leaf module: imports nothing from the rest of the package but ``errors`` and ``request``, so
+the scheduler, the KV cache and the runner can all depend on it.
 """
 
 from __future__ import annotations
 
-import enum
-import itertools
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from layerzero_serve.errors import ValidationError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from layerzero_serve.sampling._params import SamplingParams
-
-
-class RequestStatus(enum.IntEnum):
-    WAITING = 0
-    RUNNING = 1
-    PREEMPTED = 2
-    FINISHED_STOPPED = 3  # EOS or a stop token
-    FINISHED_LENGTH = 4  # max_tokens or max_model_len reached
-    FINISHED_ABORTED = 5
-    FINISHED_REJECTED = 6  # can never fit: prompt too long for the pool or max_model_len
-    FINISHED_ERROR = 7  # the request's own computation failed (e.g. NaN logits)
-
-    @property
-    def is_finished(self) -> bool:
-        return self >= RequestStatus.FINISHED_STOPPED
-
-
-FINISH_REASONS = {
-    RequestStatus.FINISHED_STOPPED: "stop",
-    RequestStatus.FINISHED_LENGTH: "length",
-    RequestStatus.FINISHED_ABORTED: "abort",
-    RequestStatus.FINISHED_REJECTED: "rejected",
-    RequestStatus.FINISHED_ERROR: "error",
-}
-
-_request_counter = itertools.count()
-
-
-@dataclass(slots=True, eq=False)
-class Request:
-    """One sequence being generated; owned by the scheduler.
-
-    ``all_token_ids`` is the prompt followed by the output. ``num_computed_tokens`` counts the
-    leading tokens whose KV is in the cache; it catches up with ``num_tokens`` through prefill,
-    chunked prefill, prefix hits, recompute after preemption and speculative verification alike.
-
-    CUDA graphs: a host object.
-    """
-
-    request_id: str
-    prompt_token_ids: list[int]
-    max_tokens: int
-    eos_token_id: int | None = None
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
-    priority: int = 0  # lower value = more important (served first, preempted last)
-    cache_salt: str | None = None
-    adapter_id: int | None = None
-    sampling_params: SamplingParams | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
-    # ---- state below is owned by the scheduler / KV cache manager ----
-    arrival_seq: int = field(default_factory=lambda: next(_request_counter))
-    all_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # tokens served from the prefix cache at the last admission
-    status: RequestStatus = RequestStatus.WAITING
-    block_hashes: list = field(default_factory=list)  # hash of each full block, in order
-    num_preemptions: int = 0
-    finish_detail: str = ""
-    spec_token_ids: list[int] = field(default_factory=list)
-    # Owned by the KV cache manager, mirrored here for the scheduler's decode fast path: the
-    # live block table, and how many token slots it may write without asking for more.
-    kv_block_ids: list[int] = field(default_factory=list)
-    kv_capacity: int = 0
-    # Derived at admission by the scheduler so the per-token stop check is two lookups.
-    stop_set: frozenset[int] = frozenset()
-    stop_len: int = 0  # total length (prompt + output) at which the request ends
-    # The sampling seed of this sequence (n > 1 siblings get distinct ones); None = the
-    # params' seed, or one drawn by the sampler when that is None too.
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.all_token_ids:
-            try:
-                self.all_token_ids = list(self.prompt_token_ids)
-            except TypeError:  # not iterable (an int, a 0-d array): name it, as add_request would
-                raise ValidationError(
-                    "prompt_token_ids", self.prompt_token_ids, "a sequence of token ids"
-                ) from None
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.all_token_ids) - len(self.prompt_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[len(self.prompt_token_ids) :]
-
-    @property
-    def finish_reason(self) -> str | None:
-        return FINISH_REASONS.get(self.status)
+from layerzero_serve.request import (  # noqa: F401  (re-exported: the shared vocabulary)
+    FINISH_REASONS,
+    Request,
+    RequestDescription,
+    RequestStatus,
+)
 
 
 @dataclass(slots=True)
@@ -137,7 +37,7 @@ class SchedulerOutput:
 
     Rows list running requests first (decodes and continuing prefills, in queue order), then
     newly admitted ones. Row i computes KV for positions ``starts[i] .. starts[i] +
-    num_scheduled[i] - 1`` of ``requests[i].all_token_ids + spec_token_ids`` and samples when
+    num_scheduled[i] - 1`` of ``requests[i].all_token_ids + drafts[id]`` and samples when
     that reaches the end of the known tokens. ``blocks_to_copy`` holds (src, dst) block pairs
     from copy-on-write forks to copy in the KV tensors before this step's forward.
 
@@ -155,6 +55,9 @@ class SchedulerOutput:
     # the KV manager's ``table_edits`` when the step was scheduled (-1: unknown): lets a runner
     # keep block-table rows from the previous step while only appends happened
     table_edits: int = -1
+    # request id -> the drafts this step verifies after the request's last token (only rows
+    # that verify; what the scheduler kept of the drafts given to ``schedule``)
+    drafts: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -240,3 +143,19 @@ class StepOutputs(Sequence[RequestOutput]):
 
     def __repr__(self) -> str:
         return f"StepOutputs({list(self)!r})"
+
+
+class StepTokens(list):
+    """The runner's result: ``tokens[i]`` are row i's new token ids (a list of lists, as the
+    scheduler's ``update`` takes them), plus per-row extras of the step: ``failed`` (row ->
+    detail; the row's sampling failed and its request must end in error), ``logprobs`` (row ->
+    TokenLogprob of its token) and ``prompt_logprobs`` (row -> [(prompt position,
+    TokenLogprob)])."""
+
+    __slots__ = ("failed", "logprobs", "prompt_logprobs")
+
+    def __init__(self, rows=()) -> None:
+        super().__init__(rows)
+        self.failed: dict[int, str] = {}
+        self.logprobs: dict[int, TokenLogprob] = {}
+        self.prompt_logprobs: dict[int, list[tuple[int, TokenLogprob]]] = {}

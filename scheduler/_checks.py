@@ -9,7 +9,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterable, Sequence
 
-from layerzero_serve.errors import ValidationError, check_int
+from layerzero_serve.errors import ValidationError
 from layerzero_serve.types import Request, SchedulerOutput
 
 # Token ids, token counts and positions are int32 on the device.
@@ -38,36 +38,14 @@ def _token_ids(param: str, ids: object) -> None:
 
 
 def check_request(request: object) -> Request:
-    """A fresh ``types.Request`` whose fields the scheduler and the device tensors can hold:
-    ``request_id`` a str, ``max_tokens`` in ``[1, 2**31 - 1]``, a non-empty prompt of token
-    ids in ``[0, 2**31 - 1]``, ``priority`` in ``[-(2**31 - 1), 2**31 - 1]``, ``eos_token_id``
-    None or a token id, ``stop_token_ids`` token ids, ``ignore_eos`` a bool, ``cache_salt``
-    None or a str, ``adapter_id`` None or an int. Once per request (O(prompt)).
+    """A ``types.Request`` whose prompt ids fit the device's int32 (``[0, 2**31 - 1]``); the
+    other fields of its description (id, max_tokens, priority, EOS and stop ids, salt...)
+    were validated when it was built (``RequestDescription``). Once per request (O(prompt)).
 
     CUDA graphs: host only."""
     if not isinstance(request, Request):
         raise ValidationError("request", type(request).__name__, "a layerzero_serve.types.Request")
-    check_request_id(request.request_id)
-    if type(request.max_tokens) is not int or not 1 <= request.max_tokens <= INT32_MAX:
-        raise ValidationError("max_tokens", request.max_tokens, f"an integer in [1, {INT32_MAX}]")
-    prompt = request.prompt_token_ids
-    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or not prompt:
-        raise ValidationError("prompt_token_ids", prompt, "a non-empty sequence of token ids")
-    _token_ids("prompt_token_ids", prompt)
-    if type(request.priority) is not int or not -PRIORITY_BOUND <= request.priority <= INT32_MAX:
-        raise ValidationError(
-            "priority", request.priority, f"an int in [-{PRIORITY_BOUND}, {PRIORITY_BOUND}]"
-        )
-    eos = request.eos_token_id
-    if eos is not None and (type(eos) is not int or not 0 <= eos <= INT32_MAX):
-        raise ValidationError("eos_token_id", eos, f"None or an int in [0, {INT32_MAX}]")
-    _token_ids("stop_token_ids", request.stop_token_ids)
-    if not isinstance(request.ignore_eos, bool):
-        raise ValidationError("ignore_eos", request.ignore_eos, "a bool")
-    if request.cache_salt is not None and not isinstance(request.cache_salt, str):
-        raise ValidationError("cache_salt", request.cache_salt, "None or a str")
-    if request.adapter_id is not None:
-        check_int("adapter_id", request.adapter_id, -(1 << 63), (1 << 63) - 1)
+    _token_ids("prompt_token_ids", request.prompt_token_ids)  # int32 on the device
     return request
 
 

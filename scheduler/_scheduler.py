@@ -7,16 +7,21 @@ skipping computed tokens. When the pool runs dry the lowest-priority, latest-arr
 request is preempted by recompute: its blocks go back (their cached hashes usually make the
 resume cheap) and it waits at the head of its priority class.
 
-Pure CPU: imports only ``layerzero_serve.types`` and the KV cache manager interface.
+Drafts are an input of ``schedule`` (the speculative strategy's, never a field of the
+request): the scheduler keeps what fits of them in ``SchedulerOutput.drafts`` and ``update``
+applies the verification of exactly those rows.
+
+Pure CPU: imports only ``layerzero_serve.types``, ``errors`` and the KV protocol
+(``layerzero_serve.kv_cache.protocol``): any KV cache implementing it serves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
 
 from layerzero_serve.errors import ValidationError
-from layerzero_serve.kv_cache._manager import KVCacheManager
+from layerzero_serve.kv_cache.protocol import KVCacheProtocol
 from layerzero_serve.scheduler._checks import check_request, check_request_id, check_update
 from layerzero_serve.scheduler._config import SchedulerConfig
 from layerzero_serve.scheduler._queues import RequestQueue, sort_key_for
@@ -47,11 +52,13 @@ class Scheduler:
     CUDA graphs: host only; it decides each step before the runner launches or replays it.
     """
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheProtocol) -> None:
         if not isinstance(config, SchedulerConfig):
             raise ValidationError("config", type(config).__name__, "a SchedulerConfig")
-        if not isinstance(kv, KVCacheManager):
-            raise ValidationError("kv", type(kv).__name__, "a KVCacheManager")
+        if not isinstance(kv, KVCacheProtocol):
+            raise ValidationError(
+                "kv", type(kv).__name__, "a KV cache (kv_cache.protocol.KVCacheProtocol)"
+            )
         self.config = config
         self.kv = kv
         key = sort_key_for(config.policy)
@@ -86,10 +93,6 @@ class Scheduler:
                 f"({self.max_seq_len} tokens)",
             )
             return False
-        stops = set(request.stop_token_ids)
-        if request.eos_token_id is not None and not request.ignore_eos:
-            stops.add(request.eos_token_id)
-        request.stop_set = frozenset(stops)
         request.stop_len = min(request.num_prompt_tokens + request.max_tokens, self.max_seq_len)
         request.status = RequestStatus.WAITING
         self.waiting.add(request)
@@ -98,31 +101,24 @@ class Scheduler:
     def abort(self, request_id: str) -> bool:
         """Abort in any state; unknown or already finished ids are a no-op (returns False).
         ``request_id`` must be a str (ValidationError otherwise)."""
-        req = self.requests.get(check_request_id(request_id))
-        if req is None or req.status.is_finished:
-            return False
-        if req.status == _RUNNING:
-            self.running.remove(req)
-        else:
-            self.waiting.remove(req)
-        self._finish(req, RequestStatus.FINISHED_ABORTED, "aborted by the caller")
-        return True
+        return self._end(request_id, RequestStatus.FINISHED_ABORTED, "aborted by the caller")
 
     def fail(self, request_id: str, detail: str) -> bool:
         """End a request in error (``FINISHED_ERROR``): its own computation failed, e.g. its
         logits were NaN. Its blocks go back now and its output (finish reason "error",
         ``detail``) comes with the next ``update``; no other request is affected. Unknown or
         finished ids are a no-op (returns False)."""
-        req = self.requests.get(check_request_id(request_id))
         if not isinstance(detail, str):
             raise ValidationError("detail", detail, "a str")
+        return self._end(request_id, RequestStatus.FINISHED_ERROR, detail)
+
+    def _end(self, request_id: str, status: RequestStatus, detail: str) -> bool:
+        """Take a live request out of its queue and finish it with ``status`` (abort, fail)."""
+        req = self.requests.get(check_request_id(request_id))
         if req is None or req.status.is_finished:
             return False
-        if req.status == _RUNNING:
-            self.running.remove(req)
-        else:
-            self.waiting.remove(req)
-        self._finish(req, RequestStatus.FINISHED_ERROR, detail)
+        (self.running if req.status == _RUNNING else self.waiting).remove(req)
+        self._finish(req, status, detail)
         return True
 
     def has_unfinished(self) -> bool:
@@ -131,21 +127,23 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus, detail: str = "") -> None:
         req.status = status
         req.finish_detail = detail
-        req.spec_token_ids = []
         self.kv.free(req)
+        req.block_table = None
         self._finished_unreported.append(req)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        req.block_table = None
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
-        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add(req)
 
     # ---- one step --------------------------------------------------------------------------
-    def schedule(self, lookahead: int | None = None) -> SchedulerOutput:
+    def schedule(
+        self, lookahead: int | None = None, drafts: Mapping[str, list[int]] | None = None
+    ) -> SchedulerOutput:
         """Decide this step's work: running decode-like requests first (one token plus their
         drafts), then running prefills in chunks, then admissions from the head of the waiting
         queue. When blocks run out, requests are preempted from the tail of the running queue
@@ -153,7 +151,11 @@ class Scheduler:
 
         ``lookahead``: draft slots to reserve past each request's end for this step, instead of
         ``config.num_lookahead_tokens`` (an engine whose speculation is off this step passes 0:
-        no per-request lookahead work; drafts of a later step allocate what they need)."""
+        no per-request lookahead work; drafts of a later step allocate what they need).
+
+        ``drafts``: request id -> draft token ids to verify this step after the request's last
+        token (the speculative strategy's proposal; not kept). A row verifies what the token
+        budget and the pool leave of them (``out.drafts``); the rest is dropped."""
         cfg, kv = self.config, self.kv
         max_tokens = cfg.max_num_batched_tokens
         chunk_cap = cfg.max_prefill_chunk or max_tokens
@@ -162,8 +164,11 @@ class Scheduler:
             if type(lookahead) is not int or not 0 <= lookahead <= la:
                 raise ValidationError("lookahead", lookahead, f"None or an int in [0, {la}]")
             la = lookahead
+        if drafts is not None and not isinstance(drafts, Mapping):
+            raise ValidationError("drafts", type(drafts).__name__, "None or a mapping id -> ids")
         out = SchedulerOutput(self._step_id, [], [], [], [], 0, [], [])
         reqs, starts, counts, tables = out.requests, out.starts, out.num_scheduled, out.block_ids
+        verified = out.drafts
         used = 0
         prefills: list[Request] = []
         deferring = True  # first pass: decode-like rows; prefills wait behind the None marker
@@ -176,31 +181,35 @@ class Scheduler:
             if req.status is not _RUNNING:
                 continue  # preempted earlier in this step
             start = req.num_computed_tokens
-            spec = len(req.spec_token_ids)
+            d = drafts.get(req.request_id) if drafts else None
+            spec = len(d) if d else 0
             want = len(req.all_token_ids) + spec - start
             if want <= spec + 1:
                 n = min(want, max_tokens - used)
                 if n < want:  # the token budget cuts the drafts: verify only those scheduled
-                    del req.spec_token_ids[n - 1 :]
+                    d = d[: n - 1]
             elif deferring:
                 prefills.append(req)
                 continue
             else:
                 n = min(want, max_tokens - used, chunk_cap)
+                d = None  # drafts only follow a request's last token
             la_r = _lookahead(la, req, start + n) if la else 0  # no call on the hot path
-            if start + n + la_r <= req.kv_capacity:  # room already reserved: no KV call
-                ids = req.kv_block_ids
-            else:
+            ids = req.block_table
+            if ids is None or start + n + la_r > ids.capacity:  # else: room already reserved
                 ids = kv.allocate_slots(req, n, None, la_r)
-                if ids is None and req.spec_token_ids:  # no room for drafts: decode plainly
-                    req.spec_token_ids = []
-                    n = 1
+                if ids is None and d:  # no room for drafts: decode plainly
+                    d, n = None, 1
                     ids = kv.allocate_slots(req, 1, None, 0)
+                if ids is not None:
+                    req.block_table = ids
             if ids is None:
                 ids, freed = self._make_room(out, req, n)
                 used -= freed
                 if ids is None:
                     continue
+            if d:
+                verified[req.request_id] = d
             reqs.append(req)
             starts.append(start)
             counts.append(n)
@@ -209,8 +218,9 @@ class Scheduler:
         if not out.preempted_ids:
             used = self._admit(out, used, chunk_cap, la)
         out.num_batched_tokens = used
-        out.blocks_to_copy = kv.take_pending_copies()
-        out.table_edits = kv.table_edits
+        changes = kv.end_step()
+        out.blocks_to_copy = changes.copies
+        out.table_edits = changes.table_edits
         self._step_id += 1
         return out
 
@@ -227,7 +237,7 @@ class Scheduler:
         """
         if not isinstance(prev, SchedulerOutput):
             raise ValidationError("prev", type(prev).__name__, "a SchedulerOutput")
-        if self.waiting or len(prev.requests) != len(self.running):
+        if self.waiting or prev.drafts or len(prev.requests) != len(self.running):
             return None
         kv = self.kv
         tables = []
@@ -239,15 +249,15 @@ class Scheduler:
                 or n != 1
                 or start + 1 != len(req.all_token_ids)
                 or start + 2 >= req.stop_len
-                or req.spec_token_ids
             ):
                 return None
-            if start + 2 <= req.kv_capacity:
-                ids = req.kv_block_ids
-            else:  # num_computed_tokens is still `start` (prev not applied): reserve 2 slots
+            ids = req.block_table
+            if ids is None or start + 2 > ids.capacity:
+                # num_computed_tokens is still `start` (prev not applied): reserve 2 slots
                 ids = kv.allocate_slots(req, start + 2 - req.num_computed_tokens, None, 0)
                 if ids is None:
                     return None
+                req.block_table = ids
             tables.append(ids)
         rows = len(tables)
         out = SchedulerOutput(
@@ -257,12 +267,21 @@ class Scheduler:
             [1] * rows,
             tables,
             rows,
-            kv.take_pending_copies(),
             [],
-            kv.table_edits,
+            [],
         )
+        changes = kv.end_step()
+        out.blocks_to_copy = changes.copies
+        out.table_edits = changes.table_edits
         self._step_id += 1
         return out
+
+    def unschedule(self, out: SchedulerOutput) -> None:
+        """A schedule that will not run (async scheduling decided not to launch it): the
+        copy-on-write copies it took go to the next schedule instead. The slots it reserved
+        stay reserved for the same positions. Host only."""
+        if out.blocks_to_copy:
+            self.kv.requeue_copies(out.blocks_to_copy)
 
     def _make_room(
         self, out: SchedulerOutput, req: Request, n: int
@@ -279,6 +298,7 @@ class Scheduler:
                     freed += out.num_scheduled[j]
                     for col in (out.requests, out.starts, out.num_scheduled, out.block_ids):
                         del col[j]
+                    out.drafts.pop(victim.request_id, None)
                     break
             self._preempt(victim)
             out.preempted_ids.append(victim.request_id)
@@ -287,6 +307,7 @@ class Scheduler:
             la_r = _lookahead(la, req, req.num_computed_tokens + n)
             ids = self.kv.allocate_slots(req, n, None, la_r)
             if ids is not None:
+                req.block_table = ids
                 return ids, freed
 
     def _admit(self, out: SchedulerOutput, used: int, chunk_cap: int, la: int) -> int:
@@ -303,6 +324,7 @@ class Scheduler:
             ids = kv.allocate_slots(req, n, prefix, _lookahead(la, req, start + n))
             if ids is None:
                 break
+            req.block_table = ids
             kv.record_prefix_lookup(req.num_tokens, start)
             waiting.pop_front()
             req.num_computed_tokens = start
@@ -339,12 +361,14 @@ class Scheduler:
         bs = kv.block_size
         rows: list[tuple] = []
         finished: set[str] = set()
+        verified = output.drafts
         for req, start, n, toks in zip(
             output.requests, output.starts, output.num_scheduled, new_token_ids, strict=True
         ):
             if req.status is not _RUNNING:
                 continue  # aborted or preempted after scheduling
-            if req.spec_token_ids:  # a verification row: its drafts followed `start`
+            desc = req.desc  # one lookup for the description fields read below
+            if verified and desc.request_id in verified:  # its drafts followed `start`
                 self._update_verified(req, start, toks, rows, finished)
                 continue
             end = req.num_computed_tokens = start + n
@@ -356,9 +380,9 @@ class Scheduler:
                 t = toks[0]
                 all_ids = req.all_token_ids
                 all_ids.append(t)
-                if t not in req.stop_set and len(all_ids) < req.stop_len:
-                    num_out = len(all_ids) - len(req.prompt_token_ids)
-                    rows.append((req.request_id, [t], False, None, num_out))
+                if t not in desc.stop_set and len(all_ids) < req.stop_len:
+                    num_out = len(all_ids) - len(desc.prompt_token_ids)
+                    rows.append((desc.request_id, [t], False, None, num_out))
                     continue
                 del all_ids[-1]
             status, new = self._append(req, toks)
@@ -366,6 +390,7 @@ class Scheduler:
                 finished.add(req.request_id)
                 req.status = status
                 kv.free(req)
+                req.block_table = None
             num_out = len(req.all_token_ids) - len(req.prompt_token_ids)
             rows.append((req.request_id, new, status is not None, req.finish_reason, num_out))
         if finished:
@@ -394,7 +419,6 @@ class Scheduler:
         is valid for the last token and the accepted drafts, i.e. up to ``start + len(toks)``;
         the rejected positions are given back without copying: ``num_computed_tokens`` stops
         there and blocks left empty return to the pool."""
-        req.spec_token_ids = []
         kv = self.kv
         if not toks:  # the row failed: the engine reports it
             req.num_computed_tokens = start
@@ -407,6 +431,7 @@ class Scheduler:
             finished.add(req.request_id)
             req.status = status
             kv.free(req)
+            req.block_table = None
         else:
             kv.trim(req, end)
         num_out = len(req.all_token_ids) - len(req.prompt_token_ids)

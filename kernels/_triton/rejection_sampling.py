@@ -2,7 +2,8 @@
 ``k`` draft positions, the vocabulary in blocks of ``BLOCK_V``.
 
 Same inputs, outputs and rule as the torch reference
-(``layerzero_serve.spec_decode._rejection.rejection_sample``, whose docstring states the rule):
+(``layerzero_serve.kernels.torch_ref.rejection_sample``; the rule is stated in
+:mod:`layerzero_serve.kernels.rejection_api`):
 given the same ``uniforms`` and ``noise`` the outputs are bitwise equal, because every value the
 two compare is produced by the same correctly rounded float32 operations (``u * q(x) < p(x)``,
 ``max(p - q, 0) * noise``) and both break argmax ties towards the lowest id.

@@ -1,10 +1,11 @@
 """Paged KV cache: block pool, prefix cache, KV tensors and block-table metadata."""
 
-from layerzero_serve.kv_cache._block_pool import NULL_BLOCK_ID, Block, BlockPool
+from layerzero_serve.kv_cache._block_pool import MAX_NUM_BLOCKS, NULL_BLOCK_ID, Block, BlockPool
 from layerzero_serve.kv_cache._hashing import HASH_ALGORITHMS
 from layerzero_serve.kv_cache._integrity import IntegrityError
 from layerzero_serve.kv_cache._manager import KVCacheManager, PrefixMatch
 from layerzero_serve.kv_cache._storage import (
+    BlockTableCache,
     KVCache,
     KVCacheSpec,
     build_block_table,
@@ -13,14 +14,16 @@ from layerzero_serve.kv_cache._storage import (
 )
 
 __all__ = [
-    "HASH_ALGORITHMS",
-    "NULL_BLOCK_ID",
     "Block",
     "BlockPool",
+    "BlockTableCache",
+    "HASH_ALGORITHMS",
     "IntegrityError",
     "KVCache",
     "KVCacheManager",
     "KVCacheSpec",
+    "MAX_NUM_BLOCKS",
+    "NULL_BLOCK_ID",
     "PrefixMatch",
     "build_block_table",
     "build_positions",

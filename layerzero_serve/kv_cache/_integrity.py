@@ -47,14 +47,14 @@ def check_integrity(mgr: KVCacheManager) -> None:
     _require(null.block_hash is None, "null block is hashed")
 
     owners: Counter[int] = Counter()
-    for rid, blocks in mgr.owned_blocks().items():
+    for rid, table in mgr.tables().items():
+        blocks = table.blocks
         ids = [b.block_id for b in blocks]
-        _require(ids == mgr.block_ids(rid), f"{rid}: block table out of sync with blocks")
-        req = mgr._requests[rid]
-        _require(req.kv_block_ids is mgr.block_ids(rid), f"{rid}: request's table is stale")
-        _require(req.kv_capacity <= len(ids) * mgr.block_size, f"{rid}: capacity too large")
-        comp = req.num_computed_tokens
-        if req.kv_capacity > comp and comp % mgr.block_size and comp // mgr.block_size < len(ids):
+        _require(ids == list(table), f"{rid}: block table out of sync with blocks")
+        _require(table.request.request_id == rid, f"{rid}: table filed under another id")
+        _require(table.capacity <= len(ids) * mgr.block_size, f"{rid}: capacity too large")
+        comp = table.request.num_computed_tokens
+        if table.capacity > comp and comp % mgr.block_size and comp // mgr.block_size < len(ids):
             _require(
                 blocks[comp // mgr.block_size].ref_cnt == 1,
                 f"{rid}: may write into a shared block without copying it",
@@ -97,9 +97,8 @@ def check_integrity(mgr: KVCacheManager) -> None:
 
 def _check_request_chains(mgr: KVCacheManager) -> None:
     bs = mgr.block_size
-    for rid, blocks in mgr.owned_blocks().items():
-        req = mgr._requests[rid]
-        n = mgr._num_committed[rid]
+    for rid, table in mgr.tables().items():
+        req, blocks, n = table.request, table.blocks, table.num_committed
         _require(n <= len(blocks), f"{rid}: more committed blocks than blocks")
         _require(n * bs <= req.num_tokens, f"{rid}: committed blocks beyond its tokens")
         for i in range(n):

@@ -13,7 +13,7 @@ directly; it asks:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 from layerzero_serve.errors import ValidationError
@@ -26,6 +26,7 @@ from layerzero_serve.kv_cache._checks import (
     check_tokens,
 )
 from layerzero_serve.kv_cache._hashing import BlockHashFn, resolve_hash_fn, root_hash
+from layerzero_serve.kv_cache.protocol import BlockTable, KVStepChanges
 from layerzero_serve.types import Request
 
 
@@ -48,6 +49,23 @@ class PrefixMatch:
 
 
 _NO_MATCH = PrefixMatch([], 0)
+
+
+class _Table(BlockTable):
+    """The manager's one record of a request's blocks: the list itself holds the block ids (the
+    handle the scheduler and the runner read), ``blocks`` the Block objects in the same order,
+    ``num_committed`` the leading blocks already published to the prefix cache, ``request``
+    the request it belongs to (read by the integrity check)."""
+
+    __slots__ = ("blocks", "num_committed", "request")
+
+    def __init__(self, request: Request) -> None:
+        super().__init__()
+        self.blocks: list[Block] = []
+        self.num_committed = 0
+        self.request = request
+
+
 MAX_BLOCK_SIZE = 1 << 16  # tokens per block
 
 
@@ -94,13 +112,11 @@ class KVCacheManager:
         if hash_fn is not None:
             fn, self._verify = hash_fn, True
         self._hash_fn: Callable = fn
-        self._req_blocks: dict[str, list[Block]] = {}
-        self._req_block_ids: dict[str, list[int]] = {}
+        # The one record of each request's blocks (its ids are the handle others read).
+        self._tables: dict[str, _Table] = {}
         # Bumped whenever a live block id list changes other than by appending (copy-on-write,
         # trim): a cached block table (runner) may keep rows only while this stays the same.
         self.table_edits = 0
-        self._num_committed: dict[str, int] = {}  # leading blocks of the request already hashed
-        self._requests: dict[str, Request] = {}
         self.stats = PrefixCacheStats()
         self.pending_copies: list[tuple[int, int]] = []
 
@@ -138,8 +154,8 @@ class KVCacheManager:
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table (a live list: read, never mutate)."""
-        ids = self._req_block_ids.get(check_request_id(request_id))
-        return [] if ids is None else ids
+        table = self._tables.get(check_request_id(request_id))
+        return [] if table is None else table
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks that ``num_tokens`` token slots take (``num_tokens`` in ``[0, 2**31 - 1]``)."""
@@ -249,11 +265,13 @@ class KVCacheManager:
         num_new_tokens: int,
         prefix: PrefixMatch | None = None,
         num_lookahead_tokens: int = 0,
-    ) -> list[int] | None:
+    ) -> BlockTable | None:
         """Make room for ``num_new_tokens`` after the computed ones (and after ``prefix`` hits,
         given on a request's admission), plus ``num_lookahead_tokens`` speculative slots.
 
-        Returns the request's block table, or None when the pool is short; then nothing changed.
+        Returns the request's block table (a :class:`BlockTable`: the live list of its block
+        ids, with ``capacity``, the token slots now reserved), or None when the pool is short;
+        then nothing changed.
         Copy-on-write: writing into a partially filled block shared after ``fork`` first moves
         the writer to a private copy, recorded in ``pending_copies``.
         """
@@ -273,7 +291,8 @@ class KVCacheManager:
         if prefix is not None and not isinstance(prefix, PrefixMatch):
             raise ValidationError("prefix", type(prefix).__name__, "None or a PrefixMatch")
         rid = request.request_id
-        blocks = self._req_blocks.get(rid)
+        table = self._tables.get(rid)
+        blocks = None if table is None else table.blocks
         bs = self.block_size
         if blocks is not None and prefix is None:  # fast path: a running request's next tokens
             computed = request.num_computed_tokens
@@ -282,8 +301,8 @@ class KVCacheManager:
                 computed % bs == 0 or reserve == 0 or blocks[computed // bs].ref_cnt == 1
             ):
                 if computed % bs == 0 or blocks[computed // bs].ref_cnt == 1:
-                    request.kv_capacity = len(blocks) * bs
-                return self._req_block_ids[rid]
+                    table.capacity = len(blocks) * bs
+                return table
         hits = prefix.blocks if prefix is not None else ()
         if hits and blocks:
             raise ValidationError("prefix", f"{len(hits)} blocks", "only on a request's admission")
@@ -305,33 +324,29 @@ class KVCacheManager:
         pool = self.pool
         if need > pool.num_free:
             return None  # nothing changed, not even a table for a new request
-        if blocks is None:
-            blocks = self._req_blocks[rid] = []
-            self._req_block_ids[rid] = []
-            self._num_committed[rid] = 0
-            self._requests[rid] = request
-        ids = self._req_block_ids[rid]
+        if table is None:
+            table = self._tables[rid] = _Table(request)
+            blocks = table.blocks
         if hits:
             pool.touch(hits)
             blocks.extend(hits)
-            ids.extend(b.block_id for b in hits)
-            self._num_committed[rid] = len(hits)
+            table.extend(b.block_id for b in hits)
+            table.num_committed = len(hits)
         if cow:
-            self._copy_on_write(blocks, ids, computed // bs)
+            self._copy_on_write(table, computed // bs)
         if num_new_blocks > 0:
             new = pool.allocate(num_new_blocks)
             blocks.extend(new)
-            ids.extend(b.block_id for b in new)
-        request.kv_block_ids = ids
-        request.kv_capacity = len(blocks) * bs
-        return ids
+            table.extend(b.block_id for b in new)
+        table.capacity = len(blocks) * bs
+        return table
 
-    def _copy_on_write(self, blocks: list[Block], ids: list[int], idx: int) -> None:
-        shared = blocks[idx]
+    def _copy_on_write(self, table: _Table, idx: int) -> None:
+        shared = table.blocks[idx]
         (private,) = self.pool.allocate(1)
         self.pool.free((shared,))
-        blocks[idx] = private
-        ids[idx] = private.block_id
+        table.blocks[idx] = private
+        table[idx] = private.block_id
         self.table_edits += 1
         self.pending_copies.append((shared.block_id, private.block_id))
 
@@ -340,6 +355,17 @@ class KVCacheManager:
         out, self.pending_copies = self.pending_copies, []
         return out
 
+    def end_step(self) -> KVStepChanges:
+        """The KV changes of the step just scheduled: the copy-on-write pairs to copy before
+        its forward (taken: reported once) and the table-edit counter. Host only."""
+        out, self.pending_copies = self.pending_copies, []
+        return KVStepChanges(out, self.table_edits)
+
+    def requeue_copies(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copies of a schedule that will not run (async scheduling dropped it): the next
+        ``end_step`` reports them first. Host only."""
+        self.pending_copies[:0] = pairs
+
     # ---- commit / free / fork --------------------------------------------------------------
     def commit(self, request: Request) -> None:
         """Publish the request's blocks that are full of computed tokens (KV written)."""
@@ -347,15 +373,15 @@ class KVCacheManager:
             check_request("request", request)
         if not self.enable_prefix_caching:
             return
-        rid = request.request_id
-        done = self._num_committed.get(rid)
-        if done is None:
+        table = self._tables.get(request.request_id)
+        if table is None:
             return
-        num_full = min(request.num_computed_tokens // self.block_size, len(self._req_blocks[rid]))
+        done = table.num_committed
+        num_full = min(request.num_computed_tokens // self.block_size, len(table.blocks))
         if num_full <= done:
             return
         hashes = self._ensure_hashes(request, num_full)
-        blocks, bs, toks = self._req_blocks[rid], self.block_size, request.all_token_ids
+        blocks, bs, toks = table.blocks, self.block_size, request.all_token_ids
         parent_ref = (
             self._root_ref(request)
             if done == 0
@@ -368,22 +394,18 @@ class KVCacheManager:
                 token_ids = tuple(toks[i * bs : (i + 1) * bs])
                 self.pool.cache_block(block, hashes[i], parent_hash, token_ids, parent_ref)
             parent_ref = (block.block_id, block.gen)
-        self._num_committed[rid] = num_full
+        table.num_committed = num_full
 
     def free(self, request: Request) -> None:
         """Release all of the request's blocks, tail first. Idempotent."""
         if not isinstance(request, Request):
             check_request("request", request)
-        rid = request.request_id
-        blocks = self._req_blocks.pop(rid, None)
-        if blocks is None:
+        table = self._tables.pop(request.request_id, None)
+        if table is None:
             return
-        del self._req_block_ids[rid]
-        del self._num_committed[rid]
-        del self._requests[rid]
-        request.kv_block_ids = []
-        request.kv_capacity = 0
-        self.pool.free(reversed(blocks))
+        # the ids stay as they are: a schedule already launched may still read them
+        table.capacity = 0
+        self.pool.free(reversed(table.blocks))
 
     def trim(self, request: Request, num_tokens: int) -> None:
         """Keep only the blocks needed for ``num_tokens`` slots (speculative rollback, aborted
@@ -393,17 +415,17 @@ class KVCacheManager:
             check_request("request", request)
         if type(num_tokens) is not int or not 0 <= num_tokens <= MAX_TOKENS:
             num_tokens = check_tokens("num_tokens", num_tokens)
-        rid = request.request_id
-        blocks = self._req_blocks.get(rid)
-        if blocks is None:
+        table = self._tables.get(request.request_id)
+        if table is None:
             return
-        keep = max(self.blocks_needed(num_tokens), self._num_committed[rid])
+        blocks = table.blocks
+        keep = max(self.blocks_needed(num_tokens), table.num_committed)
         if keep < len(blocks):
             extra = blocks[keep:]
             del blocks[keep:]
-            del self._req_block_ids[rid][keep:]
+            del table[keep:]
             self.table_edits += 1
-            request.kv_capacity = min(request.kv_capacity, keep * self.block_size)
+            table.capacity = min(table.capacity, keep * self.block_size)
             self.pool.free(reversed(extra))
 
     def fork(self, parent: Request, child: Request) -> None:
@@ -412,30 +434,35 @@ class KVCacheManager:
         the first write by either side."""
         check_request("parent", parent)
         check_request("child", child)
-        if child.request_id in self._req_blocks:
+        if child.request_id in self._tables:
             raise ValidationError("child.request_id", child.request_id, "a request with no blocks")
         pid = parent.request_id
         # Only blocks holding computed tokens are shared: the parent's lookahead blocks past
         # them are unwritten and stay its own (sharing them would let both sides write there).
         keep = self.blocks_needed(parent.num_computed_tokens)
-        blocks = self._req_blocks.get(pid, [])[:keep]
+        ptable = self._tables.get(pid)
+        blocks = [] if ptable is None else ptable.blocks[:keep]
         self.pool.touch(blocks)
-        self._req_blocks[child.request_id] = list(blocks)
-        self._req_block_ids[child.request_id] = [b.block_id for b in blocks]
-        self._num_committed[child.request_id] = min(self._num_committed.get(pid, 0), keep)
-        self._requests[child.request_id] = child
+        table = self._tables[child.request_id] = _Table(child)
+        table.blocks.extend(blocks)
+        table.extend(b.block_id for b in blocks)
+        table.num_committed = min(0 if ptable is None else ptable.num_committed, keep)
         # A shared partial block must be copied before either side writes into it: cap both
         # at their computed tokens so their next write takes the allocating (copying) path.
         computed = parent.num_computed_tokens
-        child.kv_block_ids = self._req_block_ids[child.request_id]
-        child.kv_capacity = computed
-        if computed % self.block_size:
-            parent.kv_capacity = min(parent.kv_capacity, computed)
+        table.capacity = computed
+        if computed % self.block_size and ptable is not None:
+            ptable.capacity = min(ptable.capacity, computed)
         child.num_computed_tokens = parent.num_computed_tokens
         child.block_hashes = list(parent.block_hashes)
 
     def owned_blocks(self) -> dict[str, list[Block]]:
-        return self._req_blocks
+        """Request id -> its Block objects (for the integrity check and tests). Host only."""
+        return {rid: t.blocks for rid, t in self._tables.items()}
+
+    def tables(self) -> dict[str, _Table]:
+        """Request id -> its block table record (for the integrity check). Host only."""
+        return self._tables
 
     def check_integrity(self) -> None:
         """Assert every pool invariant (see ``integrity.check_integrity``)."""

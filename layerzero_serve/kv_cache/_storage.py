@@ -3,6 +3,10 @@
 Layout per layer: ``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` (K at index 0, V at 1),
 FlashInfer's NHD paged layout, so its kernels read our cache without a copy. A slot is
 ``block_id * block_size + offset``; slot -1 means "write nothing" (padding rows).
+
+The pure layout helpers (``build_block_table``, ``build_positions``, ``build_slot_mapping``) live
+in ``layerzero_serve.kernels.block_layout``, where the kernels' own host planning reads them; they
+are re-exported here and from ``layerzero_serve.kv_cache``.
 """
 
 from __future__ import annotations
@@ -11,15 +15,28 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import torch
 
 from layerzero_serve.errors import ValidationError, check_int
+from layerzero_serve.kernels.block_layout import (  # re-exported: kv_cache's public names
+    INT32_MAX,
+    build_block_table,
+    build_positions,
+    build_slot_mapping,
+)
 from layerzero_serve.kv_cache._block_pool import MAX_NUM_BLOCKS, check_num_blocks
 
-INT32_MAX = (1 << 31) - 1
+__all__ = [
+    "INT32_MAX",
+    "BlockTableCache",
+    "KVCache",
+    "KVCacheSpec",
+    "build_block_table",
+    "build_positions",
+    "build_slot_mapping",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,83 +149,6 @@ def _is_block_id(value: object, num_blocks: int) -> bool:
         and isinstance(value, (int, np.integer))
         and 0 <= value < num_blocks
     )
-
-
-def build_block_table(
-    block_ids: Sequence[Sequence[int]], max_num_blocks: int | None = None
-) -> np.ndarray:
-    """Rows of block ids padded with 0 (the null block) -> int32 ``[num_seqs, max_num_blocks]``.
-
-    Block ids must be integers in ``[0, 2**31 - 1]``."""
-    if max_num_blocks is not None:
-        max_num_blocks = check_int("max_num_blocks", max_num_blocks, 0, INT32_MAX)
-    try:
-        lens = np.fromiter(map(len, block_ids), dtype=np.int64, count=len(block_ids))
-    except TypeError as e:
-        raise ValidationError("block_ids", block_ids, "a sequence of block id lists") from e
-    width = int(lens.max(initial=0)) if max_num_blocks is None else max_num_blocks
-    if len(block_ids) and lens.max() > width:
-        raise ValidationError("max_num_blocks", width, f">= {int(lens.max())} (longest table)")
-    # chain.from_iterable: about 2x faster than a nested generator (0.6 vs 1.1 ms for 256 x 128)
-    # (a conversion error costs nothing on valid input; one vectorised min catches negatives)
-    try:
-        flat = np.fromiter(chain.from_iterable(block_ids), dtype=np.int32, count=int(lens.sum()))
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ValidationError(
-            "block_ids", block_ids, f"lists of integer block ids in [0, {INT32_MAX}]", str(e)
-        ) from e
-    if flat.size and flat.min() < 0:
-        raise ValidationError(
-            "block_ids", int(flat.min()), f"integer block ids in [0, {INT32_MAX}]"
-        )
-    table = np.zeros((len(block_ids), width), dtype=np.int32)
-    mask = np.arange(width)[None, :] < lens[:, None]
-    table[mask] = flat
-    return table
-
-
-def build_positions(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated ``arange(start, start+len)`` per sequence without a Python loop.
-
-    Returns ``(seq_index, positions)``, both int64 ``[sum(lens)]``. ``starts`` and ``lens`` are
-    integer arrays of one length, ``lens >= 0``.
-    """
-    starts = np.asarray(starts)
-    lens = np.asarray(lens)
-    # O(1) checks only (this runs every step); negative lens fail inside np.repeat
-    if starts.shape != lens.shape or lens.ndim != 1:
-        raise ValidationError(
-            "starts/lens", (starts.shape, lens.shape), "1-d arrays of the same length"
-        )
-    if lens.size and (starts.dtype.kind not in "iu" or lens.dtype.kind not in "iu"):
-        raise ValidationError("starts/lens", (str(starts.dtype), str(lens.dtype)), "integer arrays")
-    total = int(lens.sum())
-    try:
-        seq_index = np.repeat(np.arange(len(lens)), lens)
-    except ValueError as e:
-        raise ValidationError("lens", lens.tolist(), "integers >= 0", str(e)) from e
-    offsets = np.cumsum(lens) - lens  # first flat index of each sequence
-    positions = np.arange(total) - offsets[seq_index] + starts[seq_index]
-    return seq_index, positions
-
-
-def build_slot_mapping(
-    block_table: np.ndarray, starts: np.ndarray, lens: np.ndarray, block_size: int
-) -> np.ndarray:
-    """int32 ``[sum(lens)]`` slots where token ``start .. start+len-1`` of each sequence lives.
-    ``block_table`` has one row per sequence, wide enough for ``start + len`` tokens."""
-    block_size = check_int("block_size", block_size, 1)
-    seq_index, positions = build_positions(starts, lens)
-    try:
-        blocks = block_table[seq_index, positions // block_size].astype(np.int64)
-    except IndexError as e:
-        raise ValidationError(
-            "starts/lens",
-            "positions past the block table",
-            f"rows and positions inside block_table {block_table.shape}",
-            str(e),
-        ) from e
-    return (blocks * block_size + positions % block_size).astype(np.int32)
 
 
 class BlockTableCache:

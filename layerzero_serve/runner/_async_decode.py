@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from layerzero_serve.runner._sampler_graphs import first_rows
-from layerzero_serve.sampling._outputs import PendingHostSample
-from layerzero_serve.sampling._prompt_logprobs import StepTokens
-from layerzero_serve.types import SchedulerOutput
+from layerzero_serve.sampling import PendingHostSample
+from layerzero_serve.types import SchedulerOutput, StepTokens
 
 
 @dataclass(slots=True)

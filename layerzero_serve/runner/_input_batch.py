@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from layerzero_serve.kernels.metadata import AttentionMetadata
-from layerzero_serve.kv_cache._storage import BlockTableCache, build_block_table, build_positions
+from layerzero_serve.kv_cache import BlockTableCache, build_block_table, build_positions
 from layerzero_serve.types import SchedulerOutput
 
 
@@ -64,7 +64,7 @@ def prepare_batch(
             (
                 r.all_token_ids[s:e]
                 if e <= len(r.all_token_ids)
-                else (r.all_token_ids + r.spec_token_ids)[s:e]
+                else (r.all_token_ids + out.drafts[r.request_id])[s:e]
             )
             for r, s, e in zip(reqs, out.starts, ends.tolist(), strict=True)
         )

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from layerzero_serve.kv_cache._storage import KVCache, KVCacheSpec
+from layerzero_serve.kv_cache import KVCache, KVCacheSpec
 from layerzero_serve.selection.plans import ModelShape
 
 logger = logging.getLogger("layerzero_serve")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from layerzero_serve.kernels.spec import Op
-from layerzero_serve.kv_cache._storage import BlockTableCache, KVCache
+from layerzero_serve.kv_cache import BlockTableCache, KVCache
 from layerzero_serve.runner._input_batch import prepare_batch
 from layerzero_serve.runner._sampler_graphs import SamplerGraphs
 from layerzero_serve.runner.attention import (
@@ -27,16 +27,10 @@ from layerzero_serve.runner.attention import (
     select_dispatch,
 )
 from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
-from layerzero_serve.sampling import Sampler
-from layerzero_serve.sampling._prompt_logprobs import (
-    StepTokens,
-    any_prompt_logprobs,
-    prompt_logprobs,
-)
-from layerzero_serve.selection._device import probe_device
-from layerzero_serve.selection._selector import KernelChoice, Selector, get_selector
+from layerzero_serve.sampling import Sampler, any_prompt_logprobs, prompt_logprobs
+from layerzero_serve.selection import KernelChoice, Selector, get_selector, probe_device
 from layerzero_serve.selection.plans import ModelShape, base_context
-from layerzero_serve.types import SchedulerOutput
+from layerzero_serve.types import SchedulerOutput, StepTokens
 
 logger = logging.getLogger("layerzero_serve")
 REFERENCE_BACKEND = "torch"
@@ -74,7 +68,15 @@ def optimize_model(
     dev = probe_device(device)
     impls = {}
     for op in (Op.RMSNORM, Op.SWIGLU, Op.ROPE):
-        ctx = base_context(op, dev, shape, block_size, max_num_seqs, 0, True)
+        ctx = base_context(
+            op,
+            device=dev,
+            shape=shape,
+            block_size=block_size,
+            batch_bucket=max_num_seqs,
+            q_len=0,
+            graph_mode=True,
+        )
         choice, impls[op] = sel.build(op, ctx)
         logger.info("%s kernel: %s", op.value, choice.name)
     if hasattr(model, "optimize"):
@@ -97,6 +99,7 @@ class ModelRunner:
         device: torch.device,
         max_num_seqs: int,
         selector: Selector | None = None,
+        verifier=None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -105,25 +108,42 @@ class ModelRunner:
         self.selector = selector or get_selector()
         dev = probe_device(device)
         bs = kv_cache.spec.block_size
+        # the eager plans (q_len 1: decode and sampling; 0: any length), selected once each
         self.plans = {
-            Op.ATTN_DECODE: base_context(Op.ATTN_DECODE, dev, shape, bs, max_num_seqs, 1, False),
-            Op.ATTN_PREFILL: base_context(Op.ATTN_PREFILL, dev, shape, bs, max_num_seqs, 0, False),
-            Op.KV_WRITE: base_context(Op.KV_WRITE, dev, shape, bs, max_num_seqs, 0, False),
+            op: base_context(
+                op,
+                device=dev,
+                shape=shape,
+                block_size=bs,
+                batch_bucket=max_num_seqs,
+                q_len=q_len,
+                graph_mode=False,
+            )
+            for op, q_len in (
+                (Op.ATTN_DECODE, 1),
+                (Op.ATTN_PREFILL, 0),
+                (Op.KV_WRITE, 0),
+                (Op.SAMPLING, 1),
+            )
         }
         self._dev_info, self._shape = dev, shape
         self._split_cfg: tuple[list[int], int] | None = None  # set_decode_buckets
         self.attn = self._select_kernels()
-        # the sampling plan: the sampler selects its kernels from it, once
-        self.plans[Op.SAMPLING] = base_context(Op.SAMPLING, dev, shape, bs, max_num_seqs, 1, False)
         sampler.bind(device, shape.vocab_size, max_num_seqs, self.selector, self.plans[Op.SAMPLING])
         self.timings = StepTimings()
         self._tables = BlockTableCache()  # block-table rows kept between steps
         self.graphs: DecodeGraphRunner | None = None
         self.sampler_graphs: SamplerGraphs | None = None  # sampling replayed per (bucket, plan)
-        self.spec_verifier = None  # set by the engine when speculative decoding is on
+        # speculative verification (``spec_decode.SpecVerifier``); None: no speculation
+        self.spec_verifier = verifier
         self.verify_graphs: DecodeGraphRunner | None = None
 
     # ---- CUDA graphs -------------------------------------------------------------------------
+    def disable_graphs(self) -> None:
+        """Run every step eagerly from now on (e.g. after a failed capture): drops the decode
+        and sampler graphs. Host only."""
+        self.graphs = self.sampler_graphs = None
+
     def set_decode_buckets(self, buckets: list[int], max_model_len: int) -> None:
         """Make eager decode split each sequence's KV exactly as the captured bucket it would
         pad to (same split count, hence the same numerics): with this, greedy output is the same
@@ -136,7 +156,7 @@ class ModelRunner:
         cfg = self._split_cfg
         if cfg is None or not hasattr(impl, "split_rule") or self.device.type != "cuda":
             return
-        from layerzero_serve.kernels._triton.paged_decode import choose_num_splits, num_sms
+        from layerzero_serve.kernels.split_kv import choose_num_splits, num_sms
 
         buckets, bound = cfg
         heads, sms = self._shape.num_kv_heads, num_sms(self.device)
@@ -152,8 +172,24 @@ class ModelRunner:
         """The attention (``op`` with ``q_len`` tokens per row) and KV-write kernels of one
         captured bucket, each selected once for that bucket's plan (graph mode on)."""
         bs = self.kv_cache.spec.block_size
-        attn = base_context(op, self._dev_info, self._shape, bs, batch, q_len, True)
-        write = base_context(Op.KV_WRITE, self._dev_info, self._shape, bs, batch, 1, True)
+        attn = base_context(
+            op,
+            device=self._dev_info,
+            shape=self._shape,
+            block_size=bs,
+            batch_bucket=batch,
+            q_len=q_len,
+            graph_mode=True,
+        )
+        write = base_context(
+            Op.KV_WRITE,
+            device=self._dev_info,
+            shape=self._shape,
+            block_size=bs,
+            batch_bucket=batch,
+            q_len=1,
+            graph_mode=True,
+        )
         dispatch = select_dispatch(self.kv_cache, self.selector, attn, write)
         self._apply_split_rule(dispatch.decode.impl)
         return dispatch
@@ -335,10 +371,10 @@ class ModelRunner:
         n, q = len(reqs), g.q_len
         if n > g.max_batch or max(counts) > q:
             return None
+        drafts = out.drafts
         for r, s, c in zip(reqs, starts, counts, strict=True):
-            if s + c != len(r.all_token_ids) + len(r.spec_token_ids) or c != 1 + len(
-                r.spec_token_ids
-            ):
+            d = len(drafts.get(r.request_id, ()))
+            if s + c != len(r.all_token_ids) + d or c != 1 + d:
                 return None  # a prefill chunk in the step: run it eagerly
         bs = self.kv_cache.spec.block_size
         st = np.asarray(starts, dtype=np.int64)
@@ -351,12 +387,14 @@ class ModelRunner:
             real, table[np.arange(n)[:, None], col].astype(np.int64) * bs + pos % bs, -1
         )
         ids = np.zeros((n, q), dtype=np.int64)
+        rows = []  # the rows that verify drafts
         for i, r in enumerate(reqs):
             ids[i, 0] = r.all_token_ids[starts[i]]
-            if r.spec_token_ids:
-                ids[i, 1 : 1 + len(r.spec_token_ids)] = r.spec_token_ids
+            d = drafts.get(r.request_id)
+            if d:
+                ids[i, 1 : 1 + len(d)] = d
+                rows.append(i)
         logits = g.run(ids.ravel(), pos.ravel(), slots.ravel(), st + q, table)
-        rows = [i for i, r in enumerate(reqs) if r.spec_token_ids]
         flat = np.concatenate([i * q + np.arange(counts[i]) for i in rows])
         self._verify_rows(logits[torch.from_numpy(flat).to(logits.device)], out, rows, results)
         verified = set(rows)
@@ -371,7 +409,7 @@ class ModelRunner:
         row's positions in order); their tokens and failures go into ``results``."""
         reqs = [out.requests[i] for i in rows]
         failed: dict[int, str] = {}
-        drafts = [r.spec_token_ids for r in reqs]
+        drafts = [out.drafts[r.request_id] for r in reqs]
         tokens = self.spec_verifier.verify(logits, reqs, drafts, failed)
         for i, toks in zip(rows, tokens, strict=True):
             results[i].extend(toks)
@@ -381,8 +419,8 @@ class ModelRunner:
     def _verify(self, out: SchedulerOutput, batch, hidden: torch.Tensor, results) -> list[int]:
         """Verify the drafts of every row that carries some (logits at all its ``1 + d``
         positions); fills those rows' tokens and returns the other sampling rows."""
-        reqs = out.requests
-        rows = [i for i, r in enumerate(reqs) if r.spec_token_ids]
+        reqs, drafts = out.requests, out.drafts
+        rows = [i for i, r in enumerate(reqs) if r.request_id in drafts]
         qsl = batch.meta.query_start_loc_cpu
         idx = np.concatenate([np.arange(qsl[i], qsl[i + 1]) for i in rows])
         logits = self.model.compute_logits(hidden[torch.from_numpy(idx).to(hidden.device)])
@@ -401,7 +439,7 @@ class ModelRunner:
         results = StepTokens([] for _ in out.requests)
         logits = got = None
         sample_bucket = None  # set when the step's sampling can replay a sampler graph
-        speculating = self.spec_verifier is not None and any(r.spec_token_ids for r in out.requests)
+        speculating = self.spec_verifier is not None and bool(out.drafts)
         if speculating and self.verify_graphs is not None:
             got = self._graph_verify(out, results)
         elif self.graphs is not None:

@@ -24,9 +24,7 @@ import logging
 
 import torch
 
-from layerzero_serve.sampling._batch import SamplingBatch, SamplingPlan
-from layerzero_serve.sampling._outputs import DeviceSample, HostSample
-from layerzero_serve.sampling._sampler import Sampler
+from layerzero_serve.sampling import DeviceSample, HostSample, Sampler, SamplingBatch, SamplingPlan
 
 logger = logging.getLogger("layerzero_serve")
 

@@ -25,8 +25,8 @@ from layerzero_serve.errors import KernelOutputError
 from layerzero_serve.kernels.attention_api import KVWriter, PagedAttentionImpl
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.spec import KernelContext
-from layerzero_serve.kv_cache._storage import KVCache
-from layerzero_serve.selection._selector import KernelChoice
+from layerzero_serve.kv_cache import KVCache
+from layerzero_serve.selection import KernelChoice
 
 
 @dataclass(slots=True)
@@ -85,8 +85,7 @@ def build_attention(
     """
     from layerzero_serve.errors import ValidationError
     from layerzero_serve.kernels.spec import Op
-    from layerzero_serve.selection._device import probe_device
-    from layerzero_serve.selection._selector import get_selector
+    from layerzero_serve.selection import get_selector, probe_device
     from layerzero_serve.selection.plans import ModelShape, base_context
 
     spec = kv_cache.spec
@@ -102,7 +101,15 @@ def build_attention(
     batch = graph_batch if graph else max_num_seqs
 
     def ctx(op: Op, q_len: int) -> KernelContext:
-        return base_context(op, dev, shape, spec.block_size, batch, q_len, graph)
+        return base_context(
+            op,
+            device=dev,
+            shape=shape,
+            block_size=spec.block_size,
+            batch_bucket=batch,
+            q_len=q_len,
+            graph_mode=graph,
+        )
 
     prefill = None if graph else ctx(Op.ATTN_PREFILL, 0)
     return select_dispatch(

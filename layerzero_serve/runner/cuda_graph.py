@@ -33,9 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 from layerzero_serve.kernels.metadata import AttentionMetadata
-from layerzero_serve.kv_cache._storage import KVCache
+from layerzero_serve.kv_cache import KVCache
 from layerzero_serve.runner.attention import AttentionDispatch
-from layerzero_serve.selection._selector import KernelChoice
+from layerzero_serve.selection import KernelChoice
 
 logger = logging.getLogger("layerzero_serve")
 MAX_RECAPTURES = 8  # per bucket and call: each marks one more backend unhealthy

@@ -18,7 +18,7 @@ from layerzero_serve.errors import KernelOutputError, ValidationError
 from layerzero_serve.kernels.sampling_api import SamplingKernel, TorchSamplingKernel
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
 from layerzero_serve.sampling._processors import BAD_KERNEL_OUTPUT, FAILURE_DETAILS
-from layerzero_serve.selection._selector import KernelChoice, Selector
+from layerzero_serve.selection import KernelChoice, Selector
 
 logger = logging.getLogger("layerzero_serve")
 REFERENCE_BACKEND = "torch"

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from layerzero_serve.errors import ValidationError
+from layerzero_serve.request import stop_set_of
 from layerzero_serve.sampling import _validate as v
 from layerzero_serve.sampling._validate import INT32_MAX, INT64_MAX, INT64_MIN, MAX_TOKEN_ID
 
@@ -271,9 +272,7 @@ class SamplingParams:
         else:
             eos = (v.token_id("eos_token_id", eos_token_ids, vocab),)
         if self.min_tokens > 0:
-            blocked = bad | set(self.stop_token_ids)
-            if not self.ignore_eos:
-                blocked.update(eos)
+            blocked = bad | stop_set_of(self.stop_token_ids, eos, self.ignore_eos)
             if (len(blocked) >= vocab) if allowed is None else set(allowed) <= blocked:
                 raise ValidationError(
                     "min_tokens",

@@ -16,22 +16,6 @@ import torch
 from layerzero_serve.types import SchedulerOutput, TokenLogprob
 
 
-class StepTokens(list):
-    """The runner's result: ``tokens[i]`` are row i's new token ids (a list of lists, as the
-    scheduler's ``update`` takes them), plus per-row extras of the step: ``failed`` (row ->
-    detail; the row's sampling failed and its request must end in error), ``logprobs`` (row ->
-    TokenLogprob of its token) and ``prompt_logprobs`` (row -> [(prompt position,
-    TokenLogprob)])."""
-
-    __slots__ = ("failed", "logprobs", "prompt_logprobs")
-
-    def __init__(self, rows=()) -> None:
-        super().__init__(rows)
-        self.failed: dict[int, str] = {}
-        self.logprobs: dict[int, TokenLogprob] = {}
-        self.prompt_logprobs: dict[int, list[tuple[int, TokenLogprob]]] = {}
-
-
 def any_prompt_logprobs(requests) -> bool:
     for r in requests:
         p = r.sampling_params

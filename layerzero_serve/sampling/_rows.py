@@ -4,12 +4,13 @@ table updates that (re)build or top up its slot."""
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from layerzero_serve.errors import ValidationError
+from layerzero_serve.request import stop_set_of
 from layerzero_serve.sampling import _state as st
 from layerzero_serve.sampling._params import SamplingParams
 from layerzero_serve.sampling._slot_ops import SlotOps
@@ -28,9 +29,7 @@ class CallRow:
     all_token_ids: list[int]
     seed: int | None = None
     eos_token_id: int | None = None
-    ignore_eos: bool = False
-    stop_token_ids: frozenset[int] = frozenset()
-    stop_set: frozenset[int] = field(default_factory=frozenset)
+    stop_set: frozenset[int] | None = None  # None: from the params and eos_token_id
 
 
 def call_rows(logits, params, seeds, prompts, outputs, eos_token_id) -> list[CallRow]:
@@ -65,14 +64,14 @@ def call_rows(logits, params, seeds, prompts, outputs, eos_token_id) -> list[Cal
 
 
 def stop_ids(req) -> tuple[int, ...]:
-    """The ids min-tokens suppresses: the scheduler's stop set when it has one (EOS unless
-    ``ignore_eos``, plus the stop ids), else the same derived from the request."""
-    if req.stop_set:
-        return tuple(sorted(req.stop_set))
-    ids = set(req.stop_token_ids) | set(req.sampling_params.stop_token_ids)
-    if req.eos_token_id is not None and not (req.ignore_eos or req.sampling_params.ignore_eos):
-        ids.add(req.eos_token_id)
-    return tuple(sorted(ids))
+    """The ids min-tokens suppresses: the request's stop set (``types.Request`` derives it once;
+    a one-call row from ``stop_set_of`` of its params and EOS id)."""
+    stops = req.stop_set
+    if stops is None:  # a CallRow: the same definition over its params
+        p = req.sampling_params
+        eos = () if req.eos_token_id is None else (req.eos_token_id,)
+        stops = stop_set_of(p.stop_token_ids, eos, p.ignore_eos)
+    return tuple(sorted(stops))
 
 
 def admit_row(req, host: st.HostTable, vocab: int, rng: np.random.Generator) -> st.RowState:

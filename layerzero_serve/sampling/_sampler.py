@@ -76,7 +76,7 @@ from layerzero_serve.sampling._processors import (
 )
 from layerzero_serve.sampling._rows import admit_row, assign_slot, call_rows, top_up_counts
 from layerzero_serve.sampling._validate import INT64_MAX, INT64_MIN, as_int
-from layerzero_serve.selection._selector import Selector
+from layerzero_serve.selection import Selector
 
 logger = logging.getLogger("layerzero_serve")
 _EMPTY = np.empty(0, np.int64)

@@ -2,21 +2,30 @@
 
 ``select(op, ctx)`` picks one kernel per plan and explains why every other candidate lost;
 ``configure``/``prefer`` set policy in code (over ``LZ_KERNEL_POLICY`` over
-``LZ_KERNEL_POLICY_FILE``); ``register_kernel`` adds a user's kernel.
+``LZ_KERNEL_POLICY_FILE``); ``register_kernel`` adds a user's kernel. These functions act on the
+process-wide selector (:func:`get_selector`), which owns the registry, backend health, the
+decision cache and the policy (a :class:`PolicyState`); the only module state of this package is
+the reference to that selector.
 """
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op, Reason, Rejection
-from layerzero_serve.selection._device import FAKE_DEVICES, DeviceInfo, fake_device, probe_device
-from layerzero_serve.selection._policy import (
-    Policy,
-    PolicyError,
-    configure,
-    effective_policy,
-    load_policy_file,
-    prefer,
-    reload_policy,
+from layerzero_serve.selection._device import (
+    FAKE_DEVICES,
+    DeviceInfo,
+    available_memory,
+    backends_on,
+    cpu_name,
+    fake_device,
+    host_memory,
+    probe_device,
 )
-from layerzero_serve.selection._report import SelectionReport, explain
+from layerzero_serve.selection._policy import Policy, PolicyError, PolicyState, load_policy_file
+from layerzero_serve.selection._report import SelectionReport, explain, selector_for
 from layerzero_serve.selection._selector import (
     BackendState,
     Candidate,
@@ -38,6 +47,50 @@ def select(op: Op, ctx: KernelContext) -> KernelChoice:
     return get_selector().select(op, ctx)
 
 
+def configure(
+    lock: Mapping[str | Op, str] | None = None,
+    allow: Iterable[str] | None = (),
+    deny: Iterable[str] | None = (),
+    boost: Mapping[str, float] | None = None,
+    reset: bool = False,
+) -> Policy:
+    """Set the process-wide code policy (merged over any earlier ``configure`` unless
+    ``reset``). Returns the new code policy. ``allow``/``deny`` None means empty; boosts are
+    finite numbers with ``|boost| <= 1e6``.
+
+    CUDA graphs: host only; a policy applies to plans selected afterwards, not to graphs already
+    captured.
+    """
+    return get_selector().policy.configure(lock, allow, deny, boost, reset)
+
+
+@contextlib.contextmanager
+def prefer(
+    lock: Mapping[str | Op, str] | None = None,
+    allow: Iterable[str] | None = (),
+    deny: Iterable[str] | None = (),
+    boost: Mapping[str, float] | None = None,
+) -> Iterator[Policy]:
+    """Temporarily layer a policy over the process-wide code policy (innermost wins).
+
+    CUDA graphs: host only; plans selected inside the block (a capture's, for example) keep its
+    choice.
+    """
+    with get_selector().policy.prefer(lock, allow, deny, boost) as p:
+        yield p
+
+
+def reload_policy() -> None:
+    """Re-read LZ_KERNEL_POLICY and LZ_KERNEL_POLICY_FILE (they are read once, at first use)."""
+    get_selector().policy.reload()
+
+
+def effective_policy() -> Policy:
+    """The process-wide policy: prefer() layers > configure() > LZ_KERNEL_POLICY >
+    LZ_KERNEL_POLICY_FILE."""
+    return get_selector().policy.effective()
+
+
 def register_kernel(spec: KernelSpec, replace: bool = False) -> None:
     """Register a kernel with the process-wide selector. A backend the probe does not know
     (your own) must also be declared with :func:`register_backend`.
@@ -57,10 +110,10 @@ def register_backend(name: str, available: bool = True, version: str | None = No
 
 
 __all__ = [
-    "FAKE_DEVICES",
     "BackendState",
     "Candidate",
     "DeviceInfo",
+    "FAKE_DEVICES",
     "KernelChoice",
     "KernelContext",
     "KernelSpec",
@@ -68,18 +121,23 @@ __all__ = [
     "Op",
     "Policy",
     "PolicyError",
+    "PolicyState",
     "Reason",
     "Rejection",
     "SelectionError",
     "SelectionReport",
     "Selector",
+    "available_memory",
+    "backends_on",
     "batch_buckets",
     "configure",
     "context_key",
+    "cpu_name",
     "effective_policy",
     "explain",
     "fake_device",
     "get_selector",
+    "host_memory",
     "load_policy_file",
     "model_plans",
     "prefer",
@@ -89,5 +147,6 @@ __all__ = [
     "reload_policy",
     "select",
     "select_plans",
+    "selector_for",
     "set_selector",
 ]

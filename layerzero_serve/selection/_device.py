@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from layerzero_serve.selection._selector import get_selector, peek_selector
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
@@ -88,14 +90,12 @@ def _probe(index: int | None) -> DeviceInfo:
     )
 
 
-_override: list[DeviceInfo] = []
-
-
 def probe_device(device: torch.device | str | None = None) -> DeviceInfo:
     """The device to plan for: a fake one when ``fake_device`` is active, else a cached probe
     of ``device`` (default: the current CUDA device, or the CPU without CUDA)."""
-    if _override:
-        return _override[-1]
+    sel = peek_selector()
+    if sel is not None and sel.fake_devices:
+        return sel.fake_devices[-1]
     dev = torch.device(device) if device is not None else None
     if dev is None:
         index = torch.cuda.current_device() if torch.cuda.is_available() else None
@@ -108,12 +108,14 @@ def probe_device(device: torch.device | str | None = None) -> DeviceInfo:
 
 @contextlib.contextmanager
 def fake_device(info: DeviceInfo) -> Iterator[DeviceInfo]:
-    """Plan as if running on ``info`` (tests, or planning for another machine)."""
-    _override.append(info)
+    """Plan as if running on ``info`` (tests, or planning for another machine). The fake
+    device is held by the process-wide selector (see :func:`set_selector`)."""
+    stack = get_selector().fake_devices
+    stack.append(info)
     try:
         yield info
     finally:
-        _override.pop()
+        stack.pop()
 
 
 _GiB = 1 << 30
@@ -290,7 +292,7 @@ def backends_on(info: DeviceInfo, local: dict | None = None) -> dict:
     import, or whose extension did not load, stays unavailable. On a CPU device only ``torch``
     is available. Host only.
     """
-    from layerzero_serve.kernels._backends import BackendStatus, probe_all
+    from layerzero_serve.kernels.registry import BackendStatus, probe_all
 
     local = probe_all() if local is None else local
     out = {}

@@ -2,7 +2,9 @@
 
 Three sources, merged with precedence code > environment > file:
 
-* code: ``configure(...)`` (process-wide) and ``prefer(...)`` (a context manager, innermost wins);
+* code: ``configure(...)`` and ``prefer(...)`` (a context manager, innermost wins), which act on
+  the process-wide selector's :class:`PolicyState` (every selector owns one; there is no module
+  state here);
 * environment: ``LZ_KERNEL_POLICY``, e.g.
   ``lock.attention_decode=flashinfer.decode;deny=xformers*,flash_attn*;boost.triton*=10``;
 * file: YAML named by ``LZ_KERNEL_POLICY_FILE`` (or ``load_policy_file``)::
@@ -251,83 +253,81 @@ def load_policy_file(path: str | Path) -> Policy:
     return make_policy(**parts, where=str(path))  # type: ignore[arg-type]
 
 
-# ---- the process-wide policy stack -----------------------------------------------------------
-_code_policy = Policy()
-_prefer_stack: list[Policy] = []
-_epoch = [0]  # bumped on every change; the selector's cache is keyed on it
-
-
-def epoch() -> int:
-    return _epoch[0]
-
-
-def configure(
-    lock: Mapping[str | Op, str] | None = None,
-    allow: Iterable[str] | None = (),
-    deny: Iterable[str] | None = (),
-    boost: Mapping[str, float] | None = None,
-    reset: bool = False,
-) -> Policy:
-    """Set the process-wide code policy (merged over any earlier ``configure`` unless
-    ``reset``). Returns the new code policy. ``allow``/``deny`` None means empty; boosts are
-    finite numbers with ``|boost| <= 1e6``.
+# ---- a selector's policy state ---------------------------------------------------------------
+class PolicyState:
+    """The policy one selector decides under (``Selector.policy``; the process-wide functions
+    ``configure``/``prefer``/``reload_policy`` act on the process-wide selector's): the code
+    policy (:meth:`configure`), the :meth:`prefer` layers, and the environment/file policy
+    (``LZ_KERNEL_POLICY`` over ``LZ_KERNEL_POLICY_FILE``), read at first use and cached until
+    :meth:`reload`. ``epoch`` counts changes; the selector's decision cache is keyed on it.
 
     CUDA graphs: host only; a policy applies to plans selected afterwards, not to graphs already
     captured.
     """
-    global _code_policy
-    if not isinstance(reset, bool):
-        raise PolicyError("reset", reset, "a bool")
-    new = make_policy(lock, allow, deny, boost)
-    _code_policy = new if reset else new.over(_code_policy)
-    _epoch[0] += 1
-    return _code_policy
 
+    __slots__ = ("_code", "_env", "_layers", "epoch")
 
-@contextlib.contextmanager
-def prefer(
-    lock: Mapping[str | Op, str] | None = None,
-    allow: Iterable[str] | None = (),
-    deny: Iterable[str] | None = (),
-    boost: Mapping[str, float] | None = None,
-) -> Iterator[Policy]:
-    """Temporarily layer a policy over the code policy (innermost wins).
+    def __init__(self) -> None:
+        self._code = Policy()
+        self._layers: list[Policy] = []
+        self._env: Policy | None = None  # parsed at first use; reload() re-reads
+        self.epoch = 0
 
-    CUDA graphs: host only; plans selected inside the block (a capture's, for example) keep its
-    choice.
-    """
-    p = make_policy(lock, allow, deny, boost)
-    _prefer_stack.append(p)
-    _epoch[0] += 1
-    try:
-        yield p
-    finally:
-        _prefer_stack.pop()
-        _epoch[0] += 1
+    def __repr__(self) -> str:
+        layers = len(self._layers)
+        return f"PolicyState(code={self._code!r}, prefer_layers={layers}, epoch={self.epoch})"
 
+    def configure(
+        self,
+        lock: Mapping[str | Op, str] | None = None,
+        allow: Iterable[str] | None = (),
+        deny: Iterable[str] | None = (),
+        boost: Mapping[str, float] | None = None,
+        reset: bool = False,
+    ) -> Policy:
+        """Set the code policy (merged over the earlier one unless ``reset``); returns it."""
+        if not isinstance(reset, bool):
+            raise PolicyError("reset", reset, "a bool")
+        new = make_policy(lock, allow, deny, boost)
+        self._code = new if reset else new.over(self._code)
+        self.epoch += 1
+        return self._code
 
-_env_policy: list[Policy] = []  # parsed once; reload_policy() re-reads
+    @contextlib.contextmanager
+    def prefer(
+        self,
+        lock: Mapping[str | Op, str] | None = None,
+        allow: Iterable[str] | None = (),
+        deny: Iterable[str] | None = (),
+        boost: Mapping[str, float] | None = None,
+    ) -> Iterator[Policy]:
+        """Layer a policy over the code policy for the ``with`` block (innermost wins)."""
+        p = make_policy(lock, allow, deny, boost)
+        self._layers.append(p)
+        self.epoch += 1
+        try:
+            yield p
+        finally:
+            self._layers.pop()
+            self.epoch += 1
 
+    def reload(self) -> None:
+        """Re-read LZ_KERNEL_POLICY and LZ_KERNEL_POLICY_FILE at the next use."""
+        self._env = None
+        self.epoch += 1
 
-def reload_policy() -> None:
-    """Re-read LZ_KERNEL_POLICY and LZ_KERNEL_POLICY_FILE (they are read once, at first use)."""
-    _env_policy.clear()
-    _epoch[0] += 1
+    def _env_and_file(self) -> Policy:
+        if self._env is None:
+            env, file = envs.kernel_policy(), envs.kernel_policy_file()
+            if file and not Path(file).is_file():
+                raise PolicyError("LZ_KERNEL_POLICY_FILE", file, "an existing YAML file")
+            base = load_policy_file(file) if file else Policy()
+            self._env = (parse_env_policy(env) if env else Policy()).over(base)
+        return self._env
 
-
-def _env_and_file() -> Policy:
-    if not _env_policy:
-        env, file = envs.kernel_policy(), envs.kernel_policy_file()
-        if file and not Path(file).is_file():
-            raise PolicyError("LZ_KERNEL_POLICY_FILE", file, "an existing YAML file")
-        base = load_policy_file(file) if file else Policy()
-        _env_policy.append((parse_env_policy(env) if env else Policy()).over(base))
-    return _env_policy[0]
-
-
-def effective_policy() -> Policy:
-    """prefer() layers > configure() > LZ_KERNEL_POLICY > LZ_KERNEL_POLICY_FILE."""
-    p = _code_policy.over(_env_and_file())
-    for layer in _prefer_stack:
-        p = layer.over(p)
-    return p
+    def effective(self) -> Policy:
+        """prefer() layers > configure() > LZ_KERNEL_POLICY > LZ_KERNEL_POLICY_FILE."""
+        p = self._code.over(self._env_and_file())
+        for layer in self._layers:
+            p = layer.over(p)
+        return p

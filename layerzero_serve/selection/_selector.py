@@ -14,11 +14,15 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from layerzero_serve import _envs as envs
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op, Reason, Rejection
-from layerzero_serve.selection import _policy as policy_mod
+from layerzero_serve.selection._policy import Policy, PolicyState
+
+if TYPE_CHECKING:
+    from layerzero_serve.selection._device import DeviceInfo
 
 logger = logging.getLogger("layerzero_serve")
 
@@ -67,14 +71,14 @@ class BackendState:
 
 
 def _probe_backends(name: str) -> BackendState:
-    from layerzero_serve.kernels._backends import probe_backend
+    from layerzero_serve.kernels.registry import probe_backend
 
     st = probe_backend(name)
     return BackendState(st.available, st.version, st.reason)
 
 
 def _default_specs() -> list[KernelSpec]:
-    from layerzero_serve.kernels._catalog import all_specs
+    from layerzero_serve.kernels.registry import all_specs
 
     return list(all_specs())
 
@@ -89,12 +93,17 @@ class Selector:
             a Mapping gives a fixed availability set (tests, what-if planning).
         timings: ``{kernel name: {context key: seconds}}`` measured on this device; where two
             or more candidates have a timing, the faster scores higher.
+        policy: the :class:`PolicyState` it decides under; None: the process-wide one (that of
+            :func:`get_selector`, which ``configure``/``prefer`` change). The process-wide
+            selector always owns one: :func:`set_selector` hands it the policy of the selector
+            it replaces, so a policy set before the swap still applies.
     """
 
     specs: list[KernelSpec] | None = None
     backends: Callable[[str], BackendState] | Mapping[str, BackendState] | None = None
     timings: Mapping[str, Mapping[str, float]] | None = None
     stats: SelectorStats = field(default_factory=SelectorStats)
+    policy: PolicyState | None = None
 
     def __post_init__(self) -> None:
         if self.specs is not None and (
@@ -109,12 +118,16 @@ class Selector:
             )
         if self.timings is not None and not isinstance(self.timings, Mapping):
             raise ValidationError("timings", self.timings, "None or a Mapping")
+        if self.policy is not None and not isinstance(self.policy, PolicyState):
+            raise ValidationError("policy", self.policy, "None or a PolicyState")
         self._specs: dict[str, KernelSpec] = {}
         self._unhealthy: dict[str, str] = {}
         self._cache: dict[KernelContext, KernelChoice] = {}
-        self._cache_epoch = -1
+        self._cache_stamp: tuple[PolicyState | None, int] = (None, -1)  # the policy it holds
         self._backend_cache: dict[str, BackendState] = {}
         self._backend_overrides: dict[str, BackendState] = {}
+        # fake_device()'s stack while this is the process-wide selector: plan as if on the last
+        self.fake_devices: list[DeviceInfo] = []
         for s in self.specs if self.specs is not None else _default_specs():
             self.register(s)
         if self.timings is None and envs.timing_table():
@@ -193,6 +206,13 @@ class Selector:
     def unhealthy(self) -> dict[str, str]:
         return dict(self._unhealthy)
 
+    # ---- policy ------------------------------------------------------------------------------
+    def policy_state(self) -> PolicyState:
+        """The policy this selector decides under: its own, else the process-wide one."""
+        if self.policy is not None:
+            return self.policy
+        return get_selector().policy  # type: ignore[return-value]  (the default owns one)
+
     # ---- selection ---------------------------------------------------------------------------
     def select(self, op: Op, ctx: KernelContext) -> KernelChoice:
         """The kernel for ``op`` in ``ctx`` (``ctx.op`` must equal ``op``). Cached."""
@@ -201,20 +221,21 @@ class Selector:
         if ctx.op is not op:  # identity: the cheap common case; validate only when it differs
             _check_op(op, ctx)
         self.stats.select_calls += 1
-        ep = policy_mod.epoch()
-        if ep != self._cache_epoch:
+        state = self.policy_state()
+        held, ep = self._cache_stamp
+        if held is not state or ep != state.epoch:
             self._cache.clear()
-            self._cache_epoch = ep
+            self._cache_stamp = (state, state.epoch)
         hit = self._cache.get(ctx)
         if hit is not None:
             return hit
-        choice = self._decide(ctx.op, ctx, policy_mod.effective_policy())
+        choice = self._decide(ctx.op, ctx, state.effective())
         self._cache[ctx] = choice
         self.stats.cold_selections += 1
         return choice
 
     def _reject(
-        self, spec: KernelSpec, ctx: KernelContext, pol: policy_mod.Policy, lock: str | None
+        self, spec: KernelSpec, ctx: KernelContext, pol: Policy, lock: str | None
     ) -> Rejection | None:
         if lock is not None and spec.name != lock:
             return Rejection(Reason.NOT_LOCKED, f"{ctx.op.value} is locked to {lock}")
@@ -252,7 +273,7 @@ class Selector:
         best = min(measured.values())
         return {n: 100.0 * best / t for n, t in measured.items()}
 
-    def _decide(self, op: Op, ctx: KernelContext, pol: policy_mod.Policy) -> KernelChoice:
+    def _decide(self, op: Op, ctx: KernelContext, pol: Policy) -> KernelChoice:
         lock = pol.locks.get(op)
         specs = self.kernels(op)
         if lock is not None and lock not in self._specs:
@@ -334,20 +355,35 @@ def context_key(ctx: KernelContext) -> str:
     )
 
 
+# The one piece of module state of the selection package: the process-wide selector, which owns
+# the process-wide policy (and the planning device of ``fake_device``).
 _default: list[Selector] = []
 
 
 def get_selector() -> Selector:
-    """The process-wide selector (created on first use)."""
+    """The process-wide selector (created on first use, with a fresh policy)."""
     if not _default:
-        _default.append(Selector())
+        _default.append(Selector(policy=PolicyState()))
     return _default[0]
 
 
 def set_selector(selector: Selector | None) -> None:
-    """Replace (or with None, reset) the process-wide selector."""
+    """Replace (or with None, reset) the process-wide selector. A selector without a policy of
+    its own takes over the policy and planning device of the one it replaces; None drops them
+    too (the next :func:`get_selector` starts with a fresh policy)."""
     if selector is not None and not isinstance(selector, Selector):
         raise ValidationError("selector", selector, "None or a Selector")
+    old = _default[0] if _default else None
     _default.clear()
-    if selector is not None:
-        _default.append(selector)
+    if selector is None:
+        return
+    if selector.policy is None:
+        selector.policy = old.policy if old is not None else PolicyState()
+    if old is not None and old is not selector and not selector.fake_devices:
+        selector.fake_devices = old.fake_devices
+    _default.append(selector)
+
+
+def peek_selector() -> Selector | None:
+    """The process-wide selector if one exists (never creates it)."""
+    return _default[0] if _default else None

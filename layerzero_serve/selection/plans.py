@@ -39,13 +39,18 @@ class ModelShape:
 
 def base_context(
     op: Op,
+    *,
     device: DeviceInfo,
     shape: ModelShape,
     block_size: int,
-    batch: int,
+    batch_bucket: int,
     q_len: int,
     graph_mode: bool,
 ) -> KernelContext:
+    """The plan of ``op`` on ``device`` for a model of ``shape``: ``block_size`` tokens per KV
+    block, ``batch_bucket`` rows (a captured bucket, else the maximum batch), ``q_len`` query
+    tokens per row (0: variable, as in prefill), ``graph_mode`` whether it runs in a CUDA graph.
+    Keyword-only after ``op``: the call names every number."""
     return KernelContext(
         op=op,
         device_type=device.type,
@@ -56,7 +61,7 @@ def base_context(
         num_q_heads=shape.num_q_heads,
         num_kv_heads=shape.num_kv_heads,
         block_size=block_size,
-        batch_bucket=batch,
+        batch_bucket=batch_bucket,
         q_len=q_len,
         graph_mode=graph_mode,
         vocab_size=shape.vocab_size,
@@ -74,7 +79,18 @@ def model_plans(
     bucket (graph mode when buckets are given, else one eager plan at ``max_num_seqs``),
     sampling, and the per-layer norm/rope/activation ops."""
     graph = decode_buckets is not None
-    ctx = lambda op, b, q, g: base_context(op, device, shape, block_size, b, q, g)  # noqa: E731
+
+    def ctx(op: Op, batch_bucket: int, q_len: int, graph_mode: bool) -> KernelContext:
+        return base_context(
+            op,
+            device=device,
+            shape=shape,
+            block_size=block_size,
+            batch_bucket=batch_bucket,
+            q_len=q_len,
+            graph_mode=graph_mode,
+        )
+
     plans = [ctx(Op.ATTN_PREFILL, max_num_seqs, 0, False), ctx(Op.KV_WRITE, max_num_seqs, 0, graph)]
     for b in decode_buckets or [max_num_seqs]:
         plans.append(ctx(Op.ATTN_DECODE, b, 1, graph))

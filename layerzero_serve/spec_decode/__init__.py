@@ -20,6 +20,7 @@ from layerzero_serve.spec_decode._adaptive import (
     expected_speedup,
     expected_tokens,
 )
+from layerzero_serve.spec_decode._coordinator import SpecCoordinator
 from layerzero_serve.spec_decode._metrics import RequestSpecStats, SpecDecodeMetrics
 from layerzero_serve.spec_decode._ngram import NgramProposer, find_ngram_match
 from layerzero_serve.spec_decode._ngram_index import NgramIndex
@@ -32,13 +33,14 @@ from layerzero_serve.spec_decode._rejection import (
 )
 
 __all__ = [
-    "MAX_K",
     "AdaptiveK",
     "LinearStepCost",
+    "MAX_K",
     "NgramIndex",
     "NgramProposer",
     "Proposer",
     "RequestSpecStats",
+    "SpecCoordinator",
     "SpecDecodeMetrics",
     "StepCostModel",
     "TableStepCost",

@@ -4,7 +4,8 @@ the runner, acceptance bookkeeping after the update.
 Per step (all host work, microseconds per request):
 
 1. :meth:`SpecCoordinator.propose` picks ``k`` (adaptive: from the batch size and the measured
-   acceptance rate; 0 = plain decoding this step) and sets ``request.spec_token_ids`` for every
+   acceptance rate; 0 = plain decoding this step) and returns the drafts (request id -> ids),
+   which the engine passes to ``Scheduler.schedule``, for every
    running request that is decode-ready and whose sampling is stateless per token
    (:func:`~layerzero_serve.spec_decode.verifier.can_speculate`). The scheduler schedules such a
    request with ``1 + d`` tokens; the KV manager reserves the lookahead slots.
@@ -279,9 +280,10 @@ class SpecCoordinator:
 
     def propose(
         self, running: Iterable[Request], num_running: int, defer_shadow: bool = False
-    ) -> None:
-        """Set this step's drafts on the decode-ready, speculation-capable running requests
-        (or, on a shadow probe, only remember each one's first draft). ``defer_shadow``: a
+    ) -> dict[str, list[int]]:
+        """This step's drafts (request id -> draft ids) for the decode-ready,
+        speculation-capable running requests, an input of ``Scheduler.schedule`` (on a shadow
+        probe: none; each probed request's first draft is only remembered). ``defer_shadow``: a
         shadow probe is not drafted now but left to :meth:`propose_shadow` (``shadow_due``),
         which the engine calls once the step is on the device: its drafts are not inputs of
         the step, so the proposer's host time overlaps the step instead of delaying it."""
@@ -293,11 +295,12 @@ class SpecCoordinator:
         if shadow and defer_shadow:
             self.shadow_due = k > 0
         elif k:
-            self._draft(running, k, shadow)
+            return self._draft(running, k, shadow)
+        return {}
 
-    def _draft(self, running: Iterable[Request], k: int, shadow: bool) -> None:
+    def _draft(self, running: Iterable[Request], k: int, shadow: bool) -> dict[str, list[int]]:
         """Ask the proposer for ``k`` drafts per ready request (a rotating slice of them for a
-        shadow probe) and set them (or remember the first one, for a shadow probe)."""
+        shadow probe); returns them (a shadow probe returns none and remembers the first)."""
         ready = [
             r
             for r in running
@@ -305,7 +308,7 @@ class SpecCoordinator:
             and can_speculate(r.sampling_params)
         ]
         if not ready:
-            return
+            return {}
         if shadow and len(ready) > SHADOW_ROWS:  # a rotating slice of the batch
             at = self._shadow_cursor % len(ready)
             ready = (ready[at:] + ready[:at])[:SHADOW_ROWS]
@@ -313,6 +316,7 @@ class SpecCoordinator:
         drafts = self._ask(ready, k, shadow)
         drafted = False
         failed = None
+        out: dict[str, list[int]] = {}
         for r, row in zip(ready, drafts, strict=True):
             room = r.stop_len - len(r.all_token_ids) - 1  # leave room for the target's token
             try:  # iterating the row runs the proposer's code (its iterators, __index__)
@@ -324,7 +328,7 @@ class SpecCoordinator:
                 if shadow:
                     self._shadow[r.request_id] = d[0]
                 else:
-                    r.spec_token_ids = d
+                    out[r.request_id] = d
         if failed is not None:  # counted once per step, like a failed call
             self._proposer_failed("rows", failed)
         if self.adaptive is not None:
@@ -333,6 +337,7 @@ class SpecCoordinator:
             else:
                 self._idle_pause = self._idle_next
                 self._idle_next = min(2 * self._idle_next, MAX_IDLE_PAUSE)
+        return out
 
     def _ask(self, ready: list[Request], k: int, shadow: bool = False) -> list:
         """The proposer's rows for ``ready``; a call that raises or returns anything but one

@@ -25,7 +25,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from layerzero_serve._model_source import load_model_source
+from layerzero_serve.config import EngineConfig
 from layerzero_serve.errors import ValidationError
+from layerzero_serve.kv_cache import KVCache, KVCacheManager
+from layerzero_serve.runner import ModelRunner, prepare_model
+from layerzero_serve.sampling import Sampler, SamplingParams
 from layerzero_serve.spec_decode._proposer import MAX_K, Proposer, check_int
 from layerzero_serve.types import Request, SchedulerOutput
 
@@ -66,14 +71,6 @@ class DraftModelProposer(Proposer):
         max_model_len: int | None = None,
         graph_buckets: Sequence[int] | None = None,
     ) -> None:
-        # Imported here: the engine stack imports this package (config -> proposer).
-        from layerzero_serve._model_source import load_model_source
-        from layerzero_serve.config import EngineConfig
-        from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
-        from layerzero_serve.runner._model_runner import ModelRunner, optimize_model
-        from layerzero_serve.sampling import Sampler, SamplingParams
-        from layerzero_serve.selection.plans import ModelShape
-
         cfg = EngineConfig(
             model=str(model),
             device=device,
@@ -92,17 +89,8 @@ class DraftModelProposer(Proposer):
                 f"a model with the target's vocabulary of {target_vocab_size} tokens "
                 f"(this one has {mc.vocab_size}: its ids would mean other tokens)",
             )
-        dev, dt = loaded.resolved.device, loaded.resolved.dtype
-        spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, block_size, dt)
-        shape = ModelShape(
-            str(dt).removeprefix("torch."),
-            mc.head_dim,
-            mc.num_heads,
-            mc.num_kv_heads,
-            mc.vocab_size,
-        )
-        if dev.type == "cuda":
-            optimize_model(loaded.model, shape, dev, block_size, max_num_seqs)
+        dev = loaded.resolved.device
+        shape, spec = prepare_model(loaded, block_size, max_num_seqs)  # as the engine does
         self.kv_cache = KVCache(spec, num_blocks=num_kv_blocks, device=dev)
         self.kv = KVCacheManager(num_kv_blocks, block_size, enable_prefix_caching=False)
         sampler = Sampler(seed=0, max_num_seqs=max_num_seqs)
@@ -117,7 +105,7 @@ class DraftModelProposer(Proposer):
                 self.runner.enable_graphs(buckets, self.max_len, progress=False)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # drafts stay exact
                 logger.warning("draft model: CUDA-graph capture failed (%s); running eagerly", e)
-                self.runner.graphs = self.runner.sampler_graphs = None
+                self.runner.disable_graphs()
         self.vocab_size = mc.vocab_size
         self._greedy = SamplingParams(temperature=0.0, max_tokens=self.max_len)
         self._mirrors: dict[str, Request] = {}
@@ -209,6 +197,7 @@ class DraftModelProposer(Proposer):
             tables.append(ids)
         if not rows:
             return []
+        changes = self.kv.end_step()
         out = SchedulerOutput(
             next(self._steps),
             rows,
@@ -216,9 +205,9 @@ class DraftModelProposer(Proposer):
             counts,
             tables,
             sum(counts),
-            self.kv.take_pending_copies(),
+            changes.copies,
             [],
-            self.kv.table_edits,
+            changes.table_edits,
         )
         tokens = self.runner.execute(out)
         going = []

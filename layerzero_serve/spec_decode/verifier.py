@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from layerzero_serve.kernels.sampling_api import draw_inverse_cdf, filter_weights
-from layerzero_serve.sampling._params import SamplingParams
-from layerzero_serve.sampling._processors import FAILURE_DETAILS, row_max_and_flags
+from layerzero_serve.sampling import FAILURE_DETAILS, SamplingParams, row_max_and_flags
 from layerzero_serve.spec_decode._rejection import greedy_verify
 
 

@@ -49,7 +49,7 @@ def stand_in(monkeypatch):
 def _engine(async_on: bool, **kw) -> Engine:
     eng = Engine(model="dummy:tiny", device="cpu", seed=0, **kw)
     if async_on:
-        eng._async = AsyncScheduling(eng.runner, eng.scheduler)
+        eng._set_execution(AsyncScheduling(eng.runner, eng.scheduler))
     return eng
 
 

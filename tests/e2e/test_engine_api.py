@@ -213,9 +213,10 @@ def test_ignore_eos_also_ignores_the_models_extra_eos_ids():
     """A generation config may list several EOS ids: ignore_eos ignores all of them, while
     explicit stop_token_ids still stop (as in HF/vLLM)."""
     eng = Engine(model="dummy:tiny", device="cpu")
-    eng._extra_stop_ids = frozenset({7, 9})  # as loaded from a multi-EOS generation config
+    eos = eng.eos_token_id
+    eng._eos_ids = (eos, 7, 9)  # as loaded from a multi-EOS generation config
     ignoring = eng.add_request([1, 2], SamplingParams(ignore_eos=True, stop_token_ids=[5]))
     honoring = eng.add_request([1, 2], SamplingParams(stop_token_ids=[5]))
     reqs = eng.scheduler.requests
-    assert reqs[ignoring].stop_token_ids == frozenset({5})
-    assert reqs[honoring].stop_token_ids == frozenset({5, 7, 9})
+    assert reqs[ignoring].stop_set == frozenset({5})
+    assert reqs[honoring].stop_set == frozenset({5, 7, 9, eos})

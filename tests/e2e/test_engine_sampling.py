@@ -179,8 +179,8 @@ def _nan_run(path, poison: str | None) -> dict:
     seen: dict = {}
     schedule, compute = eng.scheduler.schedule, eng.runner.model.compute_logits
 
-    def spy_schedule():
-        seen["out"] = schedule()
+    def spy_schedule(*args, **kwargs):
+        seen["out"] = schedule(*args, **kwargs)
         return seen["out"]
 
     def poisoned(hidden):

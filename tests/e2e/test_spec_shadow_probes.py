@@ -47,7 +47,6 @@ def _decode_ready(request_id: str, tokens: list[int]) -> SimpleNamespace:
         num_computed_tokens=len(tokens) - 1,
         sampling_params=SamplingParams(temperature=0.0, max_tokens=100),
         stop_len=100,
-        spec_token_ids=[],
     )
 
 
@@ -134,8 +133,7 @@ def test_shadow_probes_ask_a_rotating_slice_of_a_large_batch():
     prop = Recording()
     coord = SpecCoordinator(prop, verifier=None, k_max=4, adaptive=True, vocab_size=100)
     for _ in range(3):  # start-up: every step is a shadow probe while no outcome is in
-        coord.propose(reqs, len(reqs))
-        assert all(r.spec_token_ids == [] for r in reqs)  # nothing is scheduled
+        assert coord.propose(reqs, len(reqs)) == {}  # nothing is scheduled
         assert len(coord._shadow) == SHADOW_ROWS
         coord.score_shadow(reqs, [[] for _ in reqs])  # e.g. failed rows: nothing to score
     assert prop.asked == [list(range(8)), list(range(8, 16)), [16, 17, 18, 19, 0, 1, 2, 3]]
@@ -167,8 +165,8 @@ def test_next_is_plain_decides_the_next_step_once():
     coord.adaptive.best_k = lambda batch, acceptance=None: (3, 2.0)  # worth it again
     assert not coord.next_is_plain(1) and coord._decided == (3, False)
     coord.adaptive.best_k = lambda batch, acceptance=None: (0, 1.0)  # not asked again:
-    coord.propose([req], 1)  # the kept decision drafts 3
-    assert req.spec_token_ids == [7, 7, 7] and coord.last_k == 3 and coord._decided is None
+    drafts = coord.propose([req], 1)  # the kept decision drafts 3
+    assert drafts == {req.request_id: [7, 7, 7]} and coord.last_k == 3 and coord._decided is None
 
 
 def test_a_shadow_probe_decided_ahead_is_drafted_after_the_tokens_arrive():
@@ -188,8 +186,8 @@ def test_a_shadow_probe_decided_ahead_is_drafted_after_the_tokens_arrive():
     assert not coord._shadow  # nothing drafted before the tokens are known
     req.all_token_ids.append(9)  # the previous step's token arrives; the next step is running
     req.num_computed_tokens = 3
-    coord.propose_shadow([req])
-    assert coord._shadow == {"r": 10} and not coord.shadow_due and req.spec_token_ids == []
+    coord.propose_shadow([req])  # remembered for scoring only: a shadow draft is never scheduled
+    assert coord._shadow == {"r": 10} and not coord.shadow_due
     coord.score_shadow([req], [[10]])
     assert (coord.shadow_probes, coord.shadow_hits) == (1, 1)
 
@@ -212,6 +210,6 @@ def test_ngram_shadow_probes_build_no_index_and_real_drafting_does():
     coord.adaptive.min_evidence = 0.0
     coord.adaptive.best_k = lambda batch, acceptance=None: (2, 2.0)  # speculation on
     for _ in range(2):
-        coord.propose(reqs, len(reqs))
-    assert [r.spec_token_ids for r in reqs] == [[7, 5]] * 4
+        drafts = coord.propose(reqs, len(reqs))
+    assert [drafts[r.request_id] for r in reqs] == [[7, 5]] * 4
     assert sorted(prop._indexes) == ["0", "1", "2", "3"]  # asked with ids

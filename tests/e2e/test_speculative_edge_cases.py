@@ -334,13 +334,15 @@ def test_mixed_batch_of_prefills_plain_decodes_and_drafted_rows():
         execute = eng.runner.execute
 
         def spy(out):
-            drafted = any(r.spec_token_ids for r in out.requests)
+            drafted = bool(out.drafts)
             plain = any(
-                not r.spec_token_ids and s + 1 == len(r.all_token_ids) and r.num_output_tokens
+                r.request_id not in out.drafts
+                and s + 1 == len(r.all_token_ids)
+                and r.num_output_tokens
                 for r, s in zip(out.requests, out.starts, strict=True)
             )
             prefill = any(
-                n > 1 and not r.spec_token_ids
+                n > 1 and r.request_id not in out.drafts
                 for r, n in zip(out.requests, out.num_scheduled, strict=True)
             )
             kinds.append((drafted, plain, prefill))

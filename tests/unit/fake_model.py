@@ -34,7 +34,7 @@ class FakeModel:
             self.kv[dst * bs : (dst + 1) * bs] = self.kv[src * bs : (src + 1) * bs]
         results = []
         for ch in out.chunks:
-            toks = ch.request.all_token_ids + ch.request.spec_token_ids
+            toks = ch.request.all_token_ids + out.drafts.get(ch.request.request_id, [])
             for pos in range(ch.start, ch.start + ch.num_tokens):
                 self.kv[ch.block_ids[pos // bs] * bs + pos % bs] = toks[pos]
             end = ch.start + ch.num_tokens

@@ -52,7 +52,7 @@ def test_rows_follow_the_managers_edit_counter():
     for r in reqs:
         assert kv.allocate_slots(r, len(r.all_token_ids), None, 0) is not None
     cache = BlockTableCache()
-    lists = [r.kv_block_ids for r in reqs]
+    lists = [kv.block_ids(r.request_id) for r in reqs]
     assert np.array_equal(cache.build(lists, kv.table_edits), build_block_table(lists))
     before = kv.table_edits
     reqs[1].num_computed_tokens = 5
@@ -60,7 +60,7 @@ def test_rows_follow_the_managers_edit_counter():
     assert kv.table_edits == before + 1
     r = reqs[1]
     assert kv.allocate_slots(r, len(r.all_token_ids) - 5, None, 0) is not None  # new blocks
-    lists = [r.kv_block_ids for r in reqs]
+    lists = [kv.block_ids(r.request_id) for r in reqs]
     assert np.array_equal(cache.build(lists, kv.table_edits), build_block_table(lists))
 
 

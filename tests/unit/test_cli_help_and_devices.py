@@ -10,6 +10,7 @@ from importlib.metadata import version
 import pytest
 import torch
 
+import layerzero_serve.selection as selection
 from layerzero_serve._cli import build_parser, main
 from layerzero_serve.kernels import _backends
 from layerzero_serve.kernels._backends import BackendStatus
@@ -83,11 +84,12 @@ def test_parser_still_requires_a_command(capsys):
 
 
 def test_doctor_on_a_cpu_describes_the_cpu(capsys, monkeypatch):
-    monkeypatch.setattr(
-        _device, "probe_device", lambda device=None: _device._probe.__wrapped__(None)
-    )
-    monkeypatch.setattr(_device, "cpu_name", lambda: "Test CPU 9000")
-    monkeypatch.setattr(_device, "host_memory", lambda root="/": (6 << 30, 16 << 30))
+    for module in (_device, selection):  # where the probe and doctor look them up
+        monkeypatch.setattr(
+            module, "probe_device", lambda device=None: _device._probe.__wrapped__(None)
+        )
+        monkeypatch.setattr(module, "cpu_name", lambda: "Test CPU 9000")
+        monkeypatch.setattr(module, "host_memory", lambda root="/": (6 << 30, 16 << 30))
     assert main(["doctor", "--model", "dummy:tiny"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert "sm_0" not in first and "0.0/0.0" not in first

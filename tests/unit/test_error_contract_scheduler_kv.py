@@ -4,6 +4,7 @@ the requests already there go on to produce exactly the tokens of a run that nev
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -70,9 +71,8 @@ def _snapshot(sched: Scheduler) -> tuple:
             r.status,
             r.num_computed_tokens,
             tuple(r.all_token_ids),
-            tuple(r.kv_block_ids),
-            r.kv_capacity,
-            tuple(r.spec_token_ids),
+            tuple(kv.block_ids(rid)),
+            None if r.block_table is None else r.block_table.capacity,
         )
         for rid, r in sorted(sched.requests.items())
     )
@@ -185,10 +185,11 @@ def test_step_with_a_runner_returning_too_few_rows_applies_nothing(reference):
 # ---- Scheduler.add_request / abort / schedule -----------------------------------------------
 
 
-def _req(**kw) -> Request:
+def _req(**kw):
+    """A bad request, built inside the test: its description validates on construction."""
     base = dict(request_id="bad", prompt_token_ids=[1, 2, 3], max_tokens=4)
     base.update(kw)
-    return Request(**base)
+    return functools.partial(Request, **base)
 
 
 BAD_REQUESTS = [
@@ -228,7 +229,8 @@ def test_add_request_rejects_bad_requests_and_queues_nothing(reference, param, r
         sched.add_request(r)
     before = _snapshot(sched)
     with pytest.raises(ValidationError, match=param):
-        sched.add_request(request_)
+        # (a description field out of range raises when the request is built)
+        sched.add_request(request_() if isinstance(request_, functools.partial) else request_)
     assert _snapshot(sched) == before
     assert _drain(sched) == reference
 
@@ -242,7 +244,7 @@ def test_a_request_with_a_non_iterable_prompt_names_it(prompt):
 def test_add_request_rejects_a_scalar_array_of_stop_ids():
     sched = _make()
     with pytest.raises(ValidationError, match="stop_token_ids"):
-        sched.add_request(_req(stop_token_ids=np.array(3)))
+        sched.add_request(_req(stop_token_ids=np.array(3))())
     assert not sched.requests and not sched.has_unfinished()
 
 
@@ -287,7 +289,7 @@ def _kv_with_request() -> tuple[KVCacheManager, Request]:
 def _kv_state(mgr: KVCacheManager, r: Request) -> tuple:
     return (
         tuple(mgr.block_ids("a")),
-        r.kv_capacity,
+        mgr.block_ids("a").capacity if mgr.block_ids("a") else 0,
         mgr.num_free_blocks,
         mgr.table_edits,
         tuple(b.ref_cnt for b in mgr.pool.blocks),

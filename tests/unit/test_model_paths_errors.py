@@ -174,7 +174,7 @@ def test_bin_only_weights_unsupported_with_convert_hint(ckpt, name):
 
 
 def test_8b_dummy_on_a_small_cpu_fails_before_allocating(monkeypatch, capsys):
-    monkeypatch.setattr(_device, "available_memory", lambda dev: (8 * GiB, "test meminfo"))
+    monkeypatch.setattr(model_source, "available_memory", lambda dev: (8 * GiB, "test meminfo"))
 
     def no_build(*a, **k):
         raise AssertionError("the model was built before the memory check")
@@ -192,16 +192,16 @@ def test_8b_dummy_on_a_small_cpu_fails_before_allocating(monkeypatch, capsys):
 
 
 def test_checkpoint_larger_than_memory_fails_before_loading(ckpt, monkeypatch):
-    monkeypatch.setattr(_device, "available_memory", lambda dev: (1000, "test"))
+    monkeypatch.setattr(model_source, "available_memory", lambda dev: (1000, "test"))
     monkeypatch.setattr(model_source, "load_model", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(InsufficientMemoryError, match="0.0 GiB"):
         _load(ckpt)
 
 
 def test_enough_memory_loads(monkeypatch):
-    monkeypatch.setattr(_device, "available_memory", lambda dev: (1 * GiB, "test"))
+    monkeypatch.setattr(model_source, "available_memory", lambda dev: (1 * GiB, "test"))
     assert _load("dummy:tiny").config.vocab_size == 512
-    monkeypatch.setattr(_device, "available_memory", lambda dev: None)  # unknown: no check
+    monkeypatch.setattr(model_source, "available_memory", lambda dev: None)  # unknown: no check
     assert _load("dummy:tiny").config.vocab_size == 512
 
 

@@ -101,8 +101,8 @@ def test_declines_when_the_next_step_is_not_the_plain_continuation():
     nxt = sched.schedule_next_decode(out)
     assert nxt is not None and nxt.num_scheduled == [1, 1]
     # the slot of each row's next position is allocated: exactly the blocks it needs
-    for r, s, table in zip(nxt.requests, nxt.starts, nxt.block_ids, strict=True):
-        assert len(table) == s // BS + 1 and r.kv_capacity >= s + 1
+    for s, table in zip(nxt.starts, nxt.block_ids, strict=True):
+        assert len(table) == s // BS + 1 and table.capacity >= s + 1
     sched.abort("c")
     assert sched.schedule_next_decode(out) is None  # c left the running state
 

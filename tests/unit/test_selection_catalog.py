@@ -40,7 +40,15 @@ def _selector(available=ALL):
 
 
 def _choose(sel, device, shape, op, batch=8, graph=True, q_len=1):
-    ctx = base_context(op, FAKE_DEVICES[device], shape, 16, batch, q_len, graph)
+    ctx = base_context(
+        op,
+        device=FAKE_DEVICES[device],
+        shape=shape,
+        block_size=16,
+        batch_bucket=batch,
+        q_len=q_len,
+        graph_mode=graph,
+    )
     ch = sel.select(op, ctx)
     return ch.name, {c.name: (c.rejection.code if c.rejection else None) for c in ch.candidates}
 
@@ -143,7 +151,15 @@ def test_availability_sets():
 
 def test_graph_mode_excludes_host_looping_prefill():
     sel = _selector(("torch",))
-    ctx = base_context(Op.ATTN_PREFILL, FAKE_DEVICES["h100"], LLAMA_BF16, 16, 8, 0, True)
+    ctx = base_context(
+        Op.ATTN_PREFILL,
+        device=FAKE_DEVICES["h100"],
+        shape=LLAMA_BF16,
+        block_size=16,
+        batch_bucket=8,
+        q_len=0,
+        graph_mode=True,
+    )
     with pytest.raises(ValueError) as ei:
         sel.select(Op.ATTN_PREFILL, ctx)
     assert "not_graph_safe" in str(ei.value)
