@@ -40,10 +40,12 @@ import torch
 
 from layerzero_serve.errors import ValidationError
 
-__all__ = ["check_rejection_inputs", "emitted_ids"]
+__all__ = ["check_rejection_inputs", "check_tensor", "emitted_ids"]
 
 
-def _tensor(name: str, t: object, dims: int, dtype: torch.dtype) -> torch.Tensor:
+def check_tensor(name: str, t: object, dims: int, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a ``dims``-D tensor of ``dtype``, else a ValidationError naming ``name``.
+    Host metadata only (no sync)."""
     if not isinstance(t, torch.Tensor) or t.dim() != dims:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValidationError(name, shape, f"a {dims}-D {dtype} tensor")
@@ -67,7 +69,7 @@ def check_rejection_inputs(
     checked here: out-of-range ids and counts are handled on the device (see the module
     docstring). Host metadata only, so it may run while a graph is captured.
     """
-    target_probs = _tensor("target_probs", target_probs, 3, torch.float32)
+    target_probs = check_tensor("target_probs", target_probs, 3, torch.float32)
     b, k1, v = target_probs.shape
     if k1 < 1 or v < 1:
         raise ValidationError("target_probs", tuple(target_probs.shape), "[B, k+1, V], V >= 1")
@@ -83,7 +85,7 @@ def check_rejection_inputs(
     if is_greedy is not None:
         expect["is_greedy"] = (is_greedy, 1, torch.bool, (b,))
     for name, (t, dims, dtype, shape) in expect.items():
-        _tensor(name, t, dims, dtype)
+        check_tensor(name, t, dims, dtype)
         if tuple(t.shape) != shape:
             raise ValidationError(name, tuple(t.shape), f"shape {shape} (from target_probs)")
         if t.device != target_probs.device:

@@ -26,7 +26,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from layerzero_serve.kv_cache.protocol import BlockTable
     from layerzero_serve.sampling import SamplingParams
 
-__all__ = ["FINISH_REASONS", "Request", "RequestDescription", "RequestStatus", "stop_set_of"]
+__all__ = [
+    "FINISH_REASONS",
+    "Request",
+    "RequestDescription",
+    "RequestStatus",
+    "check_token_ids",
+    "stop_set_of",
+]
 
 # Token ids, token counts and positions are int32 on the device.
 INT32_MAX = (1 << 31) - 1
@@ -68,7 +75,9 @@ def stop_set_of(
     return stops if ignore_eos else stops | frozenset(eos_token_ids)
 
 
-def _token_ids(param: str, ids: object, low: int = 0, high: int = INT32_MAX) -> list[int]:
+def check_token_ids(param: str, ids: object, low: int = 0, high: int = INT32_MAX) -> list[int]:
+    """``ids`` as a list of ints in ``[low, high]``, else a ValidationError naming ``param``.
+    Host only (O(len(ids)), once per request)."""
     allowed = f"token ids (ints in [{low}, {high}])"
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise ValidationError(param, type(ids).__name__, allowed)
@@ -126,7 +135,7 @@ class RequestDescription:
             raise ValidationError("prompt_token_ids", prompt, "a non-empty sequence of token ids")
         # ints here; their range (the device's int32) is the scheduler's admission check, so a
         # KV cache used on its own may hash any int64 ids
-        _token_ids("prompt_token_ids", prompt, -(1 << 63), (1 << 63) - 1)
+        check_token_ids("prompt_token_ids", prompt, -(1 << 63), (1 << 63) - 1)
         if type(self.max_tokens) is not int or not 1 <= self.max_tokens <= INT32_MAX:
             raise ValidationError("max_tokens", self.max_tokens, f"an integer in [1, {INT32_MAX}]")
         if type(self.priority) is not int or not -INT32_MAX <= self.priority <= INT32_MAX:
@@ -136,8 +145,8 @@ class RequestDescription:
         eos = self.eos_token_id
         if eos is not None and (type(eos) is not int or not 0 <= eos <= INT32_MAX):
             raise ValidationError("eos_token_id", eos, f"None or an int in [0, {INT32_MAX}]")
-        stops = frozenset(_token_ids("stop_token_ids", self.stop_token_ids))
-        more_eos = frozenset(_token_ids("eos_token_ids", self.eos_token_ids))
+        stops = frozenset(check_token_ids("stop_token_ids", self.stop_token_ids))
+        more_eos = frozenset(check_token_ids("eos_token_ids", self.eos_token_ids))
         if not isinstance(self.ignore_eos, bool):
             raise ValidationError("ignore_eos", self.ignore_eos, "a bool")
         if self.cache_salt is not None and not isinstance(self.cache_salt, str):

@@ -15,6 +15,7 @@ from layerzero_serve.request import (  # noqa: F401  (re-exported: the shared vo
     Request,
     RequestDescription,
     RequestStatus,
+    check_token_ids,
 )
 
 

@@ -7,10 +7,10 @@ Pure CPU: imports only the shared types and errors.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from layerzero_serve.errors import ValidationError
-from layerzero_serve.types import Request, SchedulerOutput
+from layerzero_serve.types import Request, SchedulerOutput, check_token_ids
 
 # Token ids, token counts and positions are int32 on the device.
 INT32_MAX = (1 << 31) - 1
@@ -24,19 +24,6 @@ def check_request_id(request_id: object) -> str:
     return request_id
 
 
-def _token_ids(param: str, ids: object) -> None:
-    allowed = f"token ids (ints in [0, {INT32_MAX}])"
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-        raise ValidationError(param, type(ids).__name__, allowed)
-    try:
-        items = list(ids)  # once per request
-    except TypeError:  # a 0-d array or tensor
-        raise ValidationError(param, ids, allowed) from None
-    for t in items:
-        if type(t) is not int or not 0 <= t <= INT32_MAX:
-            raise ValidationError(param, t, allowed)
-
-
 def check_request(request: object) -> Request:
     """A ``types.Request`` whose prompt ids fit the device's int32 (``[0, 2**31 - 1]``); the
     other fields of its description (id, max_tokens, priority, EOS and stop ids, salt...)
@@ -45,7 +32,7 @@ def check_request(request: object) -> Request:
     CUDA graphs: host only."""
     if not isinstance(request, Request):
         raise ValidationError("request", type(request).__name__, "a layerzero_serve.types.Request")
-    _token_ids("prompt_token_ids", request.prompt_token_ids)  # int32 on the device
+    check_token_ids("prompt_token_ids", request.prompt_token_ids)  # int32 on the device
     return request
 
 

@@ -14,7 +14,11 @@ from __future__ import annotations
 import torch
 
 from layerzero_serve.errors import ValidationError
-from layerzero_serve.kernels.rejection_api import check_rejection_inputs, emitted_ids
+from layerzero_serve.kernels.rejection_api import (
+    check_rejection_inputs,
+    check_tensor,
+    emitted_ids,
+)
 from layerzero_serve.kernels.torch_ref import TorchRejectionSampler, rejection_sample
 from layerzero_serve.spec_decode._proposer import check_int
 
@@ -61,15 +65,6 @@ def draw_randoms(
     return uniforms, exp.clamp_min_(_MIN_EXP).reciprocal_()
 
 
-def _tensor(name: str, t: object, dims: int, dtype: torch.dtype) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dim() != dims:
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValidationError(name, shape, f"a {dims}-D {dtype} tensor")
-    if t.dtype != dtype:
-        raise ValidationError(name, t.dtype, str(dtype))
-    return t
-
-
 def greedy_verify(
     draft_ids: torch.Tensor, target_ids: torch.Tensor, num_drafts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,13 +77,13 @@ def greedy_verify(
     Returns:
         Same as :func:`rejection_sample` with every row greedy. CUDA-graph safe.
     """
-    _tensor("target_ids", target_ids, 2, torch.int64)
+    check_tensor("target_ids", target_ids, 2, torch.int64)
     b, k1 = target_ids.shape
     for name, t, dims, dtype, shape in (
         ("draft_ids", draft_ids, 2, torch.int64, (b, k1 - 1)),
         ("num_drafts", num_drafts, 1, torch.int32, (b,)),
     ):
-        _tensor(name, t, dims, dtype)
+        check_tensor(name, t, dims, dtype)
         if tuple(t.shape) != shape:
             raise ValidationError(name, tuple(t.shape), f"shape {shape} (from target_ids)")
     k = k1 - 1
