@@ -20,6 +20,7 @@ from layerzero_serve.kernels.sampling_api import TorchSamplingKernel  # noqa: E4
 from layerzero_serve.kernels.spec import KernelSpec, Op  # noqa: E402
 from layerzero_serve.sampling import SamplingParams  # noqa: E402
 from layerzero_serve.selection import (  # noqa: E402
+    PolicyState,
     Selector,
     configure,
     get_selector,
@@ -76,7 +77,9 @@ class _PlanFails:
     fail_from = 1
 
     def __init__(self, ctx):
-        inner = Selector().build(ctx.op, ctx)[1]  # a selector without the plug-in
+        # a selector without the plug-in, with a policy of its own: the process-wide one may
+        # lock the plug-in itself (test_locked_graph_kernel_plan_fault_reraises)
+        inner = Selector(policy=PolicyState()).build(ctx.op, ctx)[1]
         object.__setattr__(self, "inner", inner)
         object.__setattr__(self, "plans", 0)
 
