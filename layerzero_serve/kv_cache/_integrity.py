@@ -52,6 +52,8 @@ def check_integrity(mgr: KVCacheManager) -> None:
         ids = [b.block_id for b in blocks]
         _require(ids == list(table), f"{rid}: block table out of sync with blocks")
         _require(table.request.request_id == rid, f"{rid}: table filed under another id")
+        held = table.request.block_table  # the scheduler's handle, when it holds one
+        _require(held is None or held is table, f"{rid}: the request holds a stale table")
         _require(table.capacity <= len(ids) * mgr.block_size, f"{rid}: capacity too large")
         comp = table.request.num_computed_tokens
         if table.capacity > comp and comp % mgr.block_size and comp // mgr.block_size < len(ids):
