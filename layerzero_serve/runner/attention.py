@@ -214,8 +214,10 @@ class AttentionDispatch:
         except Exception:
             self.failed = self.failed or phase.choice
             raise
-        # host metadata only (graph-safe): a plug-in's junk must not flow on silently
-        if (
+        # host metadata only (graph-safe): a plug-in's junk must not flow on silently. Checked
+        # at the first layer of each step: an output's form does not depend on the layer, and
+        # the per-layer path stays free of it.
+        if layer_idx == 0 and (
             not isinstance(out, torch.Tensor)
             or out.shape != q.shape
             or out.dtype != q.dtype
