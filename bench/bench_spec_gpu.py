@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import install_speculation, write_result  # noqa: E402
 
 from layerzero_serve.engine import Engine  # noqa: E402
 from layerzero_serve.sampling import SamplingParams  # noqa: E402
@@ -114,8 +114,7 @@ def _measure(eng, prompts, tokens, spec):
     speculation also the acceptance rate, estimated as accepted / (accepted + rejections) (the
     per-draft acceptance probability; accepted / drafted would count the drafts after a
     rejection, which are never examined)."""
-    saved = eng.spec
-    eng.spec = spec
+    saved = install_speculation(eng, spec)
     counts = [0, 0]  # accepted drafts, rejection events
     if spec is not None:
         spec.metrics = SpecDecodeMetrics(spec.k_max)
@@ -128,7 +127,7 @@ def _measure(eng, prompts, tokens, spec):
 
         spec.record = counting
     seqs, res = _generate(eng, prompts, tokens)
-    eng.spec = saved
+    install_speculation(eng, saved)
     if spec is not None:
         del spec.record  # back to the class method
         acc, rej = counts

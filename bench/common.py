@@ -69,3 +69,16 @@ def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def install_speculation(eng, spec) -> object:
+    """Make ``eng`` decode with ``spec`` (a ``SpecCoordinator``, or None for plain decoding)
+    and return the coordinator it had. The step loop runs speculation through its hooks object
+    (``Engine._speculation``, built at construction), so assigning ``eng.spec`` alone does not
+    change what a step does."""
+    from layerzero_serve.spec_decode.step_hooks import NoSpeculation, SpeculationHooks
+
+    saved = eng.spec
+    eng.spec = spec
+    eng._speculation = NoSpeculation() if spec is None else SpeculationHooks(spec)
+    return saved

@@ -12,6 +12,7 @@ import time
 sys.path.insert(0, sys.argv[1] + "/bench")
 import bench_spec_gpu as b
 import numpy as np
+from common import install_speculation
 
 from layerzero_serve.engine import Engine
 from layerzero_serve.sampling import SamplingParams
@@ -48,7 +49,7 @@ times = []
 def run(adaptive, prompts):
     global times
     times = []
-    eng.spec = spec if adaptive else None
+    install_speculation(eng, spec if adaptive else None)
     spec.adaptive = spec.new_adaptive() if adaptive else None
     params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
     for p in prompts:
@@ -59,7 +60,7 @@ def run(adaptive, prompts):
         n = time.perf_counter()
         times.append(n - t)
         t = n
-    eng.spec = None
+    install_speculation(eng, None)
     return times
 
 

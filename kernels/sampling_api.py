@@ -22,11 +22,14 @@ weights in **token-id order**, so the torch and Triton kernels pick the same tok
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 __all__ = [
+    "NARROW_TOP_K",
+    "SamplingHints",
     "SamplingKernel",
     "TorchSamplingKernel",
     "counter_uniform",
@@ -41,6 +44,9 @@ GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 MIX2 = 0x94D049BB133111EB - (1 << 64)
 UNIFORM_BITS = 24  # a float32 mantissa: every value k / 2^24 is exact
+# Launch hints (``SamplingHints``): top-k values up to this are "narrow" (kernels that keep a
+# fixed number of candidates per row decide them without a search of the vocabulary)
+NARROW_TOP_K = 256
 
 
 class SamplingKernel(Protocol):
@@ -79,6 +85,20 @@ class SamplingKernel(Protocol):
             probability -> renormalise -> draw.
         """
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingHints:
+    """What the caller knows on the host about a batch, for kernels that declare
+    ``takes_hints = True`` (``sample_logits(..., hints=...)``): which launches the batch can
+    need. A kernel may skip work a hint rules out; a wrong hint may cost speed, never a wrong
+    token. Host values only: a graph captured with hints is valid for batches with equal ones.
+    """
+
+    top_k: bool = True  # some row has top_k < V
+    wide_top_k: bool = True  # some row has NARROW_TOP_K < top_k < V
+    top_p: bool = True  # some row has top_p < 1
+    greedy: bool = True  # some row is greedy (the sampler passes it top_k = 1)
 
 
 # ---- counter-based random numbers -----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``layerzero-serve``: ``demo`` (the README's main job), ``generate``, ``doctor``, ``explain``.
+"""``layerzero-serve``: ``demo`` (the README's main job), ``generate``, ``doctor``, ``explain``,
+``tune`` (measure the kernels of a model's plans into this device's timing table).
 
 Help text is plain text (what ``--help`` prints), with every option's default shown.
 """
@@ -51,9 +52,12 @@ examples:
   layerzero-serve generate --prompt "What is the capital of France?" --max-tokens 32
   layerzero-serve doctor --fake-device h100
   layerzero-serve explain --op attention_decode --batch 8 --graph
+  layerzero-serve tune --model dummy:tiny --reps 10
 
 environment: LZ_LOG_LEVEL (log level), LZ_CACHE_DIR (where the default model is written),
-LZ_KERNEL_POLICY (kernel policy, e.g. lock.attention_decode=triton.paged_decode).
+LZ_KERNEL_POLICY (kernel policy, e.g. lock.attention_decode=triton.paged_decode),
+LZ_TIMING_DIR / LZ_TIMING_TABLE (kernel timing tables; LZ_TIMING_TABLE=off ignores them),
+LZ_TUNE_AT_STARTUP=1 (the engine measures kernels missing from the table when it starts).
 """
 
 _MODEL_HELP = "a local checkpoint directory, dummy:<preset> or 'default' (see the list below)"
@@ -244,6 +248,129 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_plans(args: argparse.Namespace):
+    """(device, shape, plans) of a serving run of ``--model``, as the engine would plan it:
+    CUDA-graph decode buckets on a GPU (``--buckets`` or the engine's), one eager decode plan
+    at ``--max-num-seqs`` on the CPU."""
+    import torch
+
+    from layerzero_serve._cli_doctor import _shape
+    from layerzero_serve.selection import batch_buckets, model_plans, probe_device
+
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", args.device) or (
+        args.device.startswith("cuda") and not torch.cuda.is_available()
+    ):
+        raise ValidationError("device", args.device, "auto, cpu, cuda or cuda:N (with CUDA)")
+    dev = probe_device(None if args.device == "auto" else args.device)
+    buckets = None
+    if dev.type == "cuda":
+        buckets = args.buckets or batch_buckets(min(args.max_num_seqs, 256))
+    elif args.buckets:
+        raise ValidationError(
+            "buckets", args.buckets, "no --buckets on a CPU", "the CPU engine has no graphs"
+        )
+    shape = _shape(args.model, args.dtype, dev.type)
+    return dev, shape, model_plans(dev, shape, args.block_size, args.max_num_seqs, buckets)
+
+
+def _bucket_list(text: str) -> list[int]:
+    """``--buckets 1,2,4,8``: sorted distinct batch sizes >= 1."""
+    try:
+        out = sorted({int(t) for t in text.split(",")})
+    except ValueError:
+        out = []
+    if not out or out[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: e.g. 1,2,4,8 (ints >= 1)")
+    return out
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from layerzero_serve._cli_doctor import device_line
+    from layerzero_serve.selection import (
+        MEASURED_OPS,
+        TuneProgress,
+        TuneSettings,
+        check_table_path,
+        tune_device,
+    )
+
+    ops = [o.strip() for o in args.ops.split(",")] if args.ops else MEASURED_OPS
+    # every option is checked before the model's config is read or anything is built
+    settings = TuneSettings(args.reps, args.warmup, args.context_len, force=args.force, ops=ops)
+    if args.table_path is not None:
+        check_table_path(args.table_path)
+    dev, shape, plans = _tune_plans(args)
+    print(device_line(dev, None))
+    print(
+        f"tuning {len(plans)} plans of {args.model} ({shape.dtype}, head_dim {shape.head_dim}, "
+        f"heads {shape.num_q_heads}/{shape.num_kv_heads}, block {args.block_size}), "
+        f"{settings.reps} reps after {settings.warmup} warm-up calls"
+    )
+    progress = TuneProgress(args.quiet)
+    try:
+        device = None if args.device == "auto" else args.device
+        report = tune_device(plans, None, args.table_path, settings, device, progress)
+    finally:
+        progress.close()
+    print("\n".join(report.text_lines()))
+    return 0
+
+
+def _add_tune(add) -> None:
+    from layerzero_serve.config import MAX_NUM_SEQS
+    from layerzero_serve.selection import MEASURED_OPS
+
+    tune = add(
+        "tune",
+        "measure the kernels of a model's plans into this device's timing table",
+        "Time every kernel that can run each plan of a serving run of --model on this device "
+        "(synthetic\ninputs, warm-up then --reps calls: median and p95) and write the timing "
+        "table the engine reads\nat start-up: where two or more kernels of a plan are measured, "
+        "the fastest is chosen.\nMeasured ops: " + ", ".join(o.value for o in MEASURED_OPS) + ".",
+    )
+    tune.add_argument("--model", default="default", help=_MODEL_HELP + " (config.json only)")
+    tune.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto = float32 on a CPU, the checkpoint's dtype (else bfloat16) on a GPU",
+    )
+    tune.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    tune.add_argument(
+        "--max-num-seqs", type=int_in(1, MAX_NUM_SEQS), default=256, help="largest batch"
+    )
+    tune.add_argument(
+        "--buckets",
+        type=_bucket_list,
+        default=None,
+        help="decode batch buckets to measure on a GPU, e.g. 1,2,4,8 (default: the engine's, "
+        "1, 2, 4, 8, then every 8 up to --max-num-seqs, at most 256)",
+    )
+    tune.add_argument("--block-size", type=int_in(1, 256), default=16, help="tokens per KV block")
+    tune.add_argument("--reps", type=int, default=20, help="timed calls per kernel (1..10000)")
+    tune.add_argument("--warmup", type=int, default=3, help="untimed calls first (0..10000)")
+    tune.add_argument(
+        "--context-len",
+        type=int,
+        default=None,
+        help="cached tokens per decode row (default: 1024 on a GPU, 256 on a CPU)",
+    )
+    tune.add_argument(
+        "--ops", default=None, help="comma-separated ops to measure (default: all measured ops)"
+    )
+    tune.add_argument(
+        "--table-path",
+        default=None,
+        help="the table file (default: LZ_TIMING_TABLE, else <LZ_TIMING_DIR>/<device>.json, "
+        "LZ_TIMING_DIR defaulting to ~/.cache/layerzero_serve/timings)",
+    )
+    tune.add_argument(
+        "--force", action="store_true", help="re-measure entries already in the table"
+    )
+    tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    tune.set_defaults(func=cmd_tune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="layerzero-serve",
@@ -301,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     from layerzero_serve._cli_doctor import add_parsers
 
     add_parsers(add)
+    _add_tune(add)
     return ap
 
 
@@ -308,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=envs.log_level(), format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.cmd in ("doctor", "explain") and not args.fake_device:
+            _device_timings()  # this machine's measured table: plans show their times
         return args.func(args)
     except ValueError as e:  # validation errors: a clear message, no traceback
         print(f"error: {_one_line(_option_message(e, args))}", file=sys.stderr)
@@ -315,6 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # an unreadable file or cache directory: not a usage error
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 1
+
+
+def _device_timings() -> None:
+    """Give the process-wide selector this device's timing table, as the engine does."""
+    from layerzero_serve.selection import apply_device_timings, get_selector, probe_device
+
+    apply_device_timings(get_selector(), probe_device())
 
 
 def _option_message(e: ValueError, args: argparse.Namespace) -> str:

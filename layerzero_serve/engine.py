@@ -27,8 +27,8 @@ from layerzero_serve.runner import (
 )
 from layerzero_serve.sampling import Sampler, SamplingParams
 from layerzero_serve.scheduler import Scheduler, SchedulerConfig
-from layerzero_serve.selection import get_selector, probe_device
-from layerzero_serve.selection.plans import base_context, batch_buckets
+from layerzero_serve.selection import get_selector, probe_device, startup_timings
+from layerzero_serve.selection.plans import base_context, batch_buckets, model_plans
 from layerzero_serve.spec_decode import SpecCoordinator
 from layerzero_serve.spec_decode.step_hooks import NoSpeculation, SpeculationHooks
 from layerzero_serve.types import (
@@ -129,6 +129,14 @@ class Engine:
         shape, spec = prepare_model(loaded, cfg.block_size, cfg.max_num_seqs)
         use_graphs = device.type == "cuda" and not cfg.enforce_eager
         buckets = batch_buckets(cfg.max_graph_batch or min(cfg.max_num_seqs, 256))
+        selector = get_selector()
+        # the device's measured kernel timings (`layerzero-serve tune`) before the runner's plans
+        # are selected and KV is sized; LZ_TUNE_AT_STARTUP=1 measures the missing ones here
+        graph_buckets = buckets if use_graphs else None
+        plans = model_plans(
+            probe_device(device), shape, cfg.block_size, cfg.max_num_seqs, graph_buckets
+        )
+        startup_timings(selector, device, plans)
         max_len = loaded.resolved.max_model_len
         kv_cache = _kv_pool(cfg, loaded, spec, shape, buckets[-1] if use_graphs else 0)
         self.kv_manager = KVCacheManager(
@@ -137,7 +145,6 @@ class Engine:
         speculating = cfg.speculative_method is not None
         self.scheduler = Scheduler(_scheduler_config(cfg, max_len, speculating), self.kv_manager)
         sampler = Sampler(seed=cfg.seed, max_num_seqs=cfg.max_num_seqs)
-        selector = get_selector()
         # verification graphs (and a draft model's decode graphs) stop at a smaller batch
         small = [b for b in buckets if b <= MAX_VERIFY_GRAPH_BATCH] or buckets[:1]
         self.spec = (

@@ -17,9 +17,15 @@ from ``softmax(logits / temperature)``. Four launches, the logits read twice:
    mass reaches ``top_p`` of the full softmax mass, known from the partials), every filter is
    decided on them: top-k by rank, top-p by the mass before each rank, min-p against the best
    weight; then the inverse CDF in token-id order with ``counter_uniform(seed, offset)``
-   (pairwise prefix sums over ``K x K``). Any other row (top-k above K, plain sampling, a wide
-   top-p, a candidate list past its capacity) streams its row through the bisection kernel of
-   :mod:`~layerzero_serve.kernels._triton.sampling` on ``exp((x - x_max) / T)``.
+   (a sort by id and a prefix sum; pairwise sums in the interpreter). Any other row (top-k
+   above K, plain sampling, a wide top-p, a candidate list past its capacity) is decided by
+   the split path (:mod:`~layerzero_serve.kernels._triton.split_sampling`: every pass of the
+   threshold bisection spread over the row's chunks) at small batch or when no search is
+   needed, else streamed through the bisection kernel of
+   :mod:`~layerzero_serve.kernels._triton.sampling` in its own program.
+
+Host hints (``SamplingHints``, from the sampler's plan) leave out the launches a batch cannot
+need: the candidates when no row has top-k, top-p or greedy; each search when no row needs it.
 
 Position-invariant (a row's token depends on its logits, parameters, seed and offset only; the
 atomic append order does not matter, the keys are ranked) and graph-safe (no host
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from layerzero_serve.kernels._triton import sampling as streaming
+from layerzero_serve.kernels._triton import split_sampling
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
 
 __all__ = ["SPECS", "TritonTopKSamplingKernel", "triton_sample_logits"]
@@ -42,6 +49,7 @@ tl = None
 _counter_uniform = _sample_rows = None  # the streaming module's jitted helpers, set on first use
 _JIT_NAMES = (
     "_top_keys",
+    "_draw_candidates",
     "_sortable",
     "_decode_keys",
     "_chunk_stats",
@@ -51,7 +59,10 @@ _JIT_NAMES = (
 )
 _built: dict = {}
 
-K_DEFAULT = 64  # candidates per row: top_k <= 64 (the common 20/40/50) never streams the row
+K_DEFAULT = 256  # candidates per row on a GPU: top_k <= 256 (20, 50, gpt-fast's 200) is
+# decided on them, at batch 1 and 256 alike
+K_INTERPRETER = 64  # the interpreter's candidates come from K max-extractions: fewer
+SPLIT_MAX_ROWS = 8  # up to this many rows the split path beats one program per row
 CAP_DEFAULT = 1024  # logits >= tau kept per row (typically ~100); more: that row streams
 
 
@@ -172,9 +183,15 @@ def _compact(x_ptr, stride_b, tau_ptr, count_ptr, cand_ptr, B, V, CAP, BLOCK_B: 
 
 
 def _draw(x_ptr, stride_b, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, offset_ptr,
-          cand_ptr, count_ptr, cmax_ptr, csum_ptr, out_ptr, B, V, S, BLOCK_B: tl.constexpr,
-          CAP: tl.constexpr, NS: tl.constexpr, K: tl.constexpr, METHOD: tl.constexpr,
-          BLOCK_V: tl.constexpr, SPLIT: tl.constexpr, ITERS: tl.constexpr):  # fmt: skip
+          cand_ptr, count_ptr, cmax_ptr, csum_ptr, out_ptr, ist_ptr, fst_ptr, B, V, S,
+          BLOCK_B: tl.constexpr, CAP: tl.constexpr, NS: tl.constexpr, K: tl.constexpr,
+          METHOD: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
+          ITERS: tl.constexpr, DEFER: tl.constexpr, CANDS: tl.constexpr,
+          TOPK_SEARCH: tl.constexpr, TOPP_SEARCH: tl.constexpr):  # fmt: skip
+    """Rows decided on the candidates get their token; with DEFER the others are handed to the
+    split path when the searches they need are launched (TOPK_SEARCH / TOPP_SEARCH), else, like
+    every undecided row without DEFER, streamed here. CANDS False: no candidates were gathered
+    (a batch without top-k / top-p rows): every row is undecided."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     r64 = rows.to(tl.int64)
@@ -184,8 +201,66 @@ def _draw(x_ptr, stride_b, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, 
     inv_t = 1.0 / tl.load(temp_ptr + rows, mask=rmask, other=1.0)
     seed = tl.load(seed_ptr + rows, mask=rmask, other=0)
     offset = tl.load(offset_ptr + rows, mask=rmask, other=0)
-    count = tl.load(count_ptr + rows, mask=rmask, other=0)
+    c = tl.arange(0, NS)
+    cmask = rmask[:, None] & (c[None, :] < S)
+    cm = tl.load(cmax_ptr + rows[:, None] * S + c[None, :], mask=cmask, other=float("-inf"))
+    cs = tl.load(csum_ptr + rows[:, None] * S + c[None, :], mask=cmask, other=0.0)
+    x_max = tl.max(cm, 1)  # the row's largest logit
+    token = tl.zeros([BLOCK_B], tl.int32)
+    exact = rows < 0
+    if CANDS:
+        token, exact = _draw_candidates(cand_ptr, count_ptr, rows, r64, rmask, k, top_p, min_p,
+                                        inv_t, seed, offset, cm, cs, V, BLOCK_B, CAP, K,
+                                        METHOD)  # fmt: skip
+    undecided = rmask & (exact == 0)
+    # the split path needs the searches this row needs; without them it streams here
+    defer = undecided
+    if not DEFER:
+        defer = rows < 0
+    if not TOPK_SEARCH:
+        defer = defer & (k >= V)
+    if not TOPP_SEARCH:
+        defer = defer & (top_p >= 1.0)
+    if DEFER:  # the state the split path starts from (split_sampling.py's I_* / F_* columns)
+        z_row = tl.sum(tl.where(cs > 0, cs * tl.exp((cm - x_max[:, None]) * inv_t[:, None]),
+                                0.0), 1)  # fmt: skip
+        bits = tl.where(k < V, 1, 0) | tl.where(top_p < 1.0, 2, 0) | 4
+        ist = ist_ptr + rows * 8
+        fst = fst_ptr + rows * 8
+        tl.store(ist, tl.where(defer, bits, 0), mask=rmask)
+        zero_i = tl.zeros([BLOCK_B], tl.int32)
+        hi0 = zero_i + 0x3F800001  # above the bits of the largest weight, exp(0) = 1
+        tl.store(ist + 1, zero_i, mask=defer)  # stage 0 (top-k): lo, hi, count at hi
+        tl.store(ist + 2, hi0, mask=defer)
+        tl.store(ist + 3, zero_i, mask=defer)
+        tl.store(ist + 4, zero_i, mask=defer)  # stage 1 (top-p): lo, hi, count at hi
+        tl.store(ist + 5, hi0, mask=defer)
+        tl.store(ist + 6, zero_i, mask=defer)
+        tl.store(ist + 7, zero_i, mask=defer)  # r_k
+        zero_f = tl.zeros([BLOCK_B], tl.float32)
+        tl.store(fst + 0, zero_f, mask=defer)  # the stages' masses at hi
+        tl.store(fst + 1, zero_f, mask=defer)
+        tl.store(fst + 2, zero_f - 1.0, mask=defer)  # tk, tp: off
+        tl.store(fst + 3, zero_f - 1.0, mask=defer)
+        tl.store(fst + 4, zero_f, mask=defer)  # mass above tp
+        tl.store(fst + 5, top_p * z_row, mask=defer)  # top-p target (top-k rows: rescaled)
+        tl.store(fst + 6, z_row, mask=defer)
+        tl.store(fst + 7, top_p, mask=defer)
+    stream = undecided & (defer == 0)
+    if tl.max(stream.to(tl.int32), 0) > 0:  # stream the row in this program
+        base = x_ptr + r64[:, None] * stride_b
+        slow = _sample_rows(base, stream, k, top_p, min_p, seed, offset, x_max, inv_t, V,
+                            BLOCK_B, BLOCK_V, SPLIT, ITERS, True)  # fmt: skip
+        token = tl.where(stream, slow, token)
+    token = tl.minimum(tl.maximum(token, 0), V - 1)  # degenerate rows still index in range
+    tl.store(out_ptr + rows, token.to(tl.int64), mask=rmask)
 
+
+def _draw_candidates(cand_ptr, count_ptr, rows, r64, rmask, k, top_p, min_p, inv_t, seed,
+                     offset, cm, cs, V, BLOCK_B: tl.constexpr, CAP: tl.constexpr,
+                     K: tl.constexpr, METHOD: tl.constexpr):  # fmt: skip
+    """(token, exact): the draw on the row's first K tokens, and whether they decide it."""
+    count = tl.load(count_ptr + rows, mask=rmask, other=0)
     j = tl.arange(0, CAP)
     kmask = rmask[:, None] & (j[None, :] < count[:, None])
     keys = tl.load(cand_ptr + r64[:, None] * CAP + j[None, :], mask=kmask,
@@ -193,13 +268,8 @@ def _draw(x_ptr, stride_b, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, 
     top = _top_keys(keys, BLOCK_B, CAP, K, METHOD)  # [BB, K]: the ranking's first K tokens
     x, ids = _decode_keys(top)
     valid = top != -9223372036854775807 - 1
-    x0 = tl.max(tl.where(valid, x, float("-inf")), 1)  # each row's largest logit
+    x0 = tl.max(tl.where(valid, x, float("-inf")), 1)  # the candidates' largest logit
     w = tl.where(valid, tl.exp((x - x0[:, None]) * inv_t[:, None]), 0.0)  # rank order
-
-    c = tl.arange(0, NS)
-    cmask = rmask[:, None] & (c[None, :] < S)
-    cm = tl.load(cmax_ptr + rows[:, None] * S + c[None, :], mask=cmask, other=float("-inf"))
-    cs = tl.load(csum_ptr + rows[:, None] * S + c[None, :], mask=cmask, other=0.0)
     z_all = tl.sum(tl.where(cs > 0, cs * tl.exp((cm - x0[:, None]) * inv_t[:, None]), 0.0), 1)
 
     rank = tl.arange(0, K)
@@ -216,19 +286,22 @@ def _draw(x_ptr, stride_b, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, 
 
     kw = tl.where(keep, w, 0.0)
     goal = _counter_uniform(seed, offset) * tl.sum(kw, 1)
-    # inverse CDF in token-id order: the kept mass at ids <= each candidate's id
-    le = ids[:, None, :] <= ids[:, :, None]  # [BB, i, j]: id_j <= id_i
-    cdf = tl.sum(tl.where(le, kw[:, None, :], 0.0), 2)
-    hit = tl.min(tl.where(keep & (cdf > goal[:, None]), ids, 0x7FFFFFFF), 1)
     last = tl.max(tl.where(keep, ids, -1), 1)
-    token = tl.where(hit < 0x7FFFFFFF, hit, last)
-    if tl.max((rmask & (exact == 0)).to(tl.int32), 0) > 0:  # stream (rare on real logits)
-        base = x_ptr + r64[:, None] * stride_b
-        slow = _sample_rows(base, rmask, k, top_p, min_p, seed, offset, x0, inv_t, V,
-                            BLOCK_B, BLOCK_V, SPLIT, ITERS, True)  # fmt: skip
-        token = tl.where(exact, token, slow)
-    token = tl.minimum(tl.maximum(token, 0), V - 1)  # degenerate rows still index in range
-    tl.store(out_ptr + rows, token.to(tl.int64), mask=rmask)
+    # inverse CDF in token-id order: the kept mass at ids <= each candidate's id
+    if METHOD == 2:  # the interpreter: pairwise (its sort runs a Python callback per element)
+        le = ids[:, None, :] <= ids[:, :, None]  # [BB, i, j]: id_j <= id_i
+        cdf = tl.sum(tl.where(le, kw[:, None, :], 0.0), 2)
+        hit = tl.min(tl.where(keep & (cdf > goal[:, None]), ids, 0x7FFFFFFF), 1)
+    else:  # sort (id, weight bits) by id: O(K log^2 K) instead of a K x K tile
+        wbits = kw.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        by_id = tl.where(valid, (ids.to(tl.int64) << 32) | wbits, 9223372036854775807)
+        by_id = tl.sort(by_id, 1)
+        ids_s = (by_id >> 32).to(tl.int32)
+        w_s = (by_id & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        w_s = tl.where(by_id != 9223372036854775807, w_s, 0.0)
+        cdf = tl.cumsum(w_s, 1)
+        hit = tl.min(tl.where((w_s > 0.0) & (cdf > goal[:, None]), ids_s, 0x7FFFFFFF), 1)
+    return tl.where(hit < 0x7FFFFFFF, hit, last), exact
 
 
 def triton_sample_logits(
@@ -240,9 +313,14 @@ def triton_sample_logits(
     seed: torch.Tensor,
     offset: torch.Tensor,
     *,
-    num_candidates: int = K_DEFAULT,
+    num_candidates: int | None = None,
     capacity: int = CAP_DEFAULT,
     chunk: int | None = None,
+    split: bool | None = None,
+    pivots: int | None = None,
+    candidates: bool = True,
+    top_k_search: bool = True,
+    top_p_search: bool = True,
 ) -> torch.Tensor:
     """One token per row of ``softmax(logits / temperature)`` after top-k -> top-p -> min-p.
 
@@ -251,11 +329,25 @@ def triton_sample_logits(
             along V.
         temperature: float32 ``[B]``, > 0.
         top_k, top_p, min_p, seed, offset: as :meth:`SamplingKernel.sample`, ``[B]``.
-        num_candidates: ``K``, a power of two; rows with ``top_k <= K`` never stream the row
-            (unless more than ``capacity`` logits reach the row's tau).
+        num_candidates: ``K``, a power of two (default 256 on a GPU, 64 in the interpreter);
+            rows with ``top_k <= K`` are decided on the candidates (unless more than
+            ``capacity`` logits reach the row's tau).
         capacity: candidate slots per row (a power of two >= K).
         chunk: logits per program of the per-chunk passes (a power of two; default: the
             largest one leaving at least K chunks, within 64..2048).
+        split: the rows the candidates cannot decide go through the split path (every pass
+            spread over the row's chunks, :mod:`split_sampling`) or, with False, stream
+            through one program per row. Default on a GPU: split up to ``SPLIT_MAX_ROWS`` rows,
+            and at any batch when no search is launched (plain / min-p batches: two passes);
+            measured: beyond that, one program per row wins once the rows fill the GPU. Never
+            by default in the interpreter (which runs programs one at a time).
+        pivots: the split path's pivots per bisection pass (a power of two >= 2; default 64
+            on a GPU, 16 in the interpreter).
+        candidates, top_k_search, top_p_search: launch hints from the caller's host-side
+            knowledge of the batch: False promises that no row has ``top_k < V`` or ``top_p <
+            1`` (no candidates), no row has ``K < top_k < V`` (no top-k search), no row has
+            ``top_p < 1`` (no top-p search), so those launches are skipped. A wrong promise
+            costs speed, never correctness: a row whose search was not launched streams.
 
     Returns int64 ``[B]``. Graph-safe (no host synchronisation; scratch ``[B, capacity]``
     int64 and a few ``[B, S]`` float32).
@@ -264,14 +356,21 @@ def triton_sample_logits(
     num_rows, vocab = logits.shape
     if logits.dtype != torch.float32 or logits.stride(1) != 1:
         raise ValueError(f"logits must be float32 with unit stride along V, got {logits.dtype}")
-    k_cand = num_candidates
+    interp = streaming._interpreting()
+    k_cand = num_candidates or (K_INTERPRETER if interp else K_DEFAULT)
     if k_cand < 2 or k_cand & (k_cand - 1):
         raise ValueError(f"num_candidates must be a power of two >= 2, got {k_cand}")
     if capacity < k_cand or capacity & (capacity - 1):
         raise ValueError(f"capacity must be a power of two >= num_candidates, got {capacity}")
+    pivots = pivots or (16 if interp else 64)
+    if pivots < 2 or pivots & (pivots - 1):
+        raise ValueError(f"pivots must be a power of two >= 2, got {pivots}")
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
+    if split is None:  # no search: the split path is two passes over the rows, at any batch
+        searches = top_k_search or top_p_search
+        split = not interp and (num_rows <= SPLIT_MAX_ROWS or not searches)
     built = _kernels()
     lp = _launch_plan(num_rows, vocab, k_cand, capacity, chunk, built["has_topk"])
     dev, bb, nc = logits.device, lp.block_b, lp.num_chunks
@@ -280,29 +379,41 @@ def triton_sample_logits(
     count = torch.empty(num_rows, dtype=torch.int32, device=dev)
     tau = torch.empty(num_rows, dtype=torch.float32, device=dev)
     cand = torch.empty(num_rows, capacity, dtype=torch.int64, device=dev)
+    plan = split_sampling.SplitPlan.for_shape(num_rows, vocab, pivots, bb) if split else None
+    scratch = split_sampling.SplitScratch(plan, dev) if split else None
+    ist = scratch.ist if split else count  # unused pointers when not split
+    fst = scratch.fst if split else cmax
     temperature = temperature.to(torch.float32).contiguous()
     stride = logits.stride(0)
     built["chunk_stats"][(lp.grid_b, nc)](
         logits, stride, temperature, cmax, csum, count, num_rows, vocab, nc,
         BLOCK_B=bb, CHUNK=lp.chunk, num_warps=lp.warps,
     )  # fmt: skip
-    if lp.use_tau:
+    if candidates and lp.use_tau:
         built["threshold"][(lp.grid_b,)](
             cmax, tau, num_rows, nc, BLOCK_B=bb, NS=lp.ns, K=k_cand, METHOD=lp.method,
             num_warps=min(lp.warps, 4),
         )  # fmt: skip
-    built["compact"][(lp.grid_b, nc)](
-        logits, stride, tau, count, cand, num_rows, vocab, capacity, BLOCK_B=bb,
-        CHUNK=lp.chunk, USE_TAU=lp.use_tau, num_warps=lp.warps,
-    )  # fmt: skip
+    if candidates:
+        built["compact"][(lp.grid_b, nc)](
+            logits, stride, tau, count, cand, num_rows, vocab, capacity, BLOCK_B=bb,
+            CHUNK=lp.chunk, USE_TAU=lp.use_tau, num_warps=lp.warps,
+        )  # fmt: skip
+    top_k = top_k.to(torch.int32).contiguous()
+    min_p = min_p.to(torch.float32).contiguous()
+    seed, offset = seed.to(torch.int64).contiguous(), offset.to(torch.int64).contiguous()
     built["draw"][(lp.grid_b,)](
-        logits, stride, temperature, top_k.to(torch.int32).contiguous(),
-        top_p.to(torch.float32).contiguous(), min_p.to(torch.float32).contiguous(),
-        seed.to(torch.int64).contiguous(), offset.to(torch.int64).contiguous(),
-        cand, count, cmax, csum, out, num_rows, vocab, nc, BLOCK_B=bb,
+        logits, stride, temperature, top_k, top_p.to(torch.float32).contiguous(), min_p, seed,
+        offset, cand, count, cmax, csum, out, ist, fst, num_rows, vocab, nc, BLOCK_B=bb,
         CAP=capacity, NS=lp.ns, K=k_cand, METHOD=lp.method, BLOCK_V=lp.block_v,
-        SPLIT=lp.split, ITERS=lp.iters, num_warps=lp.warps,
+        SPLIT=lp.split, ITERS=lp.iters, DEFER=split, CANDS=candidates,
+        TOPK_SEARCH=top_k_search, TOPP_SEARCH=top_p_search, num_warps=lp.warps,
     )  # fmt: skip
+    if split:
+        split_sampling.launch_split(
+            logits, temperature, top_k, min_p, seed, offset, cmax, nc, scratch, out, plan,
+            stages=(top_k_search, top_p_search), warps=4 if lp.warps > 1 else 1,
+        )  # fmt: skip
     return out
 
 
@@ -351,12 +462,20 @@ class TritonTopKSamplingKernel:
     name = "triton.topk_sampling"
     position_invariant = True
     takes_logits = True
+    takes_hints = True
 
     def __init__(self, ctx: KernelContext | None = None) -> None:
         self.ctx = ctx
 
-    def sample_logits(self, logits, temperature, top_k, top_p, min_p, seed, offset):
-        return triton_sample_logits(logits, temperature, top_k, top_p, min_p, seed, offset)
+    def sample_logits(self, logits, temperature, top_k, top_p, min_p, seed, offset, hints=None):
+        """``hints`` (a ``sampling_api.SamplingHints``): launches the batch cannot need are
+        skipped (no candidates without top-k / top-p / greedy rows; no top-k search without
+        a top-k above ``NARROW_TOP_K``; no top-p search without top-p)."""
+        kw = {}
+        if hints is not None:
+            kw = dict(candidates=hints.top_k or hints.top_p or hints.greedy,
+                      top_k_search=hints.wide_top_k, top_p_search=hints.top_p)  # fmt: skip
+        return triton_sample_logits(logits, temperature, top_k, top_p, min_p, seed, offset, **kw)
 
     def sample(self, probs, top_k, top_p, min_p, seed, offset) -> torch.Tensor:
         # log p is a logit vector of the same distribution at temperature 1
@@ -378,8 +497,9 @@ SPECS = [
         device_types=frozenset({"cuda"}),
         min_sm=70,
         factory=_factory,
-        doc="kernels/_triton/topk_sampling.py: from logits, exact top-64 candidates per row "
-        "(one read of the logits), filters and an inverse-CDF draw on them; other rows stream "
-        "through triton.sampling's bisection; position-invariant, no host sync",
+        doc="kernels/_triton/topk_sampling.py: from logits, exact top-256 candidates per row "
+        "(one read of the logits), filters and an inverse-CDF draw on them; other rows through "
+        "the split path (threshold bisection spread over the row's chunks) or triton.sampling's "
+        "bisection; position-invariant, no host sync",
     ),
 ]

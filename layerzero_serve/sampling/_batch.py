@@ -37,6 +37,9 @@ class SamplingPlan:
     all_greedy: bool = True  # argmax fast path
     any_greedy: bool = False
     filters: bool = False  # some sampled row has top-k < V or top-p < 1
+    top_k: bool = False  # ... has top-k < V
+    wide_top_k: bool = False  # ... has top-k in (sampling_api.NARROW_TOP_K, V)
+    top_p: bool = False  # ... has top-p < 1
     penalties: bool = False
     token_mask: bool = False  # logit bias / allowed / bad ids
     min_tokens: bool = False  # some row still suppresses EOS / stop ids this step
@@ -57,6 +60,9 @@ class SamplingPlan:
             all_greedy=bool(all_ & st.GREEDY),
             any_greedy=bool(any_ & st.GREEDY),
             filters=bool(any_ & st.FILTERS),
+            top_k=bool(any_ & st.TOP_K),
+            wide_top_k=bool(any_ & st.WIDE_TOP_K),
+            top_p=bool(any_ & st.TOP_P),
             penalties=bool(any_ & st.PENALTIES),
             token_mask=bool(any_ & st.TOKEN_MASK),
             min_tokens=bool(any_ & st.ACTIVE_MIN_TOKENS),
@@ -71,6 +77,9 @@ class SamplingPlan:
             all_greedy=self.all_greedy and other.all_greedy,
             any_greedy=self.any_greedy or other.any_greedy,
             filters=self.filters or other.filters,
+            top_k=self.top_k or other.top_k,
+            wide_top_k=self.wide_top_k or other.wide_top_k,
+            top_p=self.top_p or other.top_p,
             penalties=self.penalties or other.penalties,
             token_mask=self.token_mask or other.token_mask,
             min_tokens=self.min_tokens or other.min_tokens,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from layerzero_serve.kernels.sampling_api import NARROW_TOP_K
 from layerzero_serve.sampling._params import SamplingParams
 
 # host float32 columns (also the order of the packed buffer's float block)
@@ -38,6 +39,9 @@ LOGPROBS = 64
 LOGPROBS_PROCESSED = 128
 ACTIVE_MIN_TOKENS = 256
 LOGPROBS_RAW = 512
+TOP_K = 1024  # a sampled row with top-k < V (FILTERS is TOP_K | TOP_P)
+WIDE_TOP_K = 2048  # ... with top-k above sampling_api.NARROW_TOP_K
+TOP_P = 4096  # a sampled row with top-p < 1
 SLOT_FEATURES = PENALTIES | TOKEN_MASK | MIN_TOKENS
 
 
@@ -64,6 +68,8 @@ def static_values(
     top_k = vocab if (greedy or p.top_k <= 0) else min(p.top_k, vocab)
     flags = GREEDY * greedy | SEEDED * seeded
     flags |= FILTERS * (not greedy and (top_k < vocab or p.top_p < 1.0))
+    flags |= TOP_K * (not greedy and top_k < vocab) | TOP_P * (not greedy and p.top_p < 1.0)
+    flags |= WIDE_TOP_K * (not greedy and NARROW_TOP_K < top_k < vocab)
     flags |= PENALTIES * p.has_penalties | TOKEN_MASK * p.has_token_mask
     flags |= MIN_TOKENS * (p.min_tokens > 0) | LOGPROBS * (p.logprobs is not None)
     flags |= LOGPROBS_PROCESSED * (p.logprobs is not None and p.logprobs_mode == "processed")

@@ -4,8 +4,15 @@
 ``configure``/``prefer`` set policy in code (over ``LZ_KERNEL_POLICY`` over
 ``LZ_KERNEL_POLICY_FILE``); ``register_kernel`` adds a user's kernel. These functions act on the
 process-wide selector (:func:`get_selector`), which owns the registry, backend health, the
-decision cache and the policy (a :class:`PolicyState`); the only module state of this package is
-the reference to that selector.
+decision cache, the policy (a :class:`PolicyState`) and the timing table; the only module state
+of this package is the reference to that selector.
+
+Measured timings: :func:`tune_device` (``layerzero-serve tune``) times every runnable kernel of
+a model's plans and writes the device's :class:`TimingTable` (JSON, keyed by a
+:class:`Fingerprint` of device, driver, CUDA, torch and backend versions);
+:func:`apply_device_timings` (called by the engine at start-up) loads it. Where two or more
+eligible kernels of a plan are measured, the fastest wins over priority and boosts; a lock
+still wins (see ``_selector``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from layerzero_serve.selection._device import (
     probe_device,
 )
 from layerzero_serve.selection._policy import Policy, PolicyError, PolicyState, load_policy_file
+from layerzero_serve.selection._progress import TuneProgress
 from layerzero_serve.selection._report import SelectionReport, explain, selector_for
 from layerzero_serve.selection._selector import (
     BackendState,
@@ -35,6 +43,25 @@ from layerzero_serve.selection._selector import (
     context_key,
     get_selector,
     set_selector,
+)
+from layerzero_serve.selection._timings import (
+    Fingerprint,
+    Measurement,
+    TimingTable,
+    apply_device_timings,
+    device_fingerprint,
+    read_table,
+    table_path,
+)
+from layerzero_serve.selection._tuning import (
+    MEASURED_OPS,
+    PlanResult,
+    TuneReport,
+    TuneSettings,
+    check_table_path,
+    startup_timings,
+    tune_device,
+    tune_plans,
 )
 from layerzero_serve.selection.plans import ModelShape, batch_buckets, model_plans, select_plans
 
@@ -114,25 +141,36 @@ __all__ = [
     "Candidate",
     "DeviceInfo",
     "FAKE_DEVICES",
+    "Fingerprint",
     "KernelChoice",
     "KernelContext",
     "KernelSpec",
+    "MEASURED_OPS",
+    "Measurement",
     "ModelShape",
     "Op",
     "Policy",
     "PolicyError",
+    "PlanResult",
     "PolicyState",
     "Reason",
     "Rejection",
     "SelectionError",
     "SelectionReport",
     "Selector",
+    "TimingTable",
+    "TuneProgress",
+    "TuneReport",
+    "TuneSettings",
+    "apply_device_timings",
     "available_memory",
     "backends_on",
     "batch_buckets",
+    "check_table_path",
     "configure",
     "context_key",
     "cpu_name",
+    "device_fingerprint",
     "effective_policy",
     "explain",
     "fake_device",
@@ -142,6 +180,7 @@ __all__ = [
     "model_plans",
     "prefer",
     "probe_device",
+    "read_table",
     "register_backend",
     "register_kernel",
     "reload_policy",
@@ -149,4 +188,8 @@ __all__ = [
     "select_plans",
     "selector_for",
     "set_selector",
+    "startup_timings",
+    "table_path",
+    "tune_device",
+    "tune_plans",
 ]

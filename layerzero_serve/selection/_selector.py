@@ -1,25 +1,36 @@
 """select(op, ctx) -> KernelChoice: filter by constraints, availability, health and policy;
-score by priority, policy boosts and measured timings; cache per context.
+then decide by measured time where there is one, else by score; cache per context.
 
-Deterministic for a given context, policy, registry and health state: ties break by name.
+**How the winner is picked** among the candidates that survive the filters (a lock leaves only
+the locked kernel; deny/allow reject before anything is compared):
+
+1. When two or more of them have a usable measurement for this plan's context key in the
+   timing table (:mod:`~layerzero_serve.selection._timings`), the fastest measured median wins,
+   whatever the static priorities and policy boosts (ties: the higher score, then the name).
+   Unmeasured candidates rank after measured ones: a kernel never timed on this device is not
+   trusted to beat one that was (time it with ``layerzero-serve tune``, or lock it).
+2. Otherwise (no table, or fewer than two measured) the score decides: ``priority + policy
+   boosts`` (+ ``100 * best / t`` for a measured candidate, which with one measurement changes
+   nothing), ties broken by name.
+
+So boosts order the unmeasured kernels and never overturn a measurement; a lock always wins.
+Deterministic for a given context, policy, registry, health state and table.
 Called once per plan (start-up, each captured bucket), never per step or per layer; ``stats``
 counts calls so tests can prove it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from layerzero_serve import _envs as envs
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op, Reason, Rejection
 from layerzero_serve.selection._policy import Policy, PolicyState
+from layerzero_serve.selection._timings import Measurement, TimingTable, apply_env_table
 
 if TYPE_CHECKING:
     from layerzero_serve.selection._device import DeviceInfo
@@ -33,11 +44,18 @@ class SelectionError(ValidationError):
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
+    """One kernel considered for a plan: its score (None when rejected), why it was rejected,
+    and its measured ``median_s`` / ``p95_s`` seconds per call when the timing table has them
+    (``timing_error``: its tuning run raised)."""
+
     name: str
     backend: str
     score: float | None  # None when rejected
     rejection: Rejection | None
     chosen: bool = False
+    median_s: float | None = None
+    p95_s: float | None = None
+    timing_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +68,7 @@ class KernelChoice:
     score: float
     locked: bool
     candidates: tuple[Candidate, ...]
+    by_measurement: bool = False  # the fastest measured candidate won (see the module doc)
 
     @property
     def name(self) -> str:
@@ -91,8 +110,11 @@ class Selector:
         specs: the registry (default: every adapter's SPECS from kernels.catalog).
         backends: ``name -> BackendState`` (default: a real probe of the installed libraries);
             a Mapping gives a fixed availability set (tests, what-if planning).
-        timings: ``{kernel name: {context key: seconds}}`` measured on this device; where two
-            or more candidates have a timing, the faster scores higher.
+        timings: a :class:`TimingTable` measured on this device, or the legacy mapping
+            ``{kernel name: {context key: seconds}}``; where two or more eligible candidates
+            have a timing, the fastest measured one wins (module docstring). None: the file
+            ``LZ_TIMING_TABLE`` names, if any (checked against this device's fingerprint);
+            the engine loads the device's table at start-up (``apply_device_timings``).
         policy: the :class:`PolicyState` it decides under; None: the process-wide one (that of
             :func:`get_selector`, which ``configure``/``prefer`` change). The process-wide
             selector always owns one: :func:`set_selector` hands it the policy of the selector
@@ -101,7 +123,7 @@ class Selector:
 
     specs: list[KernelSpec] | None = None
     backends: Callable[[str], BackendState] | Mapping[str, BackendState] | None = None
-    timings: Mapping[str, Mapping[str, float]] | None = None
+    timings: Mapping[str, Mapping[str, float]] | TimingTable | None = None
     stats: SelectorStats = field(default_factory=SelectorStats)
     policy: PolicyState | None = None
 
@@ -116,8 +138,8 @@ class Selector:
             raise ValidationError(
                 "backends", self.backends, "None, a Mapping name -> BackendState or a callable"
             )
-        if self.timings is not None and not isinstance(self.timings, Mapping):
-            raise ValidationError("timings", self.timings, "None or a Mapping")
+        if self.timings is not None and not isinstance(self.timings, (Mapping, TimingTable)):
+            raise ValidationError("timings", self.timings, "None, a TimingTable or a Mapping")
         if self.policy is not None and not isinstance(self.policy, PolicyState):
             raise ValidationError("policy", self.policy, "None or a PolicyState")
         self._specs: dict[str, KernelSpec] = {}
@@ -130,8 +152,24 @@ class Selector:
         self.fake_devices: list[DeviceInfo] = []
         for s in self.specs if self.specs is not None else _default_specs():
             self.register(s)
+        # what explain() says about the timings: where they came from, or why none apply
+        self.timing_source = "" if self.timings is None else "timings given to the Selector"
         if self.timings is None and envs.timing_table():
-            self.timings = json.loads(Path(envs.timing_table()).read_text())
+            apply_env_table(self, envs.timing_table())
+
+    def use_timings(self, timings: TimingTable | Mapping | None, source: str = "") -> None:
+        """Decide with ``timings`` from now on (None: without any); ``source`` is what
+        ``explain`` shows about them. Cached decisions are dropped.
+
+        CUDA graphs: host only; kernels already built (graphs already captured) keep theirs.
+        """
+        if timings is not None and not isinstance(timings, (Mapping, TimingTable)):
+            raise ValidationError("timings", timings, "None, a TimingTable or a Mapping")
+        if not isinstance(source, str):
+            raise ValidationError("source", source, "a str")
+        self.timings = timings
+        self.timing_source = source
+        self._bump()
 
     # ---- registry ----------------------------------------------------------------------------
     def register(self, spec: KernelSpec, replace: bool = False) -> None:
@@ -257,21 +295,27 @@ class Selector:
                 )
         return spec.supports(ctx)
 
-    def _timing_bonus(self, specs: Iterable[KernelSpec], ctx: KernelContext) -> dict[str, float]:
-        if not self.timings:
-            return {}
-        key = context_key(ctx)
-        measured = {}
-        for s in specs:
-            table = self.timings.get(s.name)
-            t = table.get(key) if isinstance(table, Mapping) else None
-            # a malformed entry (not a positive finite number) is ignored, not fatal
-            if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < math.inf:
-                measured[s.name] = float(t)
-        if len(measured) < 2:
-            return {}
-        best = min(measured.values())
-        return {n: 100.0 * best / t for n, t in measured.items()}
+    def measurement(self, kernel: str, ctx: KernelContext | str) -> Measurement | None:
+        """The timing of ``kernel`` in ``ctx`` (or a context key) from the table, if any."""
+        t = self.timings
+        if t is None:
+            return None
+        key = ctx if isinstance(ctx, str) else context_key(ctx)
+        if isinstance(t, TimingTable):
+            return t.get(kernel, key)
+        per_key = t.get(kernel)
+        value = per_key.get(key) if isinstance(per_key, Mapping) else None
+        if isinstance(value, Measurement):
+            return value
+        # a legacy number; a malformed entry (not a positive finite number) is ignored
+        return Measurement.from_json(value) if value is not None else None
+
+    def runnable(self, op: Op, ctx: KernelContext) -> list[KernelSpec]:
+        """The kernels that can run ``op`` in ``ctx`` here (constraints, availability, health),
+        whatever the policy: what ``layerzero-serve tune`` measures. Host only."""
+        _check_op(op, ctx)
+        empty = Policy()
+        return [s for s in self.kernels(ctx.op) if self._reject(s, ctx, empty, None) is None]
 
     def _decide(self, op: Op, ctx: KernelContext, pol: Policy) -> KernelChoice:
         lock = pol.locks.get(op)
@@ -284,8 +328,17 @@ class Selector:
             )
         rejections = {s.name: self._reject(s, ctx, pol, lock) for s in specs}
         ok = [s for s in specs if rejections[s.name] is None]
-        bonus = self._timing_bonus(ok, ctx)
-        scores = {s.name: s.priority + pol.boost(s) + bonus.get(s.name, 0.0) for s in ok}
+        key = context_key(ctx) if self.timings else ""
+        meas = {s.name: self.measurement(s.name, key) for s in specs} if key else {}
+        timed = {s.name: m.median_s for s in ok if (m := meas.get(s.name)) is not None and m.ok}
+        by_time = len(timed) >= 2
+        fastest = min(timed.values()) if by_time else 0.0
+        scores = {
+            s.name: s.priority
+            + pol.boost(s)
+            + (100.0 * fastest / timed[s.name] if by_time and s.name in timed else 0.0)
+            for s in ok
+        }
         if not ok:
             if lock is not None:
                 raise SelectionError(
@@ -296,14 +349,15 @@ class Selector:
                 )
             why = "; ".join(f"{n}: {r}" for n, r in rejections.items()) or "none registered"
             raise SelectionError("op", op.value, "an op with a runnable kernel", why)
-        best = max(ok, key=lambda s: (scores[s.name], s.name))
-        cands = tuple(
-            Candidate(
-                s.name, s.backend, scores.get(s.name), rejections[s.name], s.name == best.name
+        if by_time:  # the fastest measured wins; equal times: the higher score, then the name
+            best = max(
+                (s for s in ok if s.name in timed),
+                key=lambda s: (-timed[s.name], scores[s.name], s.name),
             )
-            for s in specs
-        )
-        return KernelChoice(op, ctx, best, scores[best.name], lock is not None, cands)
+        else:
+            best = max(ok, key=lambda s: (scores[s.name], s.name))
+        cands = tuple(_candidate(s, scores, rejections, best, meas.get(s.name)) for s in specs)
+        return KernelChoice(op, ctx, best, scores[best.name], lock is not None, cands, by_time)
 
     # ---- run-time fallback -------------------------------------------------------------------
     def build(self, op: Op, ctx: KernelContext) -> tuple[KernelChoice, object]:
@@ -333,6 +387,26 @@ class Selector:
                     raise
                 tried.add(backend)
                 self.mark_unhealthy(backend, e)
+
+
+def _candidate(
+    s: KernelSpec,
+    scores: dict[str, float],
+    rejections: dict[str, Rejection | None],
+    best: KernelSpec,
+    m: Measurement | None,
+) -> Candidate:
+    ok = m is not None and m.ok
+    return Candidate(
+        s.name,
+        s.backend,
+        scores.get(s.name),
+        rejections[s.name],
+        s.name == best.name,
+        m.median_s if ok else None,
+        m.p95_s if ok else None,
+        m.error if m is not None else None,
+    )
 
 
 def _check_op(op: object, ctx: KernelContext) -> None:

@@ -59,19 +59,40 @@ def _reference(logits, temp, top_k, top_p, min_p, seed, offset):
 
 @pytest.mark.parametrize("vocab", [2, 32, 257, 1000, 5000])
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize(("num_candidates", "capacity"), [(64, 1024), (4, 1024), (64, 64)])
-def test_same_tokens_as_the_torch_kernel(vocab, ties, num_candidates, capacity):
+@pytest.mark.parametrize(
+    ("num_candidates", "capacity", "split"),
+    [(64, 1024, True), (4, 1024, True), (64, 64, True), (4, 1024, False)],
+)
+def test_same_tokens_as_the_torch_kernel(vocab, ties, num_candidates, capacity, split):
     """Every path: with 64 candidates most rows decide on them; with 4, rows with top-k > 4
-    stream the row through the bisection kernel; with 64 slots, rows whose candidate list
-    overflows (every logit, below 64 chunks) stream too."""
+    go through the split path (or, ``split=False``, stream the row in one program); with 64
+    slots, rows whose candidate list overflows (every logit, below 64 chunks) go there too."""
     rng = np.random.default_rng(vocab + 10 * ties + num_candidates + capacity)
     args = _case(rng, 256 if vocab < 5000 else 64, vocab, ties)
-    got = triton_sample_logits(*args, num_candidates=num_candidates, capacity=capacity)
+    got = triton_sample_logits(*args, num_candidates=num_candidates, capacity=capacity, split=split)
     ref, kept = _reference(*args)
     assert got.dtype == torch.int64 and got.shape == ref.shape
     assert kept.gather(1, got[:, None]).all(), "a token outside the kept set"
     # same (seed, offset) -> same token, up to float summation order at a CDF boundary
     assert (got != ref).sum() <= 2, (got != ref).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize(
+    "hints",
+    [
+        dict(candidates=False, top_k_search=False, top_p_search=False),
+        dict(top_k_search=False),
+        dict(top_p_search=False),
+    ],
+)
+def test_wrong_launch_hints_cost_speed_never_tokens(hints):
+    """Hints promise what no row needs; here they lie (rows with top-k and top-p): the rows
+    whose search is not launched stream in their program and draw the same tokens."""
+    rng = np.random.default_rng(7)
+    args = _case(rng, 48, 700, ties=True)
+    want = triton_sample_logits(*args, num_candidates=4, split=True)
+    got = triton_sample_logits(*args, num_candidates=4, split=True, **hints)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("vocab", [32000, 151936])
@@ -95,9 +116,13 @@ def test_vocabularies_that_are_not_a_block_multiple(vocab):
     assert int(got[2]) == vocab - 2 and int(got[3]) == vocab - 1
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("case", list(CASES))
-def test_goodness_of_fit(case):
+def test_goodness_of_fit(case, split):
+    """Both fallbacks for the rows the candidates cannot decide (split: fewer draws under the
+    interpreter, which runs its many programs one by one)."""
     kw, which, n = CASES[case]
+    n = n // 4 if split and DEVICE == "cpu" else n
     logits = _case_logits(which)
     vocab = logits.shape[0]
     full = lambda v, dt: torch.full((n,), v, dtype=dt, device=DEVICE)  # noqa: E731
@@ -109,6 +134,7 @@ def test_goodness_of_fit(case):
         full(kw.get("min_p", 0.0), torch.float32),
         torch.arange(n, device=DEVICE) * 7 + 3,
         full(11, torch.int64),
+        split=split,
     )
     counts = np.bincount(tokens.cpu().numpy(), minlength=vocab)
     ref = filtered_probs(logits, **kw)
@@ -177,17 +203,44 @@ sigs = {
     "compact": {**t("x_ptr tau_ptr", "*fp32"), "count_ptr": "*i32", "cand_ptr": "*i64",
                 **t("stride_b B V CAP", "i32"), **t("BLOCK_B CHUNK USE_TAU", "constexpr")},
     "draw": {**t("x_ptr temp_ptr top_p_ptr min_p_ptr cmax_ptr csum_ptr", "*fp32"),
-             **t("top_k_ptr count_ptr", "*i32"),
+             **t("top_k_ptr count_ptr ist_ptr", "*i32"), "fst_ptr": "*fp32",
              **t("seed_ptr offset_ptr cand_ptr out_ptr", "*i64"), **t("stride_b B V S", "i32"),
-             **t("BLOCK_B CAP NS K METHOD BLOCK_V SPLIT ITERS", "constexpr")},
+             **t("BLOCK_B CAP NS K METHOD BLOCK_V SPLIT ITERS DEFER CANDS", "constexpr"),
+             **t("TOPK_SEARCH TOPP_SEARCH", "constexpr")},
 }
-for method in ((0, 1) if built["has_topk"] else (1,)):
+split = m.split_sampling._kernels()
+split_sigs = {
+    "search": {**t("x_ptr temp_ptr cmax_ptr fst_ptr part_m_ptr", "*fp32"),
+               **t("top_k_ptr ist_ptr part_c_ptr ticket_ptr", "*i32"),
+               **t("stride_b B V S SC", "i32"),
+               **t("STAGE LAST BLOCK_B CHUNK SUB P NS NSC", "constexpr")},
+    "finish": {**t("x_ptr temp_ptr min_p_ptr cmax_ptr fst_ptr cm_ptr", "*fp32"),
+               **t("ist_ptr ek_ptr ep_ptr ticket_ptr", "*i32"),
+               **t("seed_ptr offset_ptr out_ptr", "*i64"), **t("stride_b B V S SC", "i32"),
+               **t("BLOCK_B CHUNK SUB NS NSC", "constexpr")},
+}
+split_consts = [
+    ("search", dict(STAGE=0, LAST=False, BLOCK_B=1, CHUNK=2048, SUB=64, P=64, NS=64, NSC=512)),
+    ("search", dict(STAGE=0, LAST=True, BLOCK_B=1, CHUNK=2048, SUB=64, P=64, NS=64, NSC=512)),
+    ("search", dict(STAGE=1, LAST=True, BLOCK_B=1, CHUNK=2048, SUB=64, P=64, NS=64, NSC=512)),
+    ("finish", dict(BLOCK_B=1, CHUNK=2048, SUB=64, NS=64, NSC=512)),
+]
+for cc in (80, 90):
+    for name, consts in split_consts:
+        src = ASTSource(fn=split[name], signature=split_sigs[name], constexprs=consts)
+        try:
+            triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
+        except Exception as e:
+            if "ptxas" in str(e).lower():
+                sys.exit(77)
+            raise
+for method, defer in (((0, True), (1, False)) if built["has_topk"] else ((1, True),)):
     consts = {
         "chunk_stats": dict(BLOCK_B=1, CHUNK=1024),
-        "threshold": dict(BLOCK_B=1, NS=128, K=64, METHOD=method),
+        "threshold": dict(BLOCK_B=1, NS=512, K=256, METHOD=method),
         "compact": dict(BLOCK_B=1, CHUNK=1024, USE_TAU=True),
-        "draw": dict(BLOCK_B=1, CAP=1024, NS=128, K=64, METHOD=method, BLOCK_V=1024, SPLIT=8,
-                     ITERS=11),
+        "draw": dict(BLOCK_B=1, CAP=1024, NS=512, K=256, METHOD=method, BLOCK_V=1024, SPLIT=8,
+                     ITERS=11, DEFER=defer, CANDS=defer, TOPK_SEARCH=defer, TOPP_SEARCH=True),
     }
     for cc in (80, 90):
         for name, sig in sigs.items():
