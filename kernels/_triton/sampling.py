@@ -43,6 +43,7 @@ _JIT_NAMES = (
     "_mix64",
     "_counter_uniform",
     "_load",
+    "_narrow_bounds",
     "_bisect",
     "_kept",
     "_sample_rows",
@@ -116,17 +117,21 @@ def _bisect(base, rmask, V, x0, inv_t, lo, hi, cnt_hi, mass_hi, k, target,
             ok = mass >= target[:, None]
         else:
             ok = cnt >= k[:, None]
-        big = 0x7FFFFFFF
-        new_hi = tl.min(tl.where(ok, big, piv), 1)
-        take = new_hi < hi
-        # the count/mass of the pivot that becomes hi (the smallest failing pivot; pivots repeat
-        # once the range is narrower than SPLIT, with equal counts: max, not sum)
-        at_hi = piv == new_hi[:, None]
-        cnt_hi = tl.where(take, tl.max(tl.where(at_hi, cnt, 0), 1), cnt_hi)
-        mass_hi = tl.where(take, tl.max(tl.where(at_hi, mass, 0.0), 1), mass_hi)
-        hi = tl.minimum(hi, new_hi)
-        lo = tl.maximum(lo, tl.max(tl.where(ok, piv, 0), 1))
+        lo, hi, cnt_hi, mass_hi = _narrow_bounds(piv, ok, cnt, mass, lo, hi, cnt_hi, mass_hi)
     return lo, cnt_hi, mass_hi
+
+
+def _narrow_bounds(piv, ok, cnt, mass, lo, hi, cnt_hi, mass_hi):
+    """One bisection step from the pivots' totals (``[BB, SPLIT]``; ``ok``: the criterion holds
+    there): the new ``(lo, hi, count at hi, mass at hi)``. The count/mass kept is that of the
+    pivot that becomes hi (the smallest failing one; pivots repeat once the range is narrower
+    than SPLIT, with equal counts: max, not sum). Shared with the split path."""
+    new_hi = tl.min(tl.where(ok, 0x7FFFFFFF, piv), 1)
+    take = new_hi < hi
+    at_hi = piv == new_hi[:, None]
+    cnt_hi = tl.where(take, tl.max(tl.where(at_hi, cnt, 0), 1), cnt_hi)
+    mass_hi = tl.where(take, tl.max(tl.where(at_hi, mass, 0.0), 1), mass_hi)
+    return tl.maximum(lo, tl.max(tl.where(ok, piv, 0), 1)), tl.minimum(hi, new_hi), cnt_hi, mass_hi
 
 
 def _kept(p, cols, tk, r_k, tp, mass_gt_p, target_p, floor_m, eq_k_seen, eq_p_seen):

@@ -39,7 +39,7 @@ from layerzero_serve.kernels._triton import sampling as streaming
 __all__ = ["F_COLS", "I_COLS", "SplitPlan", "SplitScratch", "launch_split", "search_iters"]
 
 tl = None
-_kept = _counter_uniform = None  # the streaming module's jitted helpers, set on first use
+_kept = _counter_uniform = _narrow_bounds = None  # the streaming module's jitted helpers
 _JIT_NAMES = (
     "_row_stats",
     "_pivots",
@@ -72,7 +72,7 @@ def _kernels() -> dict:
         g = globals()
         g["tl"] = triton.language
         streaming._kernel()
-        for name in ("_kept", "_counter_uniform"):
+        for name in ("_kept", "_counter_uniform", "_narrow_bounds"):
             g[name] = getattr(streaming, name)
         for name in _COLUMN_NAMES:  # jitted code reads globals only as constexprs
             g[name] = triton.language.constexpr(int(g[name]))
@@ -173,13 +173,7 @@ def _narrow(rows, r64, active, lo, hi, top_k_ptr, ist_ptr, fst_ptr, part_c_ptr, 
     else:
         target = tl.load(fst_ptr + rows * 8 + F_TARGET, mask=active, other=0.0)
         ok = mass >= target[:, None]
-    new_hi = tl.min(tl.where(ok, 0x7FFFFFFF, piv), 1)
-    take = new_hi < hi
-    at_hi = piv == new_hi[:, None]
-    cnt_hi = tl.where(take, tl.max(tl.where(at_hi, cnt, 0), 1), cnt_hi)
-    mass_hi = tl.where(take, tl.max(tl.where(at_hi, mass, 0.0), 1), mass_hi)
-    hi = tl.minimum(hi, new_hi)
-    lo = tl.maximum(lo, tl.max(tl.where(ok, piv, 0), 1))
+    lo, hi, cnt_hi, mass_hi = _narrow_bounds(piv, ok, cnt, mass, lo, hi, cnt_hi, mass_hi)
     tl.store(ist_ptr + rows * 8 + (I_LO0 if STAGE == 0 else I_LO1), lo, mask=active)
     tl.store(ist_ptr + rows * 8 + (I_HI0 if STAGE == 0 else I_HI1), hi, mask=active)
     tl.store(ist_ptr + rows * 8 + cnt_col, cnt_hi, mask=active)
