@@ -15,7 +15,6 @@ model's, the hard case for top-p: its cut falls in the bulk of the vocabulary).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_sampling import capture_step, kernels  # noqa: E402
+from bench_sampling import capture_step, kernels, median_ms  # noqa: E402
 from common import environment, out_dir_or_default, write_result  # noqa: E402
 
 from layerzero_serve.kernels._triton.topk_sampling import (  # noqa: E402
@@ -65,19 +64,10 @@ def graph_ms(sampler: Sampler, logits, params: SamplingParams, batch: int, reps:
     rows = [CallRow(i, params, [1, 2, 3], [1, 2, 3, 4, 5]) for i in range(batch)]
     prepared = sampler.prepare(rows)
     graph = capture_step(sampler, logits, prepared)
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    ms = median_ms(graph.replay, "cuda", reps, warmup=5)
     for r in rows:
         sampler.release(r.request_id)
-    return statistics.median(times)
+    return ms
 
 
 def main(argv: list[str] | None = None) -> int:

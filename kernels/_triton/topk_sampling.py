@@ -35,12 +35,16 @@ synchronisation; grids depend on shapes only). Rows whose logits hold NaN or +in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from layerzero_serve.kernels._triton import sampling as streaming
 from layerzero_serve.kernels._triton import split_sampling
+from layerzero_serve.kernels._triton.topk_launch import (
+    CAP_DEFAULT,
+    SPLIT_MAX_ROWS,
+    _launch_plan,
+    _sizes,
+)
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
 
 __all__ = ["SPECS", "TritonTopKSamplingKernel", "triton_sample_logits"]
@@ -58,12 +62,6 @@ _JIT_NAMES = (
     "_draw",
 )
 _built: dict = {}
-
-K_DEFAULT = 256  # candidates per row on a GPU: top_k <= 256 (20, 50, gpt-fast's 200) is
-# decided on them, at batch 1 and 256 alike
-K_INTERPRETER = 64  # the interpreter's candidates come from K max-extractions: fewer
-SPLIT_MAX_ROWS = 8  # up to this many rows the split path beats one program per row
-CAP_DEFAULT = 1024  # logits >= tau kept per row (typically ~100); more: that row streams
 
 
 def _kernels():
@@ -357,14 +355,7 @@ def triton_sample_logits(
     if logits.dtype != torch.float32 or logits.stride(1) != 1:
         raise ValueError(f"logits must be float32 with unit stride along V, got {logits.dtype}")
     interp = streaming._interpreting()
-    k_cand = num_candidates or (K_INTERPRETER if interp else K_DEFAULT)
-    if k_cand < 2 or k_cand & (k_cand - 1):
-        raise ValueError(f"num_candidates must be a power of two >= 2, got {k_cand}")
-    if capacity < k_cand or capacity & (capacity - 1):
-        raise ValueError(f"capacity must be a power of two >= num_candidates, got {capacity}")
-    pivots = pivots or (16 if interp else 64)
-    if pivots < 2 or pivots & (pivots - 1):
-        raise ValueError(f"pivots must be a power of two >= 2, got {pivots}")
+    k_cand, pivots = _sizes(num_candidates, capacity, pivots, interp)
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
@@ -415,44 +406,6 @@ def triton_sample_logits(
             stages=(top_k_search, top_p_search), warps=4 if lp.warps > 1 else 1,
         )  # fmt: skip
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class _LaunchPlan:
-    chunk: int
-    num_chunks: int
-    ns: int  # chunk maxima per row, padded to a power of two >= K
-    use_tau: bool  # at least K chunks: tau bounds the candidates
-    block_b: int
-    grid_b: int
-    method: int  # _top_keys METHOD
-    warps: int
-    split: int  # the streaming fallback's SPLIT, BLOCK_V and ITERS
-    block_v: int
-    iters: int
-
-
-def _launch_plan(rows: int, vocab: int, k: int, capacity: int, chunk: int | None,
-                 has_topk: bool) -> _LaunchPlan:  # fmt: skip
-    """Grid and tile sizes of :func:`triton_sample_logits` for this shape."""
-    import triton
-
-    interp = streaming._interpreting()
-    if chunk is None:  # at least K chunks where the vocabulary allows: a useful tau
-        chunk = min(2048, max(64, 1 << max(0, (vocab // k).bit_length() - 1)))
-    if chunk & (chunk - 1):
-        raise ValueError(f"chunk must be a power of two, got {chunk}")
-    num_chunks = triton.cdiv(vocab, chunk)
-    ns = max(triton.next_power_of_2(num_chunks), k)
-    split, block_v, iters = streaming.streaming_params(vocab, interp)
-    # The interpreter pays per tile op, not per element: as many rows per program as the
-    # largest tile ([rows, K, K], [rows, CAP], [rows, SPLIT, BLOCK_V]) allows there.
-    widest = max(k * k, chunk, capacity, ns, split * block_v)
-    block_b = min(triton.next_power_of_2(rows), max(1, (1 << 20) // widest)) if interp else 1
-    method = 2 if interp else (0 if has_topk else 1)
-    return _LaunchPlan(chunk, num_chunks, ns, num_chunks >= k, block_b,
-                       triton.cdiv(rows, block_b), method, 1 if interp else 8, split, block_v,
-                       iters)  # fmt: skip
 
 
 class TritonTopKSamplingKernel:

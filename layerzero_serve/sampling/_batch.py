@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from layerzero_serve.kernels.sampling_api import SamplingHints
 from layerzero_serve.sampling import _state as st
 
 # int64 block rows of the packed buffer
@@ -71,6 +72,10 @@ class SamplingPlan:
             raw_logprobs=bool(any_ & st.LOGPROBS_RAW),
             processed_logprobs=bool(any_ & st.LOGPROBS_PROCESSED),
         )
+
+    def hints(self) -> SamplingHints:
+        """The launch hints a kernel that ``takes_hints`` gets for batches of this plan."""
+        return SamplingHints(self.top_k, self.wide_top_k, self.top_p, self.any_greedy)
 
     def union(self, other: SamplingPlan) -> SamplingPlan:
         return SamplingPlan(

@@ -37,7 +37,6 @@ import torch
 
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.kernels.sampling_api import (
-    SamplingHints,
     SamplingKernel,
     TorchSamplingKernel,
     draw_unfiltered,
@@ -425,17 +424,11 @@ class Sampler:
         if b.plan.any_greedy:
             top_k = torch.where((b.flags & st.GREEDY) != 0, 1, top_k)
 
-        p = b.plan
-        hints = SamplingHints(p.top_k, p.wide_top_k, p.top_p, p.any_greedy)
-
         def call(k: SamplingKernel) -> torch.Tensor | None:
             if getattr(k, "takes_logits", False) is not True:
                 return None
-            args = (x, b.temperature, top_k, b.top_p, b.min_p, b.seed, b.offset)
-            if getattr(k, "takes_hints", False) is True:
-                out = k.sample_logits(*args, hints=hints)
-            else:
-                out = k.sample_logits(*args)
+            kw = {"hints": b.plan.hints()} if getattr(k, "takes_hints", False) is True else {}
+            out = k.sample_logits(x, b.temperature, top_k, b.top_p, b.min_p, b.seed, b.offset, **kw)
             return check_tokens(k, out, x.shape[0], x.device)
 
         return self._with_fallback(b.plan, call)
