@@ -111,14 +111,16 @@ def test_the_gpu_sort_paths_draw_the_same_tokens(monkeypatch):
     """METHOD 1 (``tl.sort`` for the candidates and for the id-ordered CDF, what a GPU without
     ``tl.topk`` runs; with it only the candidate selection differs) forced here, where the
     interpreter would take the pairwise path: the same tokens as the torch kernel."""
+    from layerzero_serve.kernels._triton import topk_launch
     from layerzero_serve.kernels._triton import topk_sampling as m
 
     plan = m._launch_plan
 
     def sort_plan(*a, **k):
         p = plan(*a, **k)
-        return m._LaunchPlan(p.chunk, p.num_chunks, p.ns, p.use_tau, p.block_b, p.grid_b, 1,
-                             p.warps, p.split, p.block_v, p.iters)  # fmt: skip
+        return topk_launch._LaunchPlan(p.chunk, p.num_chunks, p.ns, p.use_tau, p.block_b,
+                                       p.grid_b, 1, p.warps, p.split, p.block_v,
+                                       p.iters)  # fmt: skip
 
     monkeypatch.setattr(m, "_launch_plan", sort_plan)
     rng = np.random.default_rng(11)
