@@ -27,7 +27,6 @@ from common import environment, out_dir_or_default, write_result  # noqa: E402
 
 from layerzero_serve.kernels._triton.topk_sampling import (  # noqa: E402
     TritonTopKSamplingKernel,
-    triton_sample_logits,
 )
 from layerzero_serve.sampling import Sampler, SamplingParams  # noqa: E402
 from layerzero_serve.sampling._rows import CallRow  # noqa: E402
@@ -53,10 +52,7 @@ class StreamingFallback(TritonTopKSamplingKernel):
     """``triton.topk_sampling`` with the earlier fallback (one program streams each row)."""
 
     name = "triton.topk_sampling[stream]"
-
-    def sample_logits(self, logits, temperature, top_k, top_p, min_p, seed, offset):
-        return triton_sample_logits(logits, temperature, top_k, top_p, min_p, seed, offset,
-                                    split=False)  # fmt: skip
+    split = False
 
 
 def graph_ms(sampler: Sampler, logits, params: SamplingParams, batch: int, reps: int) -> float:

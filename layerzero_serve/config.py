@@ -65,6 +65,10 @@ class EngineConfig:
         enforce_eager: never capture CUDA graphs (the reference for graph correctness).
         max_graph_batch: largest captured decode bucket (None = min(max_num_seqs, 256));
             buckets are 1, 2, 4, 8, then every 8. Larger batches run eagerly.
+        max_mixed_graph_tokens: largest token count of a prefill or mixed prefill + decode step
+            captured piecewise (graphs between the attention calls, token buckets 16, 32, 64,
+            128, 192, ... up to this), 0..65536; None = min(max_num_batched_tokens, 2048);
+            0 = such steps run eagerly. Larger steps run eagerly.
         speculative_method: None (off), ``"ngram"`` (prompt lookup, no extra model),
             ``"draft_model"`` (greedy drafts from ``speculative_model``) or your own
             :class:`~layerzero_serve.spec_decode.Proposer` instance.
@@ -102,6 +106,7 @@ class EngineConfig:
     cpu_threads: int | None = None
     enforce_eager: bool = False
     max_graph_batch: int | None = None
+    max_mixed_graph_tokens: int | None = None
     speculative_method: str | Proposer | None = None
     speculative_model: str | None = None
     num_speculative_tokens: int = 4
@@ -175,6 +180,7 @@ class EngineConfig:
         self._int("seed", INT64_MIN, INT64_MAX)
         self._int("cpu_threads", 1, MAX_CPU_THREADS, optional=True)
         self._int("max_graph_batch", 1, 1024, optional=True)
+        self._int("max_mixed_graph_tokens", 0, 65536, optional=True)
 
     def _check_speculation(self) -> None:
         """The proposer (method, draft checkpoint), k and the n-gram lengths."""

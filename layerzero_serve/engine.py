@@ -198,10 +198,26 @@ class Engine:
             return
         cfg = self.config
         self.runner.enable_graphs(buckets, graph_len)
+        self._setup_mixed_graphs()
         if self.spec is not None:
             self.runner.enable_verify_graphs(small, graph_len, cfg.num_speculative_tokens + 1)
         if cfg.async_scheduling:
             self._execution = AsyncScheduling(self.runner, self.scheduler)
+
+    def _setup_mixed_graphs(self) -> None:
+        """Piecewise graphs for prefill / mixed steps (``max_mixed_graph_tokens``). A capture
+        that fails leaves those steps eager, with a warning: they were eager before."""
+        cfg = self.config
+        limit = cfg.max_mixed_graph_tokens
+        if limit is None:
+            limit = min(cfg.max_num_batched_tokens, 2048)
+        if limit == 0:
+            return
+        try:
+            self.runner.enable_mixed_graphs(limit)
+        except Exception as e:  # noqa: BLE001 - any capture failure: stay eager
+            self.runner.mixed_graphs = None
+            logger.warning("mixed-step graphs not captured, prefill runs eagerly: %r", e)
 
     def _speculation(
         self, cfg, loaded: LoadedModel, shape, kv_cache, selector, sampler, graph_buckets

@@ -416,6 +416,9 @@ class TritonTopKSamplingKernel:
     position_invariant = True
     takes_logits = True
     takes_hints = True
+    #: ``None``: the launch plan decides whether undecided rows take the split path; ``False``
+    #: keeps them in one program per row (the benchmarks' baseline for the split path).
+    split: bool | None = None
 
     def __init__(self, ctx: KernelContext | None = None) -> None:
         self.ctx = ctx
@@ -424,9 +427,9 @@ class TritonTopKSamplingKernel:
         """``hints`` (a ``sampling_api.SamplingHints``): launches the batch cannot need are
         skipped (no candidates without top-k / top-p / greedy rows; no top-k search without
         a top-k above ``NARROW_TOP_K``; no top-p search without top-p)."""
-        kw = {}
+        kw: dict = {"split": self.split}
         if hints is not None:
-            kw = dict(candidates=hints.top_k or hints.top_p or hints.greedy,
+            kw.update(candidates=hints.top_k or hints.top_p or hints.greedy,
                       top_k_search=hints.wide_top_k, top_p_search=hints.top_p)  # fmt: skip
         return triton_sample_logits(logits, temperature, top_k, top_p, min_p, seed, offset, **kw)
 

@@ -8,7 +8,8 @@ on; everything in the ``_``-modules is internal.
 from layerzero_serve.runner._async_decode import PendingDecode, collect_decode, launch_decode
 from layerzero_serve.runner._cpu_threads import MAX_CPU_THREADS, choose_cpu_threads
 from layerzero_serve.runner._memory import measure_graph_memory
-from layerzero_serve.runner._model_runner import ModelRunner, optimize_model
+from layerzero_serve.runner._model_runner import ModelRunner
+from layerzero_serve.runner._optimize import optimize_model
 from layerzero_serve.runner._stack import prepare_model
 
 __all__ = [

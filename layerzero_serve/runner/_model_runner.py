@@ -27,6 +27,7 @@ from layerzero_serve.runner.attention import (
     select_dispatch,
 )
 from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
+from layerzero_serve.runner.piecewise_graphs import PiecewiseGraphRunner, token_buckets
 from layerzero_serve.sampling import Sampler, any_prompt_logprobs, prompt_logprobs
 from layerzero_serve.selection import KernelChoice, Selector, get_selector, probe_device
 from layerzero_serve.selection.plans import ModelShape, base_context
@@ -52,39 +53,6 @@ class StepTimings:
 
     def as_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in ("schedule", "prepare", "forward", "sample", "update")}
-
-
-def optimize_model(
-    model: torch.nn.Module,
-    shape: ModelShape,
-    device: torch.device,
-    block_size: int,
-    max_num_seqs: int,
-    selector: Selector | None = None,
-) -> None:
-    """GPU fast path, before memory is measured: fuse the q/k/v and gate/up projections and
-    install the RMSNorm/SwiGLU/RoPE kernels the selection engine picks for this device."""
-    sel = selector or get_selector()
-    dev = probe_device(device)
-    impls = {}
-    for op in (Op.RMSNORM, Op.SWIGLU, Op.ROPE):
-        ctx = base_context(
-            op,
-            device=dev,
-            shape=shape,
-            block_size=block_size,
-            batch_bucket=max_num_seqs,
-            q_len=0,
-            graph_mode=True,
-        )
-        choice, impls[op] = sel.build(op, ctx)
-        logger.info("%s kernel: %s", op.value, choice.name)
-    if hasattr(model, "optimize"):
-        model.optimize(
-            fuse=True, rmsnorm=impls[Op.RMSNORM], swiglu=impls[Op.SWIGLU], rope=impls[Op.ROPE]
-        )
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the unfused weights' blocks go back before KV sizing
 
 
 class ModelRunner:
@@ -137,12 +105,26 @@ class ModelRunner:
         # speculative verification (``spec_decode.SpecVerifier``); None: no speculation
         self.spec_verifier = verifier
         self.verify_graphs: DecodeGraphRunner | None = None
+        self.mixed_graphs: PiecewiseGraphRunner | None = None  # prefill / mixed steps
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     def disable_graphs(self) -> None:
         """Run every step eagerly from now on (e.g. after a failed capture): drops the decode
-        and sampler graphs. Host only."""
-        self.graphs = self.sampler_graphs = None
+        sampler and mixed-step graphs. Host only."""
+        self.graphs = self.sampler_graphs = self.mixed_graphs = None
+
+    def enable_mixed_graphs(self, max_tokens: int, capture: bool | None = None,
+                            progress: bool = True) -> None:  # fmt: skip
+        """Prefill and mixed steps of up to ``max_tokens`` tokens through piecewise graphs
+        (``runner/piecewise_graphs.py``); ``capture=False`` runs the same data path eagerly
+        (default: capture on CUDA)."""
+        s, dtype = self._shape, next(self.model.parameters()).dtype
+        capture = self.device.type == "cuda" if capture is None else capture
+        self.mixed_graphs = PiecewiseGraphRunner(
+            self.model, s.num_q_heads, s.num_kv_heads, s.head_dim, dtype,
+            token_buckets(max_tokens), self.device, capture,
+        )  # fmt: skip
+        self.mixed_graphs.capture_all(progress)
 
     def set_decode_buckets(self, buckets: list[int], max_model_len: int) -> None:
         """Make eager decode split each sequence's KV exactly as the captured bucket it would
@@ -265,9 +247,14 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     def _forward(self, batch) -> torch.Tensor:
+        mixed = self.mixed_graphs
+        if mixed is not None and mixed.bucket_for(batch.input_ids.shape[0]) is None:
+            mixed = None  # more tokens than the largest bucket: eager
         for attempt in range(MAX_FALLBACKS + 1):
             try:
                 self.attn.begin_step(batch.meta)  # a plan() that raises falls back too
+                if mixed is not None:  # hidden is a view into its static buffer
+                    return mixed.run(batch.input_ids, batch.positions, self.attn, batch.meta)
                 return self.model(batch.input_ids, batch.positions, self.attn, batch.meta)
             except Exception as e:
                 # Re-running the step rewrites the same K/V slots: the retry is idempotent.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from layerzero_serve.kv_cache import KVCacheSpec
-from layerzero_serve.runner._model_runner import optimize_model
+from layerzero_serve.runner._optimize import optimize_model
 from layerzero_serve.selection.plans import ModelShape
 
 
