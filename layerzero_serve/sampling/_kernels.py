@@ -129,3 +129,24 @@ def select_sampling_kernels(
     torch kernel when none is."""
     sel = select_sampling(selector, ctx)
     return sel.kernel, sel.invariant, sel.locked
+
+
+def sampling_alternatives(
+    selector: Selector, ctx: KernelContext
+) -> list[tuple[SamplingKernel, str]]:
+    """``(kernel, backend)`` for every runnable ``Op.SAMPLING`` candidate of the plan ``ctx``
+    (the policy's order), built and checked; a factory that raises or builds junk is skipped
+    (logged), so this never fails. Host only; for the measured per-plan choice."""
+    specs = {s.name: s for s in selector.kernels(Op.SAMPLING)}
+    choice = selector.select(Op.SAMPLING, ctx)
+    runnable = [c for c in choice.candidates if c.score is not None]
+    out = []
+    for cand in sorted(runnable, key=lambda c: (not c.chosen, -c.score, c.name)):
+        spec = specs.get(cand.name)
+        if spec is None:
+            continue
+        try:
+            out.append(_build(spec, ctx))
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot be built is left out
+            logger.debug("sampling kernel %s not built: %r", spec.name, e)
+    return out

@@ -72,12 +72,15 @@ class HostSample:
 
     tokens: one id per row (0 for a failed row); failed: row -> detail for rows whose logits
     were degenerate (their request must fail; the other rows are unaffected); logprobs: per row,
-    a TokenLogprob when the row asked for logprobs, else None.
+    a TokenLogprob when the row asked for logprobs, else None; drawn_by: the sampling kernel
+    that drew the sampled rows (None: the sampler's choice for the plan), whom an
+    out-of-vocabulary id is blamed on.
     """
 
     tokens: list[int]
     failed: dict[int, str] = field(default_factory=dict)
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    drawn_by: object = None
 
 
 @dataclass(slots=True)
@@ -89,22 +92,23 @@ class DeviceSample:
     flags: torch.Tensor
     packed: torch.Tensor
     num_logprobs: np.ndarray  # host, per row (-1 = none)
+    drawn_by: object = None  # the kernel that drew (see HostSample)
 
     def to_host(self) -> HostSample:
         # the step's single device -> host copy (synchronises)
-        return _parse(self.packed.cpu().numpy(), self.num_logprobs)
+        return _parse(self.packed.cpu().numpy(), self.num_logprobs, self.drawn_by)
 
     def to_host_async(self) -> PendingHostSample:
         """Start the device -> host copy into pinned memory and return at once (CUDA); read it
         with ``result()``. Enqueue it before any later step's work that rewrites ``packed``
         (a captured sampler graph's static output)."""
         if self.packed.device.type != "cuda":
-            return PendingHostSample(self.packed, None, self.num_logprobs)
+            return PendingHostSample(self.packed, None, self.num_logprobs, self.drawn_by)
         host = torch.empty(self.packed.shape, dtype=self.packed.dtype, pin_memory=True)
         host.copy_(self.packed, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return PendingHostSample(host, done, self.num_logprobs)
+        return PendingHostSample(host, done, self.num_logprobs, self.drawn_by)
 
 
 @dataclass(slots=True)
@@ -114,15 +118,16 @@ class PendingHostSample:
     host: torch.Tensor
     done: torch.cuda.Event | None
     num_logprobs: np.ndarray
+    drawn_by: object = None
 
     def result(self) -> HostSample:
         """Wait for the copy and unpack it."""
         if self.done is not None:
             self.done.synchronize()
-        return _parse(self.host.numpy(), self.num_logprobs)
+        return _parse(self.host.numpy(), self.num_logprobs, self.drawn_by)
 
 
-def _parse(arr: np.ndarray, num_logprobs: np.ndarray) -> HostSample:
+def _parse(arr: np.ndarray, num_logprobs: np.ndarray, drawn_by: object = None) -> HostSample:
     """HostSample from the packed host array ``[B, 2 (+ 2 + 2 n)]`` (see the module docstring)."""
     num_rows = arr.shape[0]
     tokens = arr[:, 0].astype(np.int64).tolist()
@@ -140,4 +145,4 @@ def _parse(arr: np.ndarray, num_logprobs: np.ndarray) -> HostSample:
                 top_token_ids=arr[i, 4 : 4 + n].astype(np.int64).tolist(),
                 top_logprobs=arr[i, 4 + width : 4 + width + n].tolist(),
             )
-    return HostSample(tokens, failed, logprobs)
+    return HostSample(tokens, failed, logprobs, drawn_by)

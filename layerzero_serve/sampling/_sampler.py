@@ -64,6 +64,7 @@ from layerzero_serve.sampling._kernels import (
     SamplingSelection,
     check_kernel,
     check_tokens,
+    sampling_alternatives,
     select_sampling,
 )
 from layerzero_serve.sampling._outputs import DeviceSample, HostSample, pack
@@ -125,6 +126,8 @@ class Sampler:
         self._locked = kernel is not None
         self._backends = (REFERENCE_BACKEND, REFERENCE_BACKEND)  # (kernel's, invariant's)
         self.kernel_epoch = 0  # bumped when a failing kernel is replaced (captured graphs: stale)
+        self._alternatives: list[tuple[SamplingKernel, str]] | None = None  # kernel_candidates
+        self._drawn_by: SamplingKernel | None = None  # the kernel of the last draw (host)
         self._selector = self._ctx = None
         self.device: torch.device | None = None
         self.vocab_size = 0
@@ -352,11 +355,16 @@ class Sampler:
 
     # ---- per step (device) -----------------------------------------------------------------
 
-    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> DeviceSample:
+    def sample(
+        self, logits: torch.Tensor, batch: SamplingBatch, kernel: SamplingKernel | None = None
+    ) -> DeviceSample:
         """Sample one token per row of ``logits`` (float ``[>= B, V]`` on the bound device; the
         first ``batch.num_rows`` rows are used). Graph-safe: no host synchronisation; the work
-        depends only on ``batch.plan`` and shapes."""
+        depends only on ``batch.plan`` and shapes. ``kernel``: draw with this one of
+        :meth:`kernel_candidates` instead of the plan's default (the sampler graphs measure
+        them per bucket and plan); if it raises, the default takes over as usual."""
         plan = batch.plan
+        self._drawn_by = None
         raw = logits[: batch.num_rows]
         if raw.dtype != torch.float32:
             raw = raw.float()
@@ -367,22 +375,24 @@ class Sampler:
         else:
             row_max, flags = row_max_and_flags(x)
             greedy_tokens = row_argmax(x) if plan.any_greedy else None
-            tokens = self._draw_from_logits(x, batch) if self._from_logits(plan) else None
+            first = kernel or self._kernel_for(plan)
+            from_logits = getattr(first, "takes_logits", False) is True
+            tokens = self._draw_from_logits(x, batch, kernel) if from_logits else None
             if tokens is None or plan.processed_logprobs:  # probabilities needed
                 bad = (flags != 0).unsqueeze(-1)
                 z = (x - row_max.unsqueeze(-1)) / batch.temperature.unsqueeze(-1)
                 probs = torch.softmax(torch.where(bad, 0.0, z), dim=-1)
-            if tokens is None:
-                tokens = self._draw(probs, batch)
+            if tokens is None:  # (a from-logits ``kernel`` that failed is not tried again)
+                tokens = self._draw(probs, batch, None if from_logits else kernel)
             if plan.any_greedy:
                 tokens = torch.where((batch.flags & st.GREEDY) != 0, greedy_tokens, tokens)
-            if type(self._kernel_for(plan)) is not TorchSamplingKernel:  # a plug-in's ids
+            if type(self._drawn_by) is not TorchSamplingKernel:  # a plug-in's ids
                 bad = (tokens < 0) | (tokens >= x.shape[-1])
                 flags = torch.where(bad & (flags == 0), BAD_KERNEL_OUTPUT, flags)
         tokens = torch.where(flags != 0, 0, tokens)
         batch.offset.add_(1)  # fresh numbers if a graph replays without a new prepare()
         packed = pack(tokens, flags, raw, x, probs, batch)
-        return DeviceSample(tokens, flags, packed, batch.num_logprobs)
+        return DeviceSample(tokens, flags, packed, batch.num_logprobs, self._drawn_by)
 
     def redraw(self, logits: torch.Tensor, result: HostSample, requests: Sequence) -> HostSample:
         """Host: when ``blame_bad_output`` replaced the kernel, the step sampled again from the
@@ -400,7 +410,7 @@ class Sampler:
             return False
         get = self._states.get
         seeded = any((s := get(r.request_id)) and s.flags & st.SEEDED for r in requests)
-        kernel = self._invariant if seeded else self._kernel
+        kernel = result.drawn_by or (self._invariant if seeded else self._kernel)
         error = KernelOutputError(f"sampling kernel {kernel.name} returned ids outside [0, V)")
         try:
             self._fall_back(kernel, error)
@@ -412,10 +422,36 @@ class Sampler:
         """The kernel this plan draws with: a position-invariant one when a row is seeded."""
         return self._invariant if plan.invariant else self._kernel
 
-    def _from_logits(self, plan: SamplingPlan) -> bool:
-        return getattr(self._kernel_for(plan), "takes_logits", False) is True
+    def kernel_candidates(self, plan: SamplingPlan) -> list[SamplingKernel]:
+        """The kernels that may draw ``plan``: the default first, then every other healthy
+        runnable ``Op.SAMPLING`` kernel of the selection engine (built once). Only the default
+        for a forced kernel, and for a seeded plan: a seed must give the same tokens on every
+        run, which a choice by measured time (noisy) could not promise. Host only."""
+        default = self._kernel_for(plan)
+        if self._locked or self._selector is None or plan.invariant:
+            return [default]
+        if self._alternatives is None:
+            self._alternatives = sampling_alternatives(self._selector, self._ctx)
+        sick = self._selector.unhealthy()
+        out = [default]
+        for k, backend in self._alternatives:
+            if backend not in sick and k.name not in {o.name for o in out}:
+                out.append(k)
+        return out
 
-    def _draw_from_logits(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor | None:
+    def _backend_of(self, kernel: SamplingKernel) -> str:
+        if kernel is self._kernel:
+            return self._backends[0]
+        if kernel is self._invariant:
+            return self._backends[1]
+        if self._alternatives is None and self._selector is not None and not self._locked:
+            self._alternatives = sampling_alternatives(self._selector, self._ctx)
+        found = [b for k, b in self._alternatives or () if k is kernel]
+        return found[0] if found else REFERENCE_BACKEND
+
+    def _draw_from_logits(
+        self, x: torch.Tensor, batch: SamplingBatch, kernel: SamplingKernel | None
+    ) -> torch.Tensor | None:
         """Tokens from a kernel that samples ``softmax(x / T)`` itself (no probabilities
         materialised); None when that kernel failed and the replacement takes probabilities.
         Greedy rows ask for top-k 1, the kernels' cheapest case (their token is the argmax)."""
@@ -431,9 +467,11 @@ class Sampler:
             out = k.sample_logits(x, b.temperature, top_k, b.top_p, b.min_p, b.seed, b.offset, **kw)
             return check_tokens(k, out, x.shape[0], x.device)
 
-        return self._with_fallback(b.plan, call)
+        return self._with_fallback(b.plan, call, kernel)
 
-    def _draw(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _draw(
+        self, probs: torch.Tensor, batch: SamplingBatch, kernel: SamplingKernel | None
+    ) -> torch.Tensor:
         b = batch
         top_k = b.top_k.to(torch.int32)
 
@@ -443,30 +481,38 @@ class Sampler:
             out = k.sample(probs, top_k, b.top_p, b.min_p, b.seed, b.offset)
             return check_tokens(k, out, probs.shape[0], probs.device)
 
-        return self._with_fallback(b.plan, call)
+        return self._with_fallback(b.plan, call, kernel)
 
-    def _with_fallback(self, plan: SamplingPlan, call):
-        """``call(kernel)`` with the plan's kernel; when it raises, ``_fall_back`` (which
-        re-raises when final) and again with the next kernel, a bounded number of times."""
+    def _with_fallback(self, plan: SamplingPlan, call, first: SamplingKernel | None = None):
+        """``call(kernel)`` with ``first`` (or the plan's kernel); when it raises,
+        ``_fall_back`` (which re-raises when final) and again with the plan's (new) kernel, a
+        bounded number of times. The kernel that drew is kept for ``DeviceSample.drawn_by``."""
         for _ in range(MAX_FALLBACKS):
-            kernel = self._kernel_for(plan)
+            kernel = first or self._kernel_for(plan)
             try:
-                return call(kernel)
+                out = call(kernel)
+                self._drawn_by = kernel
+                return out
             except Exception as e:
+                first = None
                 self._fall_back(kernel, e)
-        return call(self._kernel_for(plan))  # the last try: its error propagates
+        kernel = self._kernel_for(plan)
+        out = call(kernel)  # the last try: its error propagates
+        self._drawn_by = kernel
+        return out
 
     def _fall_back(self, kernel: SamplingKernel, error: Exception) -> None:
         """``kernel`` raised or returned junk: re-raise ``error`` when that is final (a locked
         kernel or the torch reference); else mark the backend of its ``KernelSpec`` unhealthy
         (unless it already is) and choose again, so the next call draws with another kernel."""
-        backend = self._backends[0] if kernel is self._kernel else self._backends[1]
+        backend = self._backend_of(kernel)
         if self._locked or backend == REFERENCE_BACKEND or self._selector is None:
             raise error
         logger.warning("sampling kernel %s failed (%s); choosing another", kernel.name, error)
         self.kernel_epoch += 1
         if backend not in self._selector.unhealthy():
             self._selector.mark_unhealthy(backend, error)
+        self._alternatives = None  # rebuilt without the unhealthy backend
         self._use(select_sampling(self._selector, self._ctx))
 
 
