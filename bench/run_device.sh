@@ -2,10 +2,12 @@
 # One device call: unpack the GPU bundle, install the package (regular install: the device
 # image's setuptools does not map package-dir folders in editable mode), run the gpu-marked
 # tests, doctor, and the GPU benchmarks, writing everything under $OUT.
-#   bash bench/run_device.sh [tests|kernels|bench|sampling|spec|all|ab]
+#   bash bench/run_device.sh [tests|kernels|bench|sampling|spec|mixed|all|ab]
 # "ab": .device/before.tar.gz (git archive of the commit to compare with) and this checkout are
 # installed side by side and timed alternately (bench/commit_ab_gpu.py, AB_ROUNDS rounds).
 # "tests" (~4 min) and "bench" (~5 min) each fit one 10-minute device call; "all" runs both.
+# "mixed" (~4 min): the mixed-step graphs' and measured sampler-kernel GPU tests, then the
+# Poisson-arrival mixed-workload benchmark (bench/bench_mixed_graphs_gpu.py).
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/lz_out}
@@ -53,6 +55,14 @@ if [ "$what" = spec ]; then  # speculative decoding's GPU tests and benchmark, p
   grep "^{\|ngram" "$OUT/bench_spec.log" | cut -c1-300 | tail -12
   python3 "$REPO/bench/bench_decode_gpu.py" --out "$OUT" > "$OUT/bench_decode.log" 2>&1
   grep -v "^INFO\|capture CUDA" "$OUT/bench_decode.log" | tail -12
+fi
+if [ "$what" = mixed ]; then  # piecewise graphs for prefill / mixed steps; measured sampling kernels
+  timeout 200 python3 -m pytest "$REPO/tests/gpu/test_mixed_graphs.py" \
+    "$REPO/tests/gpu/test_sampler_kernel_choice.py" "$REPO/tests/gpu/test_cuda_graphs.py" \
+    -q -p no:cacheprovider -o addopts="" 2>&1 | tail -25 | tee "$OUT/gpu_tests_mixed.txt"
+  timeout 300 python3 "$REPO/bench/bench_mixed_graphs_gpu.py" --out "$OUT" \
+    > "$OUT/bench_mixed.log" 2>&1
+  grep -v "^INFO\|capture" "$OUT/bench_mixed.log" | tail -14
 fi
 if [ "$what" = sampling ]; then  # the sampler's GPU tests, kernels and benchmarks only
   python3 -m pytest "$REPO/tests/gpu/test_sampling_gpu.py" "$REPO/tests/gpu/test_cuda_graphs.py" \

@@ -55,17 +55,13 @@ from layerzero_serve.sampling._batch import (
     SamplingBatch,
     SamplingPlan,
 )
+from layerzero_serve.sampling._kernel_set import SamplingKernels
 from layerzero_serve.sampling._kernels import (
     BAD_KERNEL_DETAIL,
     BAD_KERNEL_OUTPUT,
-    MAX_FALLBACKS,
-    REFERENCE_BACKEND,
     KernelOutputError,
-    SamplingSelection,
     check_kernel,
     check_tokens,
-    sampling_alternatives,
-    select_sampling,
 )
 from layerzero_serve.sampling._outputs import DeviceSample, HostSample, pack
 from layerzero_serve.sampling._params import SamplingParams
@@ -118,17 +114,8 @@ class Sampler:
         self.max_rows = v.int_in("max_num_seqs", max_num_seqs, 1, MAX_ROWS)
         if kernel is not None:
             check_kernel(kernel, "kernel")
-        self._forced = kernel
-        self._kernel: SamplingKernel = kernel or TorchSamplingKernel()
-        self._invariant: SamplingKernel = (
-            kernel if kernel is not None and kernel.position_invariant else TorchSamplingKernel()
-        )
-        self._locked = kernel is not None
-        self._backends = (REFERENCE_BACKEND, REFERENCE_BACKEND)  # (kernel's, invariant's)
-        self.kernel_epoch = 0  # bumped when a failing kernel is replaced (captured graphs: stale)
-        self._alternatives: list[tuple[SamplingKernel, str]] | None = None  # kernel_candidates
+        self.kernels = SamplingKernels(kernel)
         self._drawn_by: SamplingKernel | None = None  # the kernel of the last draw (host)
-        self._selector = self._ctx = None
         self.device: torch.device | None = None
         self.vocab_size = 0
         self._step = 0
@@ -161,18 +148,22 @@ class Sampler:
         self._host = st.HostTable()
         self._states.clear()
         self._slot_owner.clear()
-        if self._forced is None and selector is not None and ctx is not None:
-            self._selector, self._ctx = selector, ctx
-            self._use(select_sampling(selector, ctx))
+        if selector is not None and ctx is not None:
+            self.kernels.select(selector, ctx)
         return self
-
-    def _use(self, sel: SamplingSelection) -> None:
-        self._kernel, self._invariant, self._locked = sel.kernel, sel.invariant, sel.locked
-        self._backends = (sel.backend, sel.invariant_backend)
 
     @property
     def kernel_name(self) -> str:
-        return self._kernel.name
+        return self.kernels.kernel.name
+
+    @property
+    def kernel_epoch(self) -> int:
+        """Bumped when a failing kernel is replaced (graphs captured before are stale)."""
+        return self.kernels.epoch
+
+    def kernel_candidates(self, plan: SamplingPlan) -> list[SamplingKernel]:
+        """The kernels that may draw ``plan`` (see ``SamplingKernels.candidates``)."""
+        return self.kernels.candidates(plan)
 
     def _ensure_bound(self, device: torch.device, vocab: int) -> None:
         if self.device is None or self.device != device or self.vocab_size != vocab:
@@ -375,7 +366,7 @@ class Sampler:
         else:
             row_max, flags = row_max_and_flags(x)
             greedy_tokens = row_argmax(x) if plan.any_greedy else None
-            first = kernel or self._kernel_for(plan)
+            first = kernel or self.kernels.for_plan(plan)
             from_logits = getattr(first, "takes_logits", False) is True
             tokens = self._draw_from_logits(x, batch, kernel) if from_logits else None
             if tokens is None or plan.processed_logprobs:  # probabilities needed
@@ -410,44 +401,14 @@ class Sampler:
             return False
         get = self._states.get
         seeded = any((s := get(r.request_id)) and s.flags & st.SEEDED for r in requests)
-        kernel = result.drawn_by or (self._invariant if seeded else self._kernel)
+        ks = self.kernels
+        kernel = result.drawn_by or (ks.invariant if seeded else ks.kernel)
         error = KernelOutputError(f"sampling kernel {kernel.name} returned ids outside [0, V)")
         try:
-            self._fall_back(kernel, error)
+            ks.fall_back(kernel, error)
         except KernelOutputError:
             return False
         return True
-
-    def _kernel_for(self, plan: SamplingPlan) -> SamplingKernel:
-        """The kernel this plan draws with: a position-invariant one when a row is seeded."""
-        return self._invariant if plan.invariant else self._kernel
-
-    def kernel_candidates(self, plan: SamplingPlan) -> list[SamplingKernel]:
-        """The kernels that may draw ``plan``: the default first, then every other healthy
-        runnable ``Op.SAMPLING`` kernel of the selection engine (built once). Only the default
-        for a forced kernel, and for a seeded plan: a seed must give the same tokens on every
-        run, which a choice by measured time (noisy) could not promise. Host only."""
-        default = self._kernel_for(plan)
-        if self._locked or self._selector is None or plan.invariant:
-            return [default]
-        if self._alternatives is None:
-            self._alternatives = sampling_alternatives(self._selector, self._ctx)
-        sick = self._selector.unhealthy()
-        out = [default]
-        for k, backend in self._alternatives:
-            if backend not in sick and k.name not in {o.name for o in out}:
-                out.append(k)
-        return out
-
-    def _backend_of(self, kernel: SamplingKernel) -> str:
-        if kernel is self._kernel:
-            return self._backends[0]
-        if kernel is self._invariant:
-            return self._backends[1]
-        if self._alternatives is None and self._selector is not None and not self._locked:
-            self._alternatives = sampling_alternatives(self._selector, self._ctx)
-        found = [b for k, b in self._alternatives or () if k is kernel]
-        return found[0] if found else REFERENCE_BACKEND
 
     def _draw_from_logits(
         self, x: torch.Tensor, batch: SamplingBatch, kernel: SamplingKernel | None
@@ -484,36 +445,10 @@ class Sampler:
         return self._with_fallback(b.plan, call, kernel)
 
     def _with_fallback(self, plan: SamplingPlan, call, first: SamplingKernel | None = None):
-        """``call(kernel)`` with ``first`` (or the plan's kernel); when it raises,
-        ``_fall_back`` (which re-raises when final) and again with the plan's (new) kernel, a
-        bounded number of times. The kernel that drew is kept for ``DeviceSample.drawn_by``."""
-        for _ in range(MAX_FALLBACKS):
-            kernel = first or self._kernel_for(plan)
-            try:
-                out = call(kernel)
-                self._drawn_by = kernel
-                return out
-            except Exception as e:
-                first = None
-                self._fall_back(kernel, e)
-        kernel = self._kernel_for(plan)
-        out = call(kernel)  # the last try: its error propagates
-        self._drawn_by = kernel
+        """``call(kernel)`` through ``SamplingKernels.with_fallback``; remembers which kernel
+        drew (``DeviceSample.drawn_by``)."""
+        out, self._drawn_by = self.kernels.with_fallback(plan, call, first)
         return out
-
-    def _fall_back(self, kernel: SamplingKernel, error: Exception) -> None:
-        """``kernel`` raised or returned junk: re-raise ``error`` when that is final (a locked
-        kernel or the torch reference); else mark the backend of its ``KernelSpec`` unhealthy
-        (unless it already is) and choose again, so the next call draws with another kernel."""
-        backend = self._backend_of(kernel)
-        if self._locked or backend == REFERENCE_BACKEND or self._selector is None:
-            raise error
-        logger.warning("sampling kernel %s failed (%s); choosing another", kernel.name, error)
-        self.kernel_epoch += 1
-        if backend not in self._selector.unhealthy():
-            self._selector.mark_unhealthy(backend, error)
-        self._alternatives = None  # rebuilt without the unhealthy backend
-        self._use(select_sampling(self._selector, self._ctx))
 
 
 def _as_device(device: object) -> torch.device:

@@ -14,7 +14,7 @@ from layerzero_serve.errors import ValidationError
 from layerzero_serve.kernels.sampling_api import TorchSamplingKernel
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
 from layerzero_serve.sampling import Sampler, SamplingParams
-from layerzero_serve.sampling import _sampler as sampler_mod
+from layerzero_serve.sampling import _kernels as kernels_mod
 from layerzero_serve.selection import BackendState, Selector, configure, reload_policy
 
 V = 50
@@ -142,7 +142,7 @@ def test_fallback_is_bounded_when_no_progress_is_possible():
     sampler = Sampler(seed=0).bind("cpu", V, 8, sel, CTX)
     with pytest.raises(RuntimeError, match="plug-in exploded"):
         sampler(_logits(), PARAMS, seeds=SEEDS)
-    assert plugin.calls == sampler_mod.MAX_FALLBACKS + 1
+    assert plugin.calls == kernels_mod.MAX_FALLBACKS + 1
 
 
 def test_a_backend_already_marked_unhealthy_still_falls_back():
@@ -190,7 +190,7 @@ def test_engine_style_step_redraws_rows_with_out_of_vocab_ids():
     reqs = [Req(i) for i in range(len(PARAMS))]
     logits = _logits(4)
     first = sampler.sample(logits, sampler.prepare(reqs)).to_host()
-    assert first.failed == {0: sampler_mod.BAD_KERNEL_DETAIL} and first.tokens[0] == 0
+    assert first.failed == {0: kernels_mod.BAD_KERNEL_DETAIL} and first.tokens[0] == 0
     assert all(0 <= t < V for t in first.tokens)
     fixed = sampler.redraw(logits, first, reqs)
     assert not fixed.failed and fixed.tokens == _reference(logits)
@@ -205,7 +205,7 @@ def test_forced_kernel_with_out_of_vocab_ids_fails_only_that_row():
     logits = _logits(5)
     got = sampler(logits, params, seeds=SEEDS)
     ref = Sampler(seed=0).bind("cpu", V)(logits, params, seeds=SEEDS)
-    assert got.failed == {0: sampler_mod.BAD_KERNEL_DETAIL} and got.tokens[0] == 0
+    assert got.failed == {0: kernels_mod.BAD_KERNEL_DETAIL} and got.tokens[0] == 0
     assert got.tokens[1:] == ref.tokens[1:]
     assert [lp.token_id for lp in got.logprobs[1:]] == ref.tokens[1:]
 
