@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _configure_logging()  # LZ_LOG_LEVEL applies to library users too, not only to the CLI
 
 if TYPE_CHECKING:  # pragma: no cover
+    from layerzero_serve.async_engine import AsyncEngine
     from layerzero_serve.engine import Engine
     from layerzero_serve.llm import LLM
     from layerzero_serve.sampling import SamplingParams
@@ -23,6 +24,10 @@ _LAZY = {
     # offline generation and the engine
     "LLM": "layerzero_serve.llm",
     "Engine": "layerzero_serve.engine",
+    "AsyncEngine": "layerzero_serve.async_engine",
+    "GenerationResult": "layerzero_serve.outputs",
+    "CompletionOutput": "layerzero_serve.outputs",
+    "Tokenizer": "layerzero_serve.tokenizer",
     "EngineConfig": "layerzero_serve.config",
     "SamplingParams": "layerzero_serve.sampling",
     "RequestOutput": "layerzero_serve.types",
@@ -67,12 +72,15 @@ _LAZY = {
 
 __all__ = [
     "AdaptiveK",
+    "AsyncEngine",
     "AttentionDispatch",
     "AttentionMetadata",
+    "CompletionOutput",
     "DecodeGraphRunner",
     "DraftModelProposer",
     "Engine",
     "EngineConfig",
+    "GenerationResult",
     "KVCache",
     "KVCacheManager",
     "KVCacheSpec",
@@ -94,6 +102,7 @@ __all__ = [
     "SchedulerOutput",
     "SpecDecodeMetrics",
     "SpecVerifier",
+    "Tokenizer",
     "ValidationError",
     "__version__",
     "build_attention",

@@ -1,5 +1,6 @@
-"""Turn ``EngineConfig.model`` into a loaded model: a checkpoint directory, a dummy preset, or
-the embedded default model. Nothing is downloaded; a wrong path says what is wrong
+"""Turn ``EngineConfig.model`` into a loaded model: a checkpoint directory, a GGUF file (or a
+directory holding exactly one and no ``config.json``), a dummy preset, or the embedded default
+model. Nothing is downloaded; a wrong path says what is wrong
 (:class:`ModelPathError`), and weights that cannot fit in the device's available memory are
 refused before anything is allocated (:class:`InsufficientMemoryError`)."""
 
@@ -18,7 +19,8 @@ from layerzero_serve._models import (
     load_model,
 )
 from layerzero_serve._models.dummy import dummy_config
-from layerzero_serve._models.paths import check_model_dir
+from layerzero_serve._models.paths import check_model_dir, find_gguf
+from layerzero_serve._text_assets import TextAssets, load_text_assets
 from layerzero_serve.config import DEFAULT_MODEL, EngineConfig, ResolvedConfig, resolve
 from layerzero_serve.errors import InsufficientMemoryError, ModelPathError, UnsupportedModelError
 from layerzero_serve.selection import available_memory
@@ -38,8 +40,9 @@ __all__ = [
 class LoadedModel:
     model: torch.nn.Module
     config: ModelConfig
-    path: Path | None  # checkpoint directory (None for dummy weights)
+    path: Path | None  # checkpoint directory or .gguf file (None for dummy weights)
     resolved: ResolvedConfig
+    text: TextAssets | None = None  # tokenizer, chat template, generation defaults (if any)
 
 
 def load_checkpoint_tokenizer(model_dir: Path | None):
@@ -50,6 +53,8 @@ def load_checkpoint_tokenizer(model_dir: Path | None):
     """
     if model_dir is None:
         return None
+    if Path(model_dir).suffix == ".gguf":  # a GGUF file carries its tokenizer in its metadata
+        return load_text_assets(Path(model_dir)).tokenizer
     file = Path(model_dir) / "tokenizer.json"
     if not file.exists():
         return None
@@ -100,8 +105,11 @@ def load_model_source(cfg: EngineConfig) -> LoadedModel:
 
     Raises:
         ModelPathError: the model path is missing, a Hugging Face Hub id (nothing is
-            downloaded), has no ``config.json`` or no weights (says which).
-        UnsupportedModelError: unsupported or malformed checkpoint, ``.bin``-only weights.
+            downloaded), has no ``config.json`` or no weights, or is a directory with several
+            GGUF files (says which).
+        UnsupportedModelError: unsupported or malformed checkpoint, ``.bin``-only weights; a
+            truncated or corrupt GGUF file, an unsupported GGUF architecture or quantization
+            type (names the file and the key or tensor).
         InsufficientMemoryError: the weights do not fit in the memory available on the device
             (checked before anything is allocated).
     """
@@ -117,10 +125,31 @@ def load_model_source(cfg: EngineConfig) -> LoadedModel:
 
         path = ensure_default_model()
     else:
+        gguf_file = find_gguf(name)
+        if gguf_file is not None:
+            return _load_gguf(name, gguf_file, cfg)
         path = check_model_dir(name)
     checkpoint_files(path)  # weights problems are reported before anything is resolved
     mc = load_config(path)
     res = resolve(cfg, mc.max_position_embeddings, mc.torch_dtype)
     check_weights_fit(name, mc, res.dtype, res.device)
     model = load_model(path, dtype=res.dtype, device=res.device)
-    return LoadedModel(model, mc, path, res)
+    return LoadedModel(model, mc, path, res, load_text_assets(path))
+
+
+def _load_gguf(name: str, file: Path, cfg: EngineConfig) -> LoadedModel:
+    """A GGUF file, parsed once for its config, weights and text assets."""
+    from layerzero_serve._models.gguf import (
+        gguf_model_config,
+        gguf_text_assets,
+        load_gguf_model,
+        open_gguf,
+    )
+
+    gf = open_gguf(file)
+    mc = gguf_model_config(gf)
+    res = resolve(cfg, mc.max_position_embeddings, mc.torch_dtype)
+    check_weights_fit(name, mc, res.dtype, res.device)
+    text = gguf_text_assets(gf)  # before the weights: a tokenizer problem fails fast
+    model = load_gguf_model(gf, dtype=res.dtype, device=res.device)
+    return LoadedModel(model, mc, file, res, text)

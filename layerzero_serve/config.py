@@ -129,7 +129,9 @@ class EngineConfig:
             model = os.fspath(model)
             object.__setattr__(self, "model", model)
         if not isinstance(model, str) or not model:
-            allowed = "a checkpoint directory (str or path), 'dummy:<preset>' or 'default'"
+            allowed = (
+                "a checkpoint directory or .gguf file (str or path), 'dummy:<preset>' or 'default'"
+            )
             raise ValidationError("model", self.model, allowed)
         if not isinstance(self.dtype, str) or (self.dtype != "auto" and self.dtype not in DTYPES):
             raise ValidationError("dtype", self.dtype, f"'auto' or one of {tuple(DTYPES)}")

@@ -3,8 +3,6 @@ abort``. One step = schedule -> prepare -> forward -> sample -> update."""
 
 from __future__ import annotations
 
-import atexit
-import gc
 import itertools
 import logging
 import os
@@ -13,24 +11,33 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from layerzero_serve._async_scheduling import AsyncScheduling
+from layerzero_serve._engine_setup import (
+    freeze_startup_objects,
+    kv_pool,
+    scheduler_config,
+    sibling_seed,
+)
+from layerzero_serve._generation_defaults import default_sampling_params, generation_eos_ids
 from layerzero_serve._model_source import LoadedModel, load_model_source
+from layerzero_serve._output_processor import OutputProcessor
+from layerzero_serve._prompts import parse_prompt
 from layerzero_serve._step_execution import SyncExecution
-from layerzero_serve.config import EngineConfig, engine_config_of, kv_budget_bytes
+from layerzero_serve.config import EngineConfig, engine_config_of
 from layerzero_serve.errors import RequestRejectedError, ValidationError, check_int
 from layerzero_serve.kernels.spec import Op
-from layerzero_serve.kv_cache import KVCache, KVCacheManager, KVCacheSpec
+from layerzero_serve.kv_cache import KVCacheManager
 from layerzero_serve.runner import (
     ModelRunner,
     choose_cpu_threads,
-    measure_graph_memory,
     prepare_model,
 )
 from layerzero_serve.sampling import Sampler, SamplingParams
-from layerzero_serve.scheduler import Scheduler, SchedulerConfig
+from layerzero_serve.scheduler import Scheduler
 from layerzero_serve.selection import get_selector, probe_device, startup_timings
 from layerzero_serve.selection.plans import base_context, batch_buckets, model_plans
 from layerzero_serve.spec_decode import SpecCoordinator
 from layerzero_serve.spec_decode.step_hooks import NoSpeculation, SpeculationHooks
+from layerzero_serve.tokenizer import Tokenizer
 from layerzero_serve.types import (
     Request,
     RequestOutput,
@@ -45,59 +52,6 @@ logger = logging.getLogger("layerzero_serve")
 # them for buckets up to this size; larger verification steps run eagerly.
 MAX_VERIFY_GRAPH_BATCH = 64
 PRIORITY_BOUND = (1 << 31) - 1  # request priorities are ints in [-PRIORITY_BOUND, PRIORITY_BOUND]
-_UNFREEZE_AT_EXIT: list[bool] = []
-
-
-def _kv_pool(cfg, loaded: LoadedModel, spec: KVCacheSpec, shape, graph_bucket: int) -> KVCache:
-    """The KV tensors: ``num_kv_blocks`` if given, else the memory budget minus what the CUDA
-    graphs of the largest bucket (``graph_bucket``; 0 = no graphs) were measured to take."""
-    device = loaded.resolved.device
-    if cfg.num_kv_blocks is not None:
-        kv_cache = KVCache(spec, num_blocks=cfg.num_kv_blocks, device=device)
-    else:
-        budget = kv_budget_bytes(cfg, device)
-        if graph_bucket:  # graph memory is measured first and kept out of the KV budget
-            max_len = loaded.resolved.max_model_len
-            budget -= measure_graph_memory(
-                loaded.model, spec, shape, graph_bucket, max_len, device, cfg.max_num_seqs
-            )
-        kv_cache = KVCache(spec, budget_bytes=budget, device=device)
-    logger.info(
-        "KV pool: %d blocks of %d tokens, %.2f GiB",
-        kv_cache.num_blocks,
-        cfg.block_size,
-        kv_cache.nbytes / 2**30,
-    )
-    return kv_cache
-
-
-def _scheduler_config(cfg: EngineConfig, max_model_len: int, speculating: bool):
-    return SchedulerConfig(
-        max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        max_model_len=max_model_len,
-        enable_chunked_prefill=cfg.enable_chunked_prefill,
-        max_prefill_chunk=cfg.max_prefill_chunk,
-        policy=cfg.policy,
-        # drafts need KV slots past the last token: reserve them with every allocation
-        num_lookahead_tokens=cfg.num_speculative_tokens if speculating else 0,
-    )
-
-
-def _sibling_seed(seed: int | None, k: int, n: int) -> int | None:
-    """The seed of sample ``k`` of an ``n``-sample request seeded with ``seed`` (n > 1 siblings
-    draw distinct streams); None when the params' seed applies as it is."""
-    return None if seed is None or n == 1 else (seed + k * 0x9E3779B97F4A7C15) % (1 << 63)
-
-
-def _freeze_startup_objects() -> None:
-    """Start-up objects (weights' Python wrappers, the block pool) never die: keep the cyclic
-    collector off them so its passes stay short on the hot path."""
-    gc.collect()
-    gc.freeze()
-    if not _UNFREEZE_AT_EXIT:  # let interpreter shutdown free them normally (once)
-        atexit.register(gc.unfreeze)
-        _UNFREEZE_AT_EXIT.append(True)
 
 
 class Engine:
@@ -107,9 +61,10 @@ class Engine:
     ``Engine(EngineConfig(...))``: a str or path given positionally is the model, as in
     ``LLM("...")``; keyword overrides are EngineConfig fields (an unknown name raises a
     ValidationError naming it).
-    Requests are token ids; ``step()`` returns streaming outputs (new token ids and, at the
-    end, a finish reason). With ``SamplingParams.n > 1`` a request runs as ``n`` sequences
-    ``"{id}#{k}"`` that share the prompt's cached blocks.
+    Prompts are token ids or, with a tokenizer, text; ``step()`` returns streaming outputs
+    (new token ids, their text delta, and at the end a finish reason). With
+    ``SamplingParams.n > 1`` a request runs as ``n`` sequences ``"{id}#{k}"`` that share the
+    prompt's cached blocks. ``tokenizer``: the checkpoint's (a ``Tokenizer``), or None.
 
     CUDA graphs: a host loop that replays the runner's captured graphs; never call it inside a
     capture.
@@ -138,12 +93,12 @@ class Engine:
         )
         startup_timings(selector, device, plans)
         max_len = loaded.resolved.max_model_len
-        kv_cache = _kv_pool(cfg, loaded, spec, shape, buckets[-1] if use_graphs else 0)
+        kv_cache = kv_pool(cfg, loaded, spec, shape, buckets[-1] if use_graphs else 0)
         self.kv_manager = KVCacheManager(
             kv_cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.prefix_hash
         )
         speculating = cfg.speculative_method is not None
-        self.scheduler = Scheduler(_scheduler_config(cfg, max_len, speculating), self.kv_manager)
+        self.scheduler = Scheduler(scheduler_config(cfg, max_len, speculating), self.kv_manager)
         sampler = Sampler(seed=cfg.seed, max_num_seqs=cfg.max_num_seqs)
         # verification graphs (and a draft model's decode graphs) stop at a smaller batch
         small = [b for b in buckets if b <= MAX_VERIFY_GRAPH_BATCH] or buckets[:1]
@@ -168,9 +123,16 @@ class Engine:
         self._setup_graphs(buckets, small, min(max_len, self.scheduler.max_seq_len), use_graphs)
         self._speculation = NoSpeculation() if self.spec is None else SpeculationHooks(self.spec)
 
-        eos_ids = list(mc.eos_token_ids)
+        text = loaded.text
+        self.tokenizer: Tokenizer | None = None if text is None else Tokenizer(text)
+        gen = {} if text is None else text.generation_config
+        tok_eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
+        eos_ids = generation_eos_ids(gen, *mc.eos_token_ids, tok_eos)  # all of them stop
         self.eos_token_id: int | None = eos_ids[0] if eos_ids else None
-        self._eos_ids = tuple(eos_ids)
+        self._eos_ids = eos_ids
+        # the SamplingParams of requests that give none (generation_config.json's values)
+        self.default_sampling_params = default_sampling_params(gen, str(loaded.path or ""))
+        self._outputs = OutputProcessor(self.scheduler)  # text, stop strings, stop reasons
         self._ids = itertools.count()
         self._children: dict[str, list[str]] = {}
         # prompt logprobs collected over prefill chunks, until the first output token
@@ -184,7 +146,8 @@ class Engine:
         if self.spec is not None:
             self._releases.append(self.spec.release)
         self._releases.append(self._execution.release)
-        _freeze_startup_objects()
+        self._releases.append(self._outputs.release)
+        freeze_startup_objects()
 
     def _setup_graphs(
         self, buckets: list[int], small: list[int], graph_len: int, use_graphs: bool
@@ -274,6 +237,14 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValidationError("params", type(params).__name__, "a SamplingParams")
         params.validate_for_vocab(self.vocab_size, eos_token_ids=list(self._eos_ids) or None)
+        if params.stop and self.tokenizer is None:
+            raise ValidationError("stop", params.stop, "() (this model has no tokenizer)")
+
+    def _prompt_ids(self, prompt: object, param: str = "prompt") -> tuple[str | None, list[int]]:
+        """``(text or None, validated ids)`` of a prompt in any accepted shape (``_prompts``);
+        errors about its ids name ``prompt_token_ids``, as before text prompts existed."""
+        text, ids = parse_prompt(prompt, self.tokenizer, param)
+        return text, self._validate_prompt(ids)
 
     def _validate_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
         if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Sequence):
@@ -301,22 +272,24 @@ class Engine:
 
     def add_request(
         self,
-        prompt_token_ids: Sequence[int],
+        prompt: str | Sequence[int] | dict,
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> str:
         """Queue a request; returns its id (``request_id``, or a generated one that no live
-        request uses). With ``params.n > 1`` the samples run as ``{id}#0`` .. ``{id}#{n-1}``;
-        ``id`` is free again once all have ended. Raises a ValidationError (a ValueError), before
+        request uses). ``prompt``: token ids, or (with a tokenizer) a str, ``{"prompt": str}``
+        or ``{"prompt_token_ids": ids}``; ``params`` None: ``default_sampling_params``. With
+        ``params.n > 1`` the samples run as ``{id}#0`` .. ``{id}#{n-1}``; ``id`` is free again
+        once all have ended. Raises a ValidationError (a ValueError), before
         anything is queued, for an empty prompt, an id outside the vocabulary, a prompt that can
         never fit, bad params, a ``request_id`` that is not a str or is in use, a ``priority``
         outside ``[-(2**31 - 1), 2**31 - 1]`` (lower runs first under the priority policy), or
         a ``cache_salt`` that is not a str."""
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else self.default_sampling_params
         self._validate_params(params)
-        ids = self._validate_prompt(prompt_token_ids)
+        ids = self._prompt_ids(prompt)[1]
         if request_id is not None and not isinstance(request_id, str):
             raise ValidationError("request_id", request_id, "None or a str")
         priority = check_int("priority", priority, -PRIORITY_BOUND, PRIORITY_BOUND)
@@ -348,10 +321,12 @@ class Engine:
                 priority=priority,
                 cache_salt=salt,
                 sampling_params=params,
-                seed=_sibling_seed(params.seed, k, params.n),
+                seed=sibling_seed(params.seed, k, params.n),
             )
             if params.prompt_logprobs is not None:
                 self._prompt_lp[name] = [None] * len(ids)
+            if OutputProcessor.needs_entry(params, self.tokenizer):
+                self._outputs.add(name, params, self.tokenizer)
             self.scheduler.add_request(req)
             self._execution.add(req)
         return rid
@@ -429,6 +404,10 @@ class Engine:
         tm.steps += 1
         if tokens.logprobs or tokens.prompt_logprobs or self._prompt_lp:
             self._attach_logprobs(out, tokens, outputs)
+        if self._outputs:  # some request streams text or has stop strings / stop ids
+            outputs, late = self._outputs.apply(outputs)
+            for name in late:  # ended by a stop string a step ago: now gone from the scheduler
+                self._forget_parent(name)
         for o in outputs:
             self.num_generated_tokens += len(o.new_token_ids)
             if o.finished:  # every component that keeps per-request state registered here

@@ -70,8 +70,8 @@ class MissingWeightError(KeyError, ValueError):
 
 
 MODEL_ALLOWED = (
-    "a local checkpoint directory (config.json + *.safetensors), 'default' (the embedded "
-    "model) or 'dummy:<preset>'"
+    "a local checkpoint directory (config.json + *.safetensors), a .gguf file, 'default' (the "
+    "embedded model) or 'dummy:<preset>'"
 )
 
 

@@ -105,6 +105,10 @@ class RequestOutput:
     ``logprobs`` (when the request asked for them): one entry per token of ``new_token_ids``.
     ``prompt_logprobs``: once, with the first output token: one entry per prompt token, the
     first ``None`` (nothing predicts it).
+    ``new_text``: the text these tokens add (None when the request is not detokenized: no
+    tokenizer, or ``detokenize=False``); text that may still change (an incomplete character,
+    a possible stop string) comes in a later step. ``stop_reason``: the stop string or stop
+    token id that ended it (None otherwise, EOS included).
 
     CUDA graphs: a host object.
     """
@@ -117,6 +121,8 @@ class RequestOutput:
     detail: str = ""
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    new_text: str | None = None
+    stop_reason: int | str | None = None
 
 
 class StepOutputs(Sequence[RequestOutput]):

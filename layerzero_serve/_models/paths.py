@@ -1,6 +1,7 @@
 """What ``model=`` may name, and one clear error per way a model path can be wrong.
 
-``model`` is a local Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``),
+``model`` is a local Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``), a
+llama.cpp ``.gguf`` file (or a directory holding exactly one and no ``config.json``),
 ``"default"`` (the embedded model) or ``"dummy:<preset>"``. Nothing is downloaded. Each problem
 gets its own message: the path does not exist, it looks like a Hugging Face Hub id, it is a file,
 the directory has no ``config.json``, it holds only PyTorch ``.bin``/``.pt`` weights (convert
@@ -17,7 +18,8 @@ from layerzero_serve.errors import ModelPathError, UnsupportedModelError
 #: ``org/name`` with Hub-legal characters: what a Hugging Face Hub model id looks like.
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
-#: Weight files in formats the loader does not read (safetensors only).
+#: Weight files in formats the checkpoint-directory loader does not read (a ``.gguf`` file is
+#: loaded when passed as the model path itself).
 _OTHER_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf")
 
 
@@ -63,6 +65,32 @@ def check_model_dir(name: str | Path) -> Path:
     return path
 
 
+def find_gguf(name: str | Path) -> Path | None:
+    """The GGUF file ``name`` designates, or None when it is not a GGUF source: a path ending
+    in ``.gguf`` (which must exist), or a directory without ``config.json`` that holds
+    exactly one ``*.gguf`` file. A missing ``.gguf`` path or a directory with several GGUF
+    files raises :class:`ModelPathError` saying which. Host only."""
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        if not path.is_file():
+            raise ModelPathError(text, f"no such GGUF file: {path}", path)
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(f for f in path.glob("*.gguf") if f.is_file())
+    if len(found) > 1:
+        shown = ", ".join(f.name for f in found[:4]) + (" ..." if len(found) > 4 else "")
+        raise ModelPathError(
+            text,
+            f"the directory {path} holds {len(found)} GGUF files ({shown}); pass the one to "
+            "load as a file path",
+            path,
+            hint=False,
+        )
+    return found[0] if found else None
+
+
 def unsupported_weights(path: Path) -> UnsupportedModelError | None:
     """An error for a directory whose only weights are in a format the loader does not read
     (``pytorch_model.bin``, ``*.pt``, ``*.gguf``...), else None."""
@@ -70,8 +98,11 @@ def unsupported_weights(path: Path) -> UnsupportedModelError | None:
     if not found:
         return None
     shown = ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
+    ggufs = [f for f in found if f.endswith(".gguf")]
+    gguf_hint = f"; or pass the GGUF file itself as the model ({path / ggufs[0]})" if ggufs else ""
     return UnsupportedModelError(
-        f"{path}: holds weights only as {shown}; only safetensors checkpoints are supported "
+        f"{path}: holds weights only as {shown}; a checkpoint directory needs safetensors "
         f"(model.safetensors, or shards listed in model.safetensors.index.json): "
         + convert_hint(path)
+        + gguf_hint
     )

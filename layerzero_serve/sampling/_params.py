@@ -31,6 +31,8 @@ __all__ = [
     "MIN_REPETITION_PENALTY",
     "MIN_TEMPERATURE",
     "MIN_TOP_P",
+    "MAX_STOP_STRINGS",
+    "MAX_STOP_STRING_LEN",
     "SamplingParams",
 ]
 
@@ -51,6 +53,10 @@ MAX_TEMPERATURE = 1e6
 MIN_TOP_P = 1e-6  # top_p in [MIN_TOP_P, 1]
 MIN_REPETITION_PENALTY = 1e-6  # repetition_penalty in [MIN_, MAX_REPETITION_PENALTY]
 MAX_REPETITION_PENALTY = 1e6
+# Stop strings are searched in each step's new text plus the last (longest - 1) characters, so
+# their length bounds the per-step host work; their count multiplies it.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_LEN = 1024  # characters, each
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,17 @@ class SamplingParams:
     * ``logprobs_mode`` ["raw"]: "raw" = log-softmax of the model's logits; "processed" = of the
       distribution actually sampled from (after penalties, bias, masks, temperature and filters;
       ``-inf`` outside the kept set; greedy rows: the processed logits without temperature).
+    * ``stop`` [()]: a str or a list of str; generation ends when the decoded output text
+      contains one of them (checked across token boundaries; ``finish_reason="stop"``,
+      ``stop_reason`` = the string). At most 64 strings (``MAX_STOP_STRINGS``) of 1 to 1,024
+      characters each (``MAX_STOP_STRING_LEN``); stored as a tuple. Needs a tokenizer and
+      ``detokenize``.
+    * ``include_stop_str_in_output`` [False]: keep the stop string at the end of the text (by
+      default the text ends just before it).
+    * ``skip_special_tokens`` [True]: leave special tokens (BOS, EOS, chat markers) out of the
+      text.
+    * ``detokenize`` [True]: produce text (incrementally, per step); False streams token ids
+      only and costs no host work per token (``stop`` must then be empty).
 
     Processing order (``sampling.processors``): logit bias and allowed/bad masks, the
     min-tokens mask, then the penalties; then greedy argmax or temperature -> top-k -> top-p ->
@@ -127,6 +144,10 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logprobs_mode: str = "raw"
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise through object.__setattr__
@@ -172,6 +193,7 @@ class SamplingParams:
             raise ValidationError("ignore_eos", self.ignore_eos, "bool")
         self._check_processors(set_)
         self._check_logprobs(set_)
+        self._check_text(set_)
 
     def _check_processors(self, set_) -> None:
         lo, hi = MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY
@@ -207,7 +229,22 @@ class SamplingParams:
         if not isinstance(self.logprobs_mode, str) or self.logprobs_mode not in LOGPROBS_MODES:
             raise ValidationError("logprobs_mode", self.logprobs_mode, " or ".join(LOGPROBS_MODES))
 
+    def _check_text(self, set_) -> None:
+        set_(self, "stop", v.stop_strings(self.stop, MAX_STOP_STRINGS, MAX_STOP_STRING_LEN))
+        for name in ("include_stop_str_in_output", "skip_special_tokens", "detokenize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValidationError(name, getattr(self, name), "a bool")
+        if self.stop and not self.detokenize:
+            raise ValidationError(
+                "stop", self.stop, "() when detokenize=False (stop strings are matched on text)"
+            )
+
     # ---- derived -------------------------------------------------------------------------------
+
+    @property
+    def max_stop_len(self) -> int:
+        """Length in characters of the longest stop string (0 without stop strings)."""
+        return max(map(len, self.stop), default=0)
 
     @property
     def is_greedy(self) -> bool:

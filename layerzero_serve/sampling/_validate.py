@@ -137,3 +137,27 @@ def token_ids_in_vocab(param: str, value: object, vocab: int) -> list[int]:
     ids = token_ids(param, value)
     ids_in_vocab(param, ids, vocab, ids if len(ids) <= 16 else f"<{len(ids)} token ids>")
     return list(ids)
+
+
+def stop_strings(value: object, max_count: int, max_len: int) -> tuple[str, ...]:
+    """``stop``: a str or an iterable of str, each 1..``max_len`` characters, at most
+    ``max_count`` of them, as a tuple (a str is one stop string, not its characters)."""
+    allowed = f"a str or a list of at most {max_count} str, each 1 to {max_len} characters"
+    if isinstance(value, str):
+        items: tuple = (value,)
+    elif isinstance(value, (bytes, bytearray, Mapping)) or not isinstance(value, Iterable):
+        raise ValidationError("stop", value, allowed)
+    else:
+        try:
+            items = tuple(value)
+        except Exception as e:  # an iterator that raises while iterated
+            raise ValidationError("stop", value, allowed, f"not iterable: {e}") from None
+    if len(items) > max_count:
+        raise ValidationError("stop", f"{len(items)} strings", allowed)
+    for i, s in enumerate(items):
+        if not isinstance(s, str):
+            raise ValidationError(f"stop[{i}]", s, allowed, f"got {type(s).__name__}")
+        if not 1 <= len(s) <= max_len:
+            shown = s if len(s) <= 40 else f"{s[:40]}... ({len(s)} characters)"
+            raise ValidationError(f"stop[{i}]", shown, allowed)
+    return items

@@ -56,7 +56,7 @@ def test_bad_inputs_raise_named_errors_and_others_keep_running(default_model_dir
         (([1, -1],), "prompt_token_ids[1]"),
         (([1, vocab],), "prompt_token_ids[1]"),
         (([1, 2.0],), "prompt_token_ids[1]"),
-        (("hello",), "prompt_token_ids"),
+        ((b"hello",), "prompt"),  # a str is a text prompt (this model has a tokenizer)
         (([1] * 64,), "prompt_token_ids"),
         (([1], SamplingParams(stop_token_ids=(vocab,))), "stop_token_ids"),
         (([1], "not params"), "params"),

@@ -310,7 +310,7 @@ V = 512  # dummy:tiny's vocabulary
 def _add_cases() -> list[tuple[str, tuple, dict, str]]:
     p = [1, 2, 3]
     cases = [
-        ("prompt_str", ("abc",), {}, "prompt_token_ids"),
+        ("prompt_str", ("abc",), {}, "prompt"),  # text, but this model has no tokenizer
         ("prompt_bytes", (b"ab",), {}, "prompt_token_ids"),
         ("prompt_int", (5,), {}, "prompt_token_ids"),
         ("prompt_none", (None,), {}, "prompt_token_ids"),
