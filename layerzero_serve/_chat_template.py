@@ -76,7 +76,7 @@ def _compile(source: str):
     return _environment().from_string(source)
 
 
-def render_chat(source: str, messages: list, param: str, **variables: object) -> str:
+def render_chat(source: str, messages: list, param: str, variables: dict) -> str:
     """Render ``messages`` with the template ``source`` and the template ``variables``
     (``add_generation_prompt``, ``tools``, ``bos_token``...). A template that does not compile
     raises ``ValidationError("chat_template", ...)``; one that raises while rendering (its own
@@ -91,7 +91,7 @@ def render_chat(source: str, messages: list, param: str, **variables: object) ->
             "chat_template", f"line {e.lineno}", "a Jinja2 template that compiles", str(e)
         ) from None
     try:
-        return template.render(messages=messages, **variables)
+        return template.render({**variables, "messages": messages})
     except Exception as e:  # the template is the checkpoint's code: any failure is a rejection
         raise ValidationError(
             param,

@@ -28,13 +28,23 @@ _SAMPLING_KEYS = {
 }
 
 
-def generation_eos_ids(generation_config: dict, *more: int | None) -> tuple[int, ...]:
+def generation_eos_ids(
+    generation_config: dict, *more: int | None, vocab_size: int | None = None
+) -> tuple[int, ...]:
     """The EOS ids of ``generation_config`` (an int or a list) after ``more`` (the config's and
-    the tokenizer's EOS), each once, in order; entries that are not ints are ignored."""
+    the tokenizer's EOS), each once, in order; entries that are not ints are ignored, and so
+    (with a warning) are ids outside ``[0, vocab_size)``: one bad id in a checkpoint's files
+    must not make every request fail."""
     raw = generation_config.get("eos_token_id")
     listed = raw if isinstance(raw, Iterable) and not isinstance(raw, str) else [raw]
     ids = [*more, *listed]
-    return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and not isinstance(i, bool)))
+    ints = dict.fromkeys(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
+    if vocab_size is None:
+        return tuple(ints)
+    bad = [i for i in ints if not 0 <= i < vocab_size]
+    if bad:
+        logger.warning("EOS ids %s are outside the vocabulary [0, %d): ignored", bad, vocab_size)
+    return tuple(i for i in ints if 0 <= i < vocab_size)
 
 
 def default_sampling_params(generation_config: dict, source: str = "") -> SamplingParams:

@@ -9,8 +9,8 @@ the scheduler's update:
   back); at the end, whatever was held back. A stop token's own text is left out unless
   ``include_stop_str_in_output`` (as in vLLM).
 * a stop string found in the text ends the sequence there: ``finished``, ``finish_reason
-  "stop"``, ``stop_reason`` = the string. The scheduler still runs it, so it is aborted there
-  (its KV blocks go back at once) and the abort's own report, one step later, is dropped.
+  "stop"``, ``stop_reason`` = the string. The scheduler still runs it, so it is ended there
+  at once (``Scheduler.end_reported``: its KV blocks go back, its id is free, no later report).
 * ``stop_reason`` = the stop token id when a ``stop_token_ids`` entry ended it (None for EOS).
 
 Registered with the engine's releases (``release``); host only.
@@ -29,9 +29,13 @@ __all__ = ["OutputProcessor"]
 class _Entry:
     __slots__ = ("detok", "stops", "min_tokens", "stop_ids", "include_stop")
 
-    def __init__(self, params: SamplingParams, tokenizer) -> None:
+    def __init__(self, params: SamplingParams, tokenizer, prompt_ids=()) -> None:
         text = tokenizer is not None and params.detokenize
-        self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if text else None
+        self.detok = (
+            IncrementalDetokenizer(tokenizer, params.skip_special_tokens, prompt_ids)
+            if text
+            else None
+        )
         self.include_stop = params.include_stop_str_in_output
         self.stops = (
             StopStringMatcher(params.stop, self.include_stop) if text and params.stop else None
@@ -46,38 +50,30 @@ class OutputProcessor:
     def __init__(self, scheduler) -> None:
         self.scheduler = scheduler
         self._entries: dict[str, _Entry] = {}
-        self._ended: set[str] = set()  # stopped here; the scheduler's abort report is pending
 
     def __bool__(self) -> bool:
-        return bool(self._entries) or bool(self._ended)
+        return bool(self._entries)
 
     @staticmethod
     def needs_entry(params: SamplingParams, tokenizer) -> bool:
         return (tokenizer is not None and params.detokenize) or bool(params.stop_token_ids)
 
-    def add(self, name: str, params: SamplingParams, tokenizer) -> None:
-        self._entries[name] = _Entry(params, tokenizer)
+    def add(self, name: str, params: SamplingParams, tokenizer, prompt_ids=()) -> None:
+        """Track ``name``; ``prompt_ids`` give its text the prompt's context (see
+        ``IncrementalDetokenizer``)."""
+        self._entries[name] = _Entry(params, tokenizer, prompt_ids)
 
     def release(self, name: str) -> None:
         self._entries.pop(name, None)
 
-    def apply(self, outputs: list[RequestOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Fill in this step's text and stop reasons; returns the outputs to report and the
-        names whose late abort report was dropped (their end was reported earlier)."""
-        entries, ended = self._entries, self._ended
-        kept: list[RequestOutput] = []
-        late: list[str] = []
+    def apply(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Fill in this step's text and stop reasons (in place); returns ``outputs``."""
+        entries = self._entries
         for o in outputs:
-            name = o.request_id
-            if name in ended:
-                ended.discard(name)
-                late.append(name)
-                continue
-            entry = entries.get(name)
+            entry = entries.get(o.request_id)
             if entry is not None:
                 self._process(entry, o)
-            kept.append(o)
-        return kept, late
+        return outputs
 
     def _process(self, entry: _Entry, o: RequestOutput) -> None:
         ids = o.new_token_ids
@@ -96,9 +92,8 @@ class OutputProcessor:
         if stops is not None:
             text, hit = stops.feed(text, check=o.num_output_tokens > entry.min_tokens)
             if hit is not None:
-                if not o.finished:  # the scheduler still runs it: end it there too
-                    self.scheduler.abort(o.request_id)
-                    self._ended.add(o.request_id)
+                if not o.finished:  # the scheduler still runs it: end it there, reported here
+                    self.scheduler.end_reported(o.request_id, f"stop string {hit!r}")
                     o.finished = True
                 o.finish_reason, o.stop_reason = "stop", hit
             elif o.finished:

@@ -12,6 +12,7 @@ at the ``break`` itself rather than when the generator is collected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -87,7 +88,9 @@ class AsyncEngine:
         else:
             self.engine = Engine(engine, **config)
         self._streams: dict[str, tuple[_Stream, int]] = {}  # sample name -> (stream, index)
-        self._aborts: list[str] = []
+        # (request id, the stream it was asked for): applied between steps only while that
+        # stream still owns the id, so a late abort never hits a new request reusing the id
+        self._aborts: list[tuple[str, _Stream]] = []
         self._lock: asyncio.Lock | None = None
         self._task: asyncio.Task | None = None
 
@@ -117,7 +120,7 @@ class AsyncEngine:
         finally:
             stream.open = False
             if not stream.result.finished:
-                self._aborts.append(rid)  # applied between steps by the background task
+                self._aborts.append((rid, stream))  # applied between steps (background task)
                 self._ensure_running()
 
     async def abort(self, request_id: str) -> None:
@@ -125,13 +128,16 @@ class AsyncEngine:
         ``finish_reason="abort"``."""
         if not isinstance(request_id, str):
             raise ValidationError("request_id", request_id, "a str")
-        self._aborts.append(request_id)
+        entry = self._streams.get(request_id) or self._streams.get(f"{request_id}#0")
+        if entry is None:  # unknown or already finished
+            return
+        self._aborts.append((request_id, entry[0]))
         self._ensure_running()
 
     async def close(self) -> None:
         """Abort every request and stop the background task (waits for the step in flight)."""
         for stream, _ in list(self._streams.values()):
-            self._aborts.append(stream.result.request_id)
+            self._aborts.append((stream.result.request_id, stream))
         if self._task is not None and not self._task.done():
             await self._task
 
@@ -164,18 +170,25 @@ class AsyncEngine:
             while True:
                 async with self._lock:
                     while self._aborts:
-                        eng.abort(self._aborts.pop())
+                        rid, stream = self._aborts.pop()
+                        if any(s is stream for s, _ in self._streams.values()):
+                            eng.abort(rid)
                     if not eng.has_unfinished():
                         return
                     outputs = await asyncio.to_thread(eng.step)
                 for o in outputs:
                     self._deliver(o)
                 await asyncio.sleep(0)  # let consumers and new requests in between steps
-        except Exception as e:  # the engine failed: every stream raises it
+        except BaseException as e:  # the engine failed (or the task was cancelled)
             logger.error("AsyncEngine: the engine's step failed: %s: %s", type(e).__name__, e)
             for stream, _ in set(self._streams.values()):
-                stream.queue.put_nowait(e)
+                stream.queue.put_nowait(e)  # every consumer raises it instead of waiting
+                # nobody reads these requests any more: free their KV blocks
+                with contextlib.suppress(Exception):  # the engine is already failing
+                    eng.abort(stream.result.request_id)
             self._streams.clear()
+            if not isinstance(e, Exception):
+                raise
 
     def _deliver(self, o: RequestOutput) -> None:
         entry = self._streams.get(o.request_id)

@@ -29,17 +29,21 @@ __all__ = ["IncrementalDetokenizer"]
 
 # Slide the window once it spans this many tokens (a slide costs one extra decode).
 WINDOW_TOKENS = 6
+PROMPT_CONTEXT_TOKENS = 4  # prompt ids the first window starts with (see ``_seed``)
 _REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
     """One sequence's streaming text.
 
-    ``IncrementalDetokenizer(tokenizer, skip_special_tokens=True)``: ``tokenizer`` is a
-    ``layerzero_serve.tokenizer.Tokenizer``. ``step(new_ids) -> str`` appends the step's
-    token ids and returns the text they complete ("" while held back); ``flush() -> str``
-    returns what is still held (call it once, when the sequence ends). ``text_len`` is the
-    number of characters emitted; ``token_ids`` the ids so far (read only).
+    ``IncrementalDetokenizer(tokenizer, skip_special_tokens=True, prompt_ids=())``:
+    ``tokenizer`` is a ``layerzero_serve.tokenizer.Tokenizer``; ``prompt_ids``, the request's
+    prompt, gives the first decode its context (only its last few ids are read).
+    ``step(new_ids) -> str`` appends the step's token ids and returns the text they complete
+    ("" while held back); ``flush() -> str`` returns what is still held (call it once, when the
+    sequence ends). ``text_len`` is the
+    number of characters emitted; ``token_ids`` the ids so far, after the prompt context
+    (read only).
 
     CUDA graphs: host only.
     """
@@ -47,7 +51,9 @@ class IncrementalDetokenizer:
     __slots__ = ("_decode", "_skip", "_bytes", "token_ids", "_start", "_read", "_prev_read")
     __slots__ += ("_text", "text_len", "_skipped")
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()
+    ) -> None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ValidationError("tokenizer", type(tokenizer).__name__, "a layerzero Tokenizer")
@@ -63,6 +69,22 @@ class IncrementalDetokenizer:
         self._prev_read = 0  # the read offset before the last emission (the next window start)
         self._text = ""  # decode(ids[_start:_read])
         self.text_len = 0
+        self._seed(prompt_ids)
+
+    def _seed(self, prompt_ids: Sequence[int]) -> None:
+        """Start the window on the last few prompt ids, so the output is decoded in the prompt's
+        context: a SentencePiece decoder strips the leading space of a text's first word, which
+        the output's first word must keep (``"a b" + " c"``, not ``"a b" + "c"``). A tail that
+        does not end on a whole character (or in a byte run) is not used."""
+        tail = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
+        if not tail:
+            return
+        text = self._decode(tail, skip_special_tokens=self._skip)
+        if not text or text[-1] == _REPLACEMENT or tail[-1] in self._bytes:
+            return
+        self.token_ids.extend(tail)
+        self._read = self._prev_read = len(tail)
+        self._text = text
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Append ``new_ids`` (this step's tokens) and return the new text ("" when none is

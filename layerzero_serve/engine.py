@@ -127,7 +127,7 @@ class Engine:
         self.tokenizer: Tokenizer | None = None if text is None else Tokenizer(text)
         gen = {} if text is None else text.generation_config
         tok_eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
-        eos_ids = generation_eos_ids(gen, *mc.eos_token_ids, tok_eos)  # all of them stop
+        eos_ids = generation_eos_ids(gen, *mc.eos_token_ids, tok_eos, vocab_size=mc.vocab_size)
         self.eos_token_id: int | None = eos_ids[0] if eos_ids else None
         self._eos_ids = eos_ids
         # the SamplingParams of requests that give none (generation_config.json's values)
@@ -326,7 +326,7 @@ class Engine:
             if params.prompt_logprobs is not None:
                 self._prompt_lp[name] = [None] * len(ids)
             if OutputProcessor.needs_entry(params, self.tokenizer):
-                self._outputs.add(name, params, self.tokenizer)
+                self._outputs.add(name, params, self.tokenizer, ids)
             self.scheduler.add_request(req)
             self._execution.add(req)
         return rid
@@ -405,9 +405,7 @@ class Engine:
         if tokens.logprobs or tokens.prompt_logprobs or self._prompt_lp:
             self._attach_logprobs(out, tokens, outputs)
         if self._outputs:  # some request streams text or has stop strings / stop ids
-            outputs, late = self._outputs.apply(outputs)
-            for name in late:  # ended by a stop string a step ago: now gone from the scheduler
-                self._forget_parent(name)
+            self._outputs.apply(outputs)
         for o in outputs:
             self.num_generated_tokens += len(o.new_token_ids)
             if o.finished:  # every component that keeps per-request state registered here

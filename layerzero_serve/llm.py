@@ -122,9 +122,18 @@ class LLM:
         tok = self.tokenizer
         if tok is None:
             raise ValidationError("model", self.engine.config.model, "a model with a tokenizer")
-        kwargs = dict(chat_template_kwargs or {})
         if not isinstance(chat_template_kwargs, (Mapping, type(None))):
             raise ValidationError("chat_template_kwargs", chat_template_kwargs, "None or a dict")
+        kwargs = dict(chat_template_kwargs or {})
+        if not all(isinstance(k, str) for k in kwargs):
+            raise ValidationError("chat_template_kwargs", list(kwargs), "a dict with str keys")
+        if {"messages", "param"} & kwargs.keys():
+            names = sorted({"messages", "param"} & kwargs.keys())
+            raise ValidationError("chat_template_kwargs", names, "template variables but these")
+        # a template variable given here wins over the argument of the same name
+        add_generation_prompt = kwargs.pop("add_generation_prompt", add_generation_prompt)
+        tools = kwargs.pop("tools", tools)
+        chat_template = kwargs.pop("chat_template", chat_template)
         batch = (
             isinstance(messages, Sequence)
             and not isinstance(messages, str)

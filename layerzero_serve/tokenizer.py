@@ -225,16 +225,10 @@ class Tokenizer:
         if not isinstance(add_generation_prompt, bool):
             raise ValidationError("add_generation_prompt", add_generation_prompt, "a bool")
         specials = {n: getattr(self, n) for n in _SPECIAL_NAMES if getattr(self, n) is not None}
-        return render_chat(
-            source,
-            messages,
-            param,
-            **specials,
-            tools=tools,
-            documents=documents,
-            add_generation_prompt=add_generation_prompt,
-            **template_kwargs,
-        )
+        explicit = {"tools": tools, "documents": documents}
+        explicit["add_generation_prompt"] = add_generation_prompt
+        # as in transformers, the caller's variables win over the special tokens' defaults
+        return render_chat(source, messages, param, {**specials, **explicit, **template_kwargs})
 
     def apply_chat_template(
         self,
@@ -261,6 +255,11 @@ class Tokenizer:
                 raise ValidationError(name, flag, "a bool")
         batch = _is_batch(conversation)
         chats = list(conversation) if batch else [conversation]
+        if "messages" in template_kwargs or "param" in template_kwargs:
+            names = sorted({"messages", "param"} & template_kwargs.keys())
+            raise ValidationError(
+                "chat_template_kwargs", names, "template variables other than these"
+            )
         out = []
         for i, chat in enumerate(chats):
             param = f"conversation[{i}]" if batch else "conversation"

@@ -112,6 +112,22 @@ class Scheduler:
             raise ValidationError("detail", detail, "a str")
         return self._end(request_id, RequestStatus.FINISHED_ERROR, detail)
 
+    def end_reported(self, request_id: str, detail: str = "") -> bool:
+        """Finish a live request now as stopped (``FINISHED_STOPPED``) when its caller has
+        already reported its end (the engine found a stop string in its text): its blocks go
+        back and its id is free at once, and no later ``update`` reports it again. Unknown or
+        finished ids are a no-op (returns False)."""
+        req = self.requests.get(check_request_id(request_id))
+        if req is None or req.status.is_finished:
+            return False
+        (self.running if req.status == _RUNNING else self.waiting).remove(req)
+        req.status = RequestStatus.FINISHED_STOPPED
+        req.finish_detail = detail
+        self.kv.free(req)
+        req.block_table = None
+        del self.requests[request_id]
+        return True
+
     def _end(self, request_id: str, status: RequestStatus, detail: str) -> bool:
         """Take a live request out of its queue and finish it with ``status`` (abort, fail)."""
         req = self.requests.get(check_request_id(request_id))

@@ -11,6 +11,7 @@ tokenizer opens the file once with :func:`open_gguf` and passes the :class:`GGUF
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from layerzero_serve.errors import ModelPathError, UnsupportedModelError
+
+logger = logging.getLogger("layerzero_serve")
 
 __all__ = ["GGUFFile", "open_gguf"]
 
@@ -131,10 +134,13 @@ class GGUFFile:
         return value
 
     def token_id(self, key: str, vocab_size: int) -> int | None:
-        """An optional token-id key, which must fall in ``[0, vocab_size)``."""
+        """An optional token-id key; a value outside ``[0, vocab_size)`` is ignored with a
+        warning (as llama.cpp does): the model itself is still usable."""
         value = self.integer(key, None, minimum=0)
         if value is not None and value >= vocab_size:
-            raise self._invalid(key, value, f"a token id in [0, {vocab_size - 1}]")
+            logger.warning("%s: ignoring %s=%d (vocabulary of %d)", self.path, key, value,
+                           vocab_size)  # fmt: skip
+            return None
         return value
 
 

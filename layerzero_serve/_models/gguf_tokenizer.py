@@ -23,6 +23,8 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
+
 from layerzero_serve._models.gguf_file import GGUFFile, open_gguf
 from layerzero_serve._text_assets import TextAssets
 
@@ -217,10 +219,13 @@ def _generation_config(gf: GGUFFile, n: int, eos_ids: list[int]) -> dict[str, An
         cfg["pad_token_id"] = pad
     for key, name in _SAMPLING.items():
         full = f"general.sampling.{key}"
-        if gf.has(full):
-            value = gf.integer(full) if key == "top_k" else gf.positive_float(full)
-            cfg[name] = value
-            cfg["do_sample"] = True
+        if gf.has(full):  # defaults only: a value the sampler cannot use is left out
+            value = gf.raw(full)
+            number = isinstance(value, (int, float, np.integer, np.floating))
+            if number and not isinstance(value, (bool, np.bool_)) and np.isfinite(value):
+                cfg[name] = int(value) if key == "top_k" else float(value)
+            else:
+                logger.warning("%s: ignoring metadata %s=%r (not a number)", gf.path, full, value)
     return cfg
 
 

@@ -90,3 +90,21 @@ def test_bad_input_raises_before_anything_is_queued(llm):
 
     assert asyncio.run(main()) == "prompt.prompt"
     assert not llm.engine.has_unfinished()
+
+
+def test_a_late_abort_never_hits_a_new_request_with_the_same_id(llm):
+    engine = AsyncEngine(llm.engine)
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    async def run():
+        return [o async for o in engine.generate(PROMPTS[0], sp, request_id="x")]
+
+    async def main():
+        first = await run()
+        await engine.abort("x")  # finished: a no-op, also for the next request named "x"
+        second = await run()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first[-1].finish_reason == second[-1].finish_reason == "length"
+    assert second[-1].token_ids == first[-1].token_ids and len(second[-1].token_ids) == 6

@@ -86,7 +86,7 @@ def test_stop_strings_and_stop_ids_end_only_their_request(llm):
         for r, b in zip(got[1:], base[1:], strict=True):  # batch mates unaffected
             assert (r.token_ids, r.text, r.finish_reason) == (b.token_ids, b.text, "length")
         assert llm.engine.stats()["kv_cache"]["used"] == 0  # the stopped request's blocks too
-        assert not llm.engine.has_unfinished()
+        assert not llm.engine.has_unfinished() and not llm.engine.scheduler.requests
     at = next(k for k in range(3, len(ids)) if ids[k] not in ids[:k])
     sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop_token_ids=[ids[at]])
     c = llm.generate(PROMPTS[0], sp, use_tqdm=False)[0].outputs[0]

@@ -168,7 +168,6 @@ def test_missing_and_misshapen_tensors(tmp_path):
         ("llama.block_count", None, "required metadata key 'llama.block_count'"),
         ("llama.rope.freq_base", -1.0, "freq_base=-1.0"),
         ("llama.rope.scaling.type", "yarn", "yarn"),
-        ("tokenizer.ggml.eos_token_id", 9999, "eos_token_id=9999"),
         ("llama.rope.dimension_count", 8, "partial rotary"),
     ],
 )
@@ -177,6 +176,16 @@ def test_bad_metadata_names_the_key(tmp_path, key, value, needle):
     with pytest.raises(UnsupportedModelError, match=needle) as ei:
         gguf_model_config(path)
     assert str(path) in str(ei.value)
+
+
+def test_an_out_of_vocabulary_special_id_is_ignored_with_a_warning(tmp_path, caplog):
+    """As llama.cpp does: the model is still usable without that special token."""
+    path = write_gguf(tmp_path / "m.gguf", tiny_hf_model("llama"),
+                      metadata={"tokenizer.ggml.eos_token_id": 9999})  # fmt: skip
+    with caplog.at_level("WARNING", logger="layerzero_serve"):
+        cfg = gguf_model_config(path)
+    assert 9999 not in list(getattr(cfg, "eos_token_ids", ()) or ())
+    assert "eos_token_id=9999" in caplog.text
 
 
 def test_bad_tokenizer_metadata(tmp_path):
