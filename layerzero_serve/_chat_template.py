@@ -22,7 +22,8 @@ __all__ = ["CHAT_ROLES", "check_conversation", "render_chat"]
 
 # The roles a message may have. Templates differ in which they accept; these are the ones the
 # OpenAI-style chat format defines (and that the common templates handle).
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# OpenAI's roles, plus Llama 3.1's tool-output role and the legacy function role
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
 
 
 def _raise_exception(message: object):
@@ -101,10 +102,24 @@ def render_chat(source: str, messages: list, param: str, variables: dict) -> str
         ) from None
 
 
+def _content_ok(content: object, role: str, m: Mapping) -> bool:
+    """A str; a list of parts (dicts with a str ``type``, as OpenAI's multi-part content, passed
+    to the template as they are); or None for an assistant message that carries
+    ``tool_calls``."""
+    if isinstance(content, str):
+        return True
+    if content is None:
+        return role == "assistant" and bool(m.get("tool_calls"))
+    if isinstance(content, Sequence) and not isinstance(content, (str, bytes)):
+        return all(isinstance(p, Mapping) and isinstance(p.get("type"), str) for p in content)
+    return False
+
+
 def check_conversation(messages: object, param: str = "messages") -> list[dict]:
-    """``messages`` as a list of dicts, each with a ``role`` in :data:`CHAT_ROLES` and a str
-    ``content`` (other keys, such as ``name`` or ``tool_calls``, pass through to the template).
-    A ValidationError names the field at fault: ``messages``, ``messages[1]``,
+    """``messages`` as a list of dicts, each with a ``role`` in :data:`CHAT_ROLES` and a
+    ``content``: a str, a list of ``{"type": ...}`` parts, or None for an assistant message
+    with ``tool_calls`` (other keys, such as ``name`` or ``tool_calls``, pass through to the
+    template). A ValidationError names the field at fault: ``messages``, ``messages[1]``,
     ``messages[1].role``, ``messages[1].content``."""
     allowed = "a list of {'role': str, 'content': str} dicts"
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
@@ -122,7 +137,8 @@ def check_conversation(messages: object, param: str = "messages") -> list[dict]:
         role, content = m["role"], m["content"]
         if not isinstance(role, str) or role not in CHAT_ROLES:
             raise ValidationError(f"{where}.role", role, f"one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(content, str):
-            raise ValidationError(f"{where}.content", type(content).__name__, "a str")
+        if not _content_ok(content, role, m):
+            allowed = "a str, a list of {'type': str, ...} parts, or None with tool_calls"
+            raise ValidationError(f"{where}.content", type(content).__name__, allowed)
         out.append(dict(m))
     return out

@@ -115,7 +115,7 @@ class LLM:
         as template variables, then encoded without adding special tokens (the template
         writes them). A ValidationError names the field at fault: ``model`` (no tokenizer),
         ``chat_template`` (none, or it does not compile), ``messages[1].role`` (roles:
-        system, developer, user, assistant, tool), ``messages[1].content`` (a str), or
+        system, developer, user, assistant, tool, ipython, function), ``messages[1].content``, or
         ``messages`` (the template raised: it rejects the conversation); in a batch,
         ``messages[i]...``."""
         self._check_call(use_tqdm)

@@ -58,3 +58,21 @@ def test_gguf_sampling_defaults_of_zero_still_load(tmp_path):
     assets = gguf_text_assets(path)
     assert assets.generation_config.get("min_p") == 0.0
     assert assets.generation_config.get("temperature") == 0.0
+
+
+def test_openai_style_messages_pass_the_conversation_check():
+    from layerzero_serve._chat_template import check_conversation
+
+    ok = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+        {"role": "ipython", "content": "42"},
+    ]
+    assert check_conversation(ok) == ok
+    for bad, field in (
+        ([{"role": "assistant", "content": None}], "messages[0].content"),  # no tool_calls
+        ([{"role": "user", "content": [3]}], "messages[0].content"),
+        ([{"role": "robot", "content": "x"}], "messages[0].role"),
+    ):
+        with pytest.raises(ValidationError, match=field.replace("[", r"\[").replace("]", r"\]")):
+            check_conversation(bad)
