@@ -31,6 +31,7 @@ from common import write_result  # noqa: E402
 
 from layerzero_serve.engine import Engine  # noqa: E402
 from layerzero_serve.sampling import SamplingParams  # noqa: E402
+from layerzero_serve.tokenizer import Tokenizer  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTIONS = [
@@ -54,18 +55,9 @@ def gguf_path() -> Path:
 
 def chat_prompts(path: Path) -> list[list[int]]:
     """Token ids of each question in the model's chat template (with the generation prompt)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    from layerzero_serve._models.gguf import gguf_text_assets
-
-    text = gguf_text_assets(path)
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    tpl = env.from_string(text.chat_template)
-    out = []
-    for q in QUESTIONS:
-        rendered = tpl.render(messages=[{"role": "user", "content": q}], add_generation_prompt=True)
-        out.append(text.tokenizer.encode(rendered, add_special_tokens=False).ids)
-    return out
+    tok = Tokenizer.from_pretrained(path)
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    return tok.apply_chat_template(chats, add_generation_prompt=True)
 
 
 def engine_run(eng: Engine, prompts: list[list[int]], new_tokens: int, **extra) -> tuple:

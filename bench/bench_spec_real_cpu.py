@@ -26,6 +26,7 @@ from common import write_result  # noqa: E402
 
 from layerzero_serve.engine import Engine  # noqa: E402
 from layerzero_serve.sampling import SamplingParams  # noqa: E402
+from layerzero_serve.tokenizer import Tokenizer  # noqa: E402
 
 PARAGRAPH = (
     "The Eiffel Tower was built for the 1889 World's Fair in Paris. At first many artists "
@@ -47,21 +48,9 @@ TASKS = [
 
 
 def prompts(path: Path) -> list[list[int]]:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    from layerzero_serve._models.gguf import gguf_text_assets
-
-    text = gguf_text_assets(path)
-    tpl = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
-        text.chat_template
-    )
-    return [
-        text.tokenizer.encode(
-            tpl.render(messages=[{"role": "user", "content": t}], add_generation_prompt=True),
-            add_special_tokens=False,
-        ).ids
-        for t in TASKS
-    ]
+    """Token ids of each task in the model's chat template (with the generation prompt)."""
+    chats = [[{"role": "user", "content": t}] for t in TASKS]
+    return Tokenizer.from_pretrained(path).apply_chat_template(chats, add_generation_prompt=True)
 
 
 def run(path: Path, rows: list[list[int]], new_tokens: int, repeats: int, k: int | None) -> dict:

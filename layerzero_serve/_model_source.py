@@ -22,7 +22,7 @@ from layerzero_serve._models.dummy import dummy_config
 from layerzero_serve._models.paths import check_model_dir, find_gguf
 from layerzero_serve._text_assets import TextAssets, load_text_assets
 from layerzero_serve.config import DEFAULT_MODEL, EngineConfig, ResolvedConfig, resolve
-from layerzero_serve.errors import InsufficientMemoryError, ModelPathError, UnsupportedModelError
+from layerzero_serve.errors import InsufficientMemoryError, ModelPathError
 from layerzero_serve.selection import available_memory
 
 __all__ = [
@@ -46,24 +46,14 @@ class LoadedModel:
 
 
 def load_checkpoint_tokenizer(model_dir: Path | None):
-    """The checkpoint's ``tokenizer.json`` as a ``tokenizers.Tokenizer``, or None when absent.
+    """The checkpoint's tokenizer (``tokenizer.json``, or a ``.gguf`` file's vocabulary) as a
+    ``tokenizers.Tokenizer``, or None when it has none: ``load_text_assets``' tokenizer.
 
     A file the ``tokenizers`` library cannot parse raises :class:`UnsupportedModelError` naming
     ``tokenizer.json`` (the library's own error is a bare ``Exception``).
     """
-    if model_dir is None:
-        return None
-    if Path(model_dir).suffix == ".gguf":  # a GGUF file carries its tokenizer in its metadata
-        return load_text_assets(Path(model_dir)).tokenizer
-    file = Path(model_dir) / "tokenizer.json"
-    if not file.exists():
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises bare Exception for malformed files
-        raise UnsupportedModelError(f"{file}: not a valid tokenizer.json ({e})") from None
+    assets = load_text_assets(None if model_dir is None else Path(model_dir))
+    return None if assets is None else assets.tokenizer
 
 
 def weight_bytes(mc: ModelConfig, dtype: torch.dtype) -> int:

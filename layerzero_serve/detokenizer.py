@@ -42,8 +42,8 @@ class IncrementalDetokenizer:
     ``step(new_ids) -> str`` appends the step's token ids and returns the text they complete
     ("" while held back); ``flush() -> str`` returns what is still held (call it once, when the
     sequence ends). ``text_len`` is the
-    number of characters emitted; ``token_ids`` the ids so far, after the prompt context
-    (read only).
+    number of characters emitted; ``token_ids`` the ids decoded so far: the prompt context
+    used, then the output (read only).
 
     CUDA graphs: host only.
     """
