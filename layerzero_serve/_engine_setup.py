@@ -1,25 +1,80 @@
-"""What the engine builds once at start-up: the KV pool, the scheduler's configuration, seeds of
-``n > 1`` siblings, and the freeze of start-up objects for the cyclic garbage collector."""
+"""What the engine builds once at start-up: the model side every tensor-parallel rank builds
+alike (weights, kernel plans, KV pool), the scheduler's configuration, seeds of ``n > 1``
+siblings, and the freeze of start-up objects for the cyclic garbage collector."""
 
 from __future__ import annotations
 
 import atexit
 import gc
 import logging
+import os
+from dataclasses import dataclass
 
-from layerzero_serve._model_source import LoadedModel
+import torch
+
+from layerzero_serve._model_source import LoadedModel, load_model_source
 from layerzero_serve.config import EngineConfig, kv_budget_bytes
 from layerzero_serve.kv_cache import KVCache, KVCacheSpec
-from layerzero_serve.runner import measure_graph_memory
+from layerzero_serve.runner import choose_cpu_threads, measure_graph_memory, prepare_model
 from layerzero_serve.scheduler import SchedulerConfig
+from layerzero_serve.selection import Selector, get_selector, probe_device, startup_timings
+from layerzero_serve.selection.plans import ModelShape, batch_buckets, model_plans
 
 logger = logging.getLogger("layerzero_serve")
 _UNFREEZE_AT_EXIT: list[bool] = []
 
 
-def kv_pool(cfg, loaded: LoadedModel, spec: KVCacheSpec, shape, graph_bucket: int) -> KVCache:
+@dataclass(slots=True)
+class ModelSide:
+    """What one rank holds of the model: the weights (its share under tensor parallelism),
+    the kernels' shape, the KV pool, the selector and the decode graph buckets."""
+
+    loaded: LoadedModel
+    shape: ModelShape
+    spec: KVCacheSpec
+    kv_cache: KVCache
+    selector: Selector
+    buckets: list[int]
+    use_graphs: bool
+
+
+def build_model_side(cfg: EngineConfig, tp=None) -> ModelSide:
+    """Load the model, plan its kernels and size its KV pool; ``tp`` (a ``TPGroup``): this
+    rank's share, with the collectives installed and the pool's block count agreed by all
+    ranks. Every rank runs this in the same order (graph memory is measured with the
+    collectives in place)."""
+    loaded = load_model_source(
+        cfg, None if tp is None else (tp.rank, tp.world_size), None if tp is None else tp.device
+    )
+    if tp is not None:
+        loaded.model.set_tp(tp)
+    device = loaded.resolved.device
+    if device.type == "cpu":
+        if tp is None:
+            choose_cpu_threads(loaded.config.hidden_size, cfg.cpu_threads)
+        else:  # ranks share the host's cores
+            torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // tp.world_size))
+    shape, spec = prepare_model(loaded, cfg.block_size, cfg.max_num_seqs)
+    use_graphs = device.type == "cuda" and not cfg.enforce_eager
+    buckets = batch_buckets(cfg.max_graph_batch or min(cfg.max_num_seqs, 256))
+    selector = get_selector()
+    # the device's measured kernel timings (`layerzero-serve tune`) before the runner's plans
+    # are selected and KV is sized; LZ_TUNE_AT_STARTUP=1 measures the missing ones here
+    plans = model_plans(
+        probe_device(device), shape, cfg.block_size, cfg.max_num_seqs,
+        buckets if use_graphs else None,
+    )  # fmt: skip
+    startup_timings(selector, device, plans)
+    kv_cache = kv_pool(cfg, loaded, spec, shape, buckets[-1] if use_graphs else 0, tp)
+    return ModelSide(loaded, shape, spec, kv_cache, selector, buckets, use_graphs)
+
+
+def kv_pool(
+    cfg, loaded: LoadedModel, spec: KVCacheSpec, shape, graph_bucket: int, tp=None
+) -> KVCache:
     """The KV tensors: ``num_kv_blocks`` if given, else the memory budget minus what the CUDA
-    graphs of the largest bucket (``graph_bucket``; 0 = no graphs) were measured to take."""
+    graphs of the largest bucket (``graph_bucket``; 0 = no graphs) were measured to take.
+    Tensor-parallel ranks (``tp``) all take the smallest count that fits on every rank."""
     device = loaded.resolved.device
     if cfg.num_kv_blocks is not None:
         kv_cache = KVCache(spec, num_blocks=cfg.num_kv_blocks, device=device)
@@ -30,7 +85,11 @@ def kv_pool(cfg, loaded: LoadedModel, spec: KVCacheSpec, shape, graph_bucket: in
             budget -= measure_graph_memory(
                 loaded.model, spec, shape, graph_bucket, max_len, device, cfg.max_num_seqs
             )
-        kv_cache = KVCache(spec, budget_bytes=budget, device=device)
+        if tp is None:
+            kv_cache = KVCache(spec, budget_bytes=budget, device=device)
+        else:
+            blocks = tp.min_int(spec.num_blocks_for_budget(budget))
+            kv_cache = KVCache(spec, num_blocks=blocks, device=device)
     logger.info(
         "KV pool: %d blocks of %d tokens, %.2f GiB",
         kv_cache.num_blocks,

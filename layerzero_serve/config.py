@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from layerzero_serve.distributed import MAX_TENSOR_PARALLEL
 from layerzero_serve.errors import ValidationError, check_int
 from layerzero_serve.kv_cache import HASH_ALGORITHMS, MAX_NUM_BLOCKS
 from layerzero_serve.runner import MAX_CPU_THREADS
@@ -82,6 +83,15 @@ class EngineConfig:
         async_scheduling: with CUDA graphs, launch the next pure decode step before the host
             processes this step's tokens (its input ids come from this step's sampler on the
             device), so the host's per-step work overlaps the GPU's. Same tokens as without.
+            Under tensor parallelism steps run synchronously (this switch is ignored).
+        tensor_parallel_size: ranks the model is sharded over (Megatron style: heads, MLP
+            units and vocabulary split; see ``layerzero_serve.distributed``), 1..1024. It must
+            divide the attention heads and the MLP width, and divide the KV heads or be a
+            multiple of them; at most the host's CUDA devices (or CPU cores: gloo ranks on the
+            CPU). The engine starts ``N - 1`` worker processes (spawn), or joins the ranks of
+            ``torchrun``. 1 = no process group.
+        distributed_timeout_s: seconds a collective may wait for a rank before the step fails
+            and every rank is shut down, in (0, 86400]; a rank that dies is seen at once.
 
     CUDA graphs: a host object; ``enforce_eager``, ``max_graph_batch`` and ``async_scheduling``
     decide what the engine captures and replays.
@@ -114,6 +124,8 @@ class EngineConfig:
     ngram_max: int = 4
     adaptive_speculation: bool = True
     async_scheduling: bool = True
+    tensor_parallel_size: int = 1
+    distributed_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         # every field's type and range, at construction (ValidationError naming the field)
@@ -183,6 +195,14 @@ class EngineConfig:
         self._int("cpu_threads", 1, MAX_CPU_THREADS, optional=True)
         self._int("max_graph_batch", 1, 1024, optional=True)
         self._int("max_mixed_graph_tokens", 0, 65536, optional=True)
+        self._int("tensor_parallel_size", 1, MAX_TENSOR_PARALLEL)
+        t = self.distributed_timeout_s
+        if (
+            isinstance(t, bool)
+            or not isinstance(t, numbers.Real)
+            or not 0 < t <= 86400  # also rejects nan
+        ):
+            raise ValidationError("distributed_timeout_s", t, "seconds in (0, 86400]")
 
     def _check_speculation(self) -> None:
         """The proposer (method, draft checkpoint), k and the n-gram lengths."""

@@ -12,29 +12,27 @@ from pathlib import Path
 
 from layerzero_serve._async_scheduling import AsyncScheduling
 from layerzero_serve._engine_setup import (
+    build_model_side,
     freeze_startup_objects,
-    kv_pool,
     scheduler_config,
     sibling_seed,
 )
 from layerzero_serve._generation_defaults import default_sampling_params, generation_eos_ids
-from layerzero_serve._model_source import LoadedModel, load_model_source
+from layerzero_serve._model_source import LoadedModel
 from layerzero_serve._output_processor import OutputProcessor
 from layerzero_serve._prompts import parse_prompt
 from layerzero_serve._step_execution import SyncExecution
+from layerzero_serve._tensor_parallel import start_tensor_parallel
 from layerzero_serve.config import EngineConfig, engine_config_of
+from layerzero_serve.distributed.workers import GraphSetup, check_same_plans, run_worker
 from layerzero_serve.errors import RequestRejectedError, ValidationError, check_int
 from layerzero_serve.kernels.spec import Op
 from layerzero_serve.kv_cache import KVCacheManager
-from layerzero_serve.runner import (
-    ModelRunner,
-    choose_cpu_threads,
-    prepare_model,
-)
+from layerzero_serve.runner import ModelRunner
 from layerzero_serve.sampling import Sampler, SamplingParams
 from layerzero_serve.scheduler import Scheduler
-from layerzero_serve.selection import get_selector, probe_device, startup_timings
-from layerzero_serve.selection.plans import base_context, batch_buckets, model_plans
+from layerzero_serve.selection import probe_device
+from layerzero_serve.selection.plans import base_context
 from layerzero_serve.spec_decode import SpecCoordinator
 from layerzero_serve.spec_decode.step_hooks import NoSpeculation, SpeculationHooks
 from layerzero_serve.tokenizer import Tokenizer
@@ -74,26 +72,50 @@ class Engine:
         self, config: EngineConfig | str | os.PathLike | None = None, **overrides: object
     ) -> None:
         self.config = cfg = engine_config_of(config, overrides)
-        loaded: LoadedModel = load_model_source(cfg)
+        # tensor parallelism: the process groups and workers (None at one rank)
+        self._tp = start_tensor_parallel(cfg)
+        self.is_driver = self._tp is None or self._tp.group.is_driver
+        if not self.is_driver:  # a torchrun rank > 0: serve rank 0's steps until it closes
+            try:
+                run_worker(cfg, self._tp.group)
+            finally:
+                self._tp.close()
+            return
+        try:
+            self._build(cfg)
+        except BaseException:
+            if self._tp is not None:
+                self._tp.mirror.fail(RuntimeError("engine start-up failed"))
+            raise
+
+    def close(self) -> None:
+        """End the tensor-parallel workers and free the process groups (nothing to do at one
+        rank). Idempotent; also run by ``with Engine(...)`` and at interpreter exit."""
+        if self._tp is not None:
+            self._tp.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _not_driver(self) -> RuntimeError:
+        return RuntimeError(
+            f"this process is tensor-parallel rank {self._tp.group.rank}: only rank 0 takes "
+            "requests and steps (its Engine returned once rank 0 closed)"
+        )
+
+    def _build(self, cfg: EngineConfig) -> None:
+        tp = self._tp
+        side = build_model_side(cfg, None if tp is None else tp.group)
+        loaded, shape, kv_cache, selector = side.loaded, side.shape, side.kv_cache, side.selector
+        buckets, use_graphs = side.buckets, side.use_graphs
         self.model_config = mc = loaded.config
         self.model_dir: Path | None = loaded.path
         self.resolved = loaded.resolved
         device = loaded.resolved.device
-        if device.type == "cpu":
-            choose_cpu_threads(mc.hidden_size, cfg.cpu_threads)
-        shape, spec = prepare_model(loaded, cfg.block_size, cfg.max_num_seqs)
-        use_graphs = device.type == "cuda" and not cfg.enforce_eager
-        buckets = batch_buckets(cfg.max_graph_batch or min(cfg.max_num_seqs, 256))
-        selector = get_selector()
-        # the device's measured kernel timings (`layerzero-serve tune`) before the runner's plans
-        # are selected and KV is sized; LZ_TUNE_AT_STARTUP=1 measures the missing ones here
-        graph_buckets = buckets if use_graphs else None
-        plans = model_plans(
-            probe_device(device), shape, cfg.block_size, cfg.max_num_seqs, graph_buckets
-        )
-        startup_timings(selector, device, plans)
         max_len = loaded.resolved.max_model_len
-        kv_cache = kv_pool(cfg, loaded, spec, shape, buckets[-1] if use_graphs else 0)
         self.kv_manager = KVCacheManager(
             kv_cache.num_blocks, cfg.block_size, cfg.enable_prefix_caching, cfg.prefix_hash
         )
@@ -119,8 +141,16 @@ class Engine:
             cfg.max_num_seqs,
             selector=selector,
             verifier=None if self.spec is None else self.spec.verifier,
+            mirror=None if tp is None else tp.mirror,
         )
-        self._setup_graphs(buckets, small, min(max_len, self.scheduler.max_seq_len), use_graphs)
+        graph_len = min(max_len, self.scheduler.max_seq_len)
+        if tp is not None:  # the workers capture the same graphs (collectives match)
+            q = cfg.num_speculative_tokens + 1 if self.spec is not None else 0
+            setup = GraphSetup(graph_len, tuple(small), q if use_graphs else 0, use_graphs)
+            tp.group.all_gather_objects(setup)
+        self._setup_graphs(buckets, small, graph_len, use_graphs)
+        if tp is not None:
+            check_same_plans(tp.group, self.runner.plan_fingerprint())
         self._speculation = NoSpeculation() if self.spec is None else SpeculationHooks(self.spec)
 
         text = loaded.text
@@ -164,7 +194,7 @@ class Engine:
         self._setup_mixed_graphs()
         if self.spec is not None:
             self.runner.enable_verify_graphs(small, graph_len, cfg.num_speculative_tokens + 1)
-        if cfg.async_scheduling:
+        if cfg.async_scheduling and self._tp is None:
             self._execution = AsyncScheduling(self.runner, self.scheduler)
 
     def _setup_mixed_graphs(self) -> None:
@@ -179,6 +209,8 @@ class Engine:
         try:
             self.runner.enable_mixed_graphs(limit)
         except Exception as e:  # noqa: BLE001 - any capture failure: stay eager
+            if self._tp is not None:  # the other ranks captured: they cannot stay in step
+                raise
             self.runner.mixed_graphs = None
             logger.warning("mixed-step graphs not captured, prefill runs eagerly: %r", e)
 
@@ -287,6 +319,8 @@ class Engine:
         never fit, bad params, a ``request_id`` that is not a str or is in use, a ``priority``
         outside ``[-(2**31 - 1), 2**31 - 1]`` (lower runs first under the priority policy), or
         a ``cache_salt`` that is not a str."""
+        if not self.is_driver:
+            raise self._not_driver()
         params = params if params is not None else self.default_sampling_params
         self._validate_params(params)
         ids = self._prompt_ids(prompt)[1]
@@ -369,6 +403,8 @@ class Engine:
         (``_speculation``) are strategies plugged in at construction: a step launched by the
         previous call is collected instead of scheduled, and speculation's hooks draft before
         the schedule and record after the step."""
+        if not self.is_driver:
+            raise self._not_driver()
         hooks = self._speculation
         launched = self._execution.take_launched(hooks)
         if launched is not None:

@@ -120,6 +120,8 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(inter, hidden, **kw)
         self.gate_up: torch.Tensor | None = None  # [2 * inter, hidden] after fuse()
         self.act = None  # optional fused ``act(gate, up) -> silu(gate) * up``
+        # tensor parallelism: the all-reduce after the row-parallel down_proj (None: one rank)
+        self.reduce = None
 
     def fuse(self) -> None:
         """One GEMM for gate and up: concatenate the weights, and re-point the separate
@@ -134,4 +136,5 @@ class GatedMLP(nn.Module):
         else:
             gate, up = nn.functional.linear(x, self.gate_up).chunk(2, dim=-1)
         act = nn.functional.silu(gate) * up if self.act is None else self.act(gate, up)
-        return self.down_proj(act)
+        out = self.down_proj(act)
+        return out if self.reduce is None else self.reduce(out)

@@ -29,6 +29,7 @@ from layerzero_serve._models.layers import (
 )
 
 if TYPE_CHECKING:
+    from layerzero_serve.distributed import TPGroup, TPLayout
     from layerzero_serve.kernels.metadata import AttentionMetadata
 
 #: ``attn(layer_idx, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], meta) -> [T, Hq, D]``.
@@ -41,15 +42,23 @@ Device = torch.device | str
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype, device: Device):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        dtype: torch.dtype,
+        device: Device,
+        layout: TPLayout | None = None,
+    ):
         super().__init__()
         self.layer_idx = layer_idx
+        src = cfg if layout is None else layout  # this rank's heads under tensor parallelism
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
+            src.num_heads,
+            src.num_kv_heads,
             cfg.head_dim,
         )
-        h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        h, q, kv = cfg.hidden_size, self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         kw = {"dtype": dtype, "device": device}
         self.q_proj = Linear(h, q, bias=cfg.attention_bias, **kw)
         self.k_proj = Linear(h, kv, bias=cfg.attention_bias, **kw)
@@ -62,6 +71,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # after fuse()
         self.rope_impl = None  # optional fused ``rope(q, k, cos [T, D], sin [T, D]) -> (q, k)``
+        self.tp: TPGroup | None = None  # row-parallel o_proj: all-reduce its output
 
     def fuse(self) -> None:
         """One GEMM for q, k and v (weights concatenated; the separate parameters become views
@@ -102,14 +112,23 @@ class LlamaAttention(nn.Module):
         else:
             q, k = self.rope_impl(q, k, cos[:, 0], sin[:, 0])
         out = attn(self.layer_idx, q, k, v, meta)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        out = self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return out if self.tp is None else self.tp.all_reduce_(out)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype, device: Device):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        dtype: torch.dtype,
+        device: Device,
+        layout: TPLayout | None = None,
+    ):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_idx, dtype, device)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+        self.self_attn = LlamaAttention(cfg, layer_idx, dtype, device, layout)
+        inter = cfg.intermediate_size if layout is None else layout.intermediate_size
+        self.mlp = GatedMLP(cfg.hidden_size, inter, dtype, device)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
@@ -126,11 +145,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: Device):
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, device: Device, layout: TPLayout | None
+    ):
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        vocab = cfg.vocab_size if layout is None else layout.local_vocab
+        self.embed_tokens = Embedding(vocab, cfg.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, i, dtype, device, layout) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.rotary_emb = RotaryEmbedding(cfg, device)
@@ -147,15 +169,22 @@ class LlamaForCausalLM(nn.Module):
     """
 
     def __init__(
-        self, config: ModelConfig, dtype: torch.dtype = torch.float32, device: Device = "cpu"
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: Device = "cpu",
+        layout: TPLayout | None = None,
     ):
         super().__init__()
         self.config = config
         self.dtype = dtype
-        self.model = LlamaModel(config, dtype, device)
-        self.lm_head = Linear(
-            config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device
-        )
+        # tensor parallelism: this rank's share (``distributed.TPLayout``) and, once the
+        # process group exists, the collectives (``set_tp``); None = the whole model here
+        self.layout = layout
+        self.tp: TPGroup | None = None
+        self.model = LlamaModel(config, dtype, device, layout)
+        vocab = config.vocab_size if layout is None else layout.local_vocab
+        self.lm_head = Linear(config.hidden_size, vocab, bias=False, dtype=dtype, device=device)
         self.tie_weights()
         self.requires_grad_(False)
         # ``add_rmsnorm(x, residual, weight, eps) -> (normed, residual)`` (residual updated in
@@ -165,6 +194,17 @@ class LlamaForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
+
+    def set_tp(self, tp: TPGroup | None) -> None:
+        """Install the tensor-parallel collectives: one all-reduce after each row-parallel
+        projection (o_proj, down_proj) and after the vocabulary-parallel embedding, one
+        all-gather of the logits. ``None`` (one rank) calls no collective."""
+        if tp is not None and self.layout is None:
+            raise ValueError("set_tp needs a model built with a TPLayout")
+        self.tp = tp
+        for layer in self.model.layers:
+            layer.self_attn.tp = tp
+            layer.mlp.reduce = None if tp is None else tp.all_reduce_
 
     def optimize(self, fuse: bool = True, rmsnorm=None, swiglu=None, rope=None) -> None:
         """GPU fast path: fuse q/k/v and gate/up GEMMs, and install fused kernels chosen by the
@@ -209,7 +249,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Packed ``input_ids [T]`` at ``positions [T]`` -> final-normed hidden ``[T, hidden]``
         in the model dtype."""
-        h = self.model.embed_tokens(input_ids)
+        h = self._embed(input_ids)
         cos, sin = self.model.rotary_emb(positions, h.dtype)
         if self._add_rmsnorm is not None:
             return self._forward_fused_norms(h, cos, sin, attn, meta)
@@ -235,10 +275,25 @@ class LlamaForCausalLM(nn.Module):
             x, res = add_norm(m, res, nxt.weight, nxt.eps)
         return x
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[T, hidden]``; vocabulary-parallel under tensor parallelism (each
+        rank looks up the ids in its range, zeros elsewhere, one all-reduce: an exact sum)."""
+        if self.tp is None:
+            return self.model.embed_tokens(input_ids)
+        lay = self.layout
+        local = input_ids - lay.vocab_start
+        outside = (local < 0) | (local >= lay.local_vocab)
+        h = self.model.embed_tokens(local.masked_fill(outside, 0))
+        return self.tp.all_reduce_(h.masked_fill(outside[:, None], 0))
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [S, hidden]`` (typically the last token of each sequence) -> float32
-        ``[S, vocab]``."""
-        return self.lm_head(hidden).float()
+        ``[S, vocab]``. Under tensor parallelism every rank calls it with the same ``hidden``
+        (the residual stream is replicated) and gets the gathered logits."""
+        logits = self.lm_head(hidden)
+        if self.tp is not None:
+            logits = self.tp.all_gather_columns(logits)[:, : self.config.vocab_size]
+        return logits.float()
 
 
 def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from layerzero_serve._models.config import load_config, parse_dtype
 from layerzero_serve._models.llama import LlamaForCausalLM, set_parameter
 from layerzero_serve._models.paths import check_model_dir, unsupported_weights
+from layerzero_serve.distributed import shard
 from layerzero_serve.errors import MissingWeightError, ModelPathError, UnsupportedModelError
 
 #: Checkpoints larger than this show a progress bar unless ``progress=False``.
@@ -160,6 +161,7 @@ def load_model(
     device: torch.device | str = "cpu",
     *,
     progress: bool | None = None,
+    layout=None,
 ) -> LlamaForCausalLM:
     """Load the checkpoint directory ``path`` (``config.json`` + safetensors).
 
@@ -168,6 +170,8 @@ def load_model(
             else float32.
         device: target device; tensors are loaded directly there.
         progress: tqdm bar over tensors; ``None`` = only for checkpoints over ~1 GB.
+        layout: a ``distributed.TPLayout``: load only this tensor-parallel rank's share, each
+            piece read from its safetensors slice (the full tensor is never materialised).
 
     Raises:
         ModelPathError: a missing directory, no ``config.json``, no weights, or an index
@@ -186,7 +190,9 @@ def load_model(
     files = checkpoint_files(path)
 
     model = LlamaForCausalLM(config, dtype=dtype, device="meta")
-    expected = dict(model.named_parameters())
+    expected = dict(model.named_parameters())  # full shapes: checked against the headers
+    if layout is not None:
+        model = LlamaForCausalLM(config, dtype=dtype, device="meta", layout=layout)
     plan, dtypes_checked = _plan_tensors(files, expected)
     found = set().union(*plan.values())
     missing = [name for name in expected if name not in found]
@@ -208,7 +214,13 @@ def load_model(
             try:
                 with safe_open(str(file), framework="pt", device=str(device)) as f:
                     for key in keys:
-                        tensor = f.get_tensor(key)
+                        if layout is None:
+                            tensor = f.get_tensor(key)
+                        else:
+                            full_shape = tuple(expected[key].shape)
+                            tensor = shard(
+                                key, f.get_slice(key), layout, config.head_dim, full_shape
+                            ).to(device)
                         if not dtypes_checked:  # an old safetensors without header dtypes
                             _check_storage_dtype(
                                 file, key, _TORCH_TO_ST.get(tensor.dtype, tensor.dtype)

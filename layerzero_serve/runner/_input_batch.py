@@ -29,6 +29,8 @@ class ForwardBatch:
         sample_indices: int64 ``[S]`` index into the T tokens of each row that samples: its last
             token (device).
         sample_rows: host list of the schedule rows that sample, in order (length S).
+        host: the host arrays the device tensors were made from (``HostBatch``): what a
+            tensor-parallel rank 0 sends its workers so they build the same batch.
     """
 
     input_ids: torch.Tensor
@@ -36,6 +38,22 @@ class ForwardBatch:
     meta: AttentionMetadata
     sample_indices: torch.Tensor
     sample_rows: list[int]
+    host: HostBatch | None = None
+
+
+@dataclass(slots=True)
+class HostBatch:
+    """Host (numpy int64) arrays of one forward batch: ``tokens [T]``, ``positions [T]``,
+    ``qsl [n + 1]`` (query start offsets), ``ends [n]`` (sequence lengths after the step),
+    ``table [n, W]`` (block ids), ``slots [T]`` and ``sample_idx [S]``."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    qsl: np.ndarray
+    ends: np.ndarray
+    table: np.ndarray
+    slots: np.ndarray
+    sample_idx: np.ndarray
 
 
 def _pin(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -86,14 +104,26 @@ def prepare_batch(
         i for i, (e, n) in enumerate(zip(ends.tolist(), num_tokens, strict=True)) if e >= n
     ]
     sample_idx = qsl[1:][sample_rows] - 1
+    host = HostBatch(
+        np.asarray(tokens, dtype=np.int64), positions, qsl, ends, table, slots, sample_idx
+    )
+    return batch_from_host(host, block_size, device, sample_rows)
+
+
+def batch_from_host(
+    host: HostBatch, block_size: int, device: torch.device, sample_rows: list[int]
+) -> ForwardBatch:
+    """The device batch of ``host`` (one copy per tensor). Not graph-captured."""
+    qsl, ends, table = host.qsl, host.ends, host.table
+    lens = np.diff(qsl)
     meta = AttentionMetadata(
-        num_seqs=len(reqs),
-        num_tokens=len(tokens),
+        num_seqs=len(ends),
+        num_tokens=len(host.tokens),
         block_size=block_size,
         query_start_loc=_pin(torch.from_numpy(qsl.astype(np.int32)), device),
         seq_lens=_pin(torch.from_numpy(ends.astype(np.int32)), device),
         block_tables=_pin(torch.from_numpy(table), device),
-        slot_mapping=_pin(torch.from_numpy(slots.astype(np.int32)), device),
+        slot_mapping=_pin(torch.from_numpy(host.slots.astype(np.int32)), device),
         max_query_len=int(lens.max(initial=0)),
         max_seq_len=int(ends.max(initial=0)),
         query_start_loc_cpu=qsl.tolist(),
@@ -101,9 +131,10 @@ def prepare_batch(
         block_tables_cpu=table,
     )
     return ForwardBatch(
-        input_ids=_pin(torch.tensor(tokens, dtype=torch.int64), device),
-        positions=_pin(torch.from_numpy(positions), device),
+        input_ids=_pin(torch.from_numpy(host.tokens), device),
+        positions=_pin(torch.from_numpy(host.positions), device),
         meta=meta,
-        sample_indices=_pin(torch.from_numpy(sample_idx), device),
+        sample_indices=_pin(torch.from_numpy(host.sample_idx), device),
         sample_rows=sample_rows,
+        host=host,
     )

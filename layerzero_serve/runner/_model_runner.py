@@ -68,8 +68,13 @@ class ModelRunner:
         max_num_seqs: int,
         selector: Selector | None = None,
         verifier=None,
+        mirror=None,
     ) -> None:
         self.model = model
+        # tensor parallelism, rank 0: ``distributed.StepMirror`` sends every piece of model
+        # work to the workers just before it runs here (None: one rank)
+        self.mirror = mirror
+        self._sharded = getattr(model, "tp", None) is not None  # a tensor-parallel rank
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.device = device
@@ -211,6 +216,8 @@ class ModelRunner:
         if g is None or n > g.max_batch or not out.is_pure_decode():
             return None
         ids, starts, slots, table = self.decode_inputs(out)
+        if self.mirror is not None:
+            self.mirror.decode(ids, starts, slots, table)
         return g.run(ids, starts, slots, starts + 1, table)
 
     def decode_inputs(self, out: SchedulerOutput, ids_known: bool = True) -> tuple:
@@ -242,11 +249,33 @@ class ModelRunner:
         logger.info("eager kernels: %s", attn.name)
         return attn
 
+    def plan_fingerprint(self) -> dict[str, str]:
+        """``{op: kernel}`` of every model-side choice (layer kernels, eager attention, each
+        captured bucket's attention): tensor-parallel ranks must agree on all of them."""
+        a = self.attn
+        fp = {f"layer.{k}": v for k, v in getattr(self.model, "layer_kernels", {}).items()}
+        fp["eager.decode"], fp["eager.prefill"] = a.decode.choice.name, a.prefill.choice.name
+        if a.writer is not None:
+            fp["eager.kv_write"] = a.writer.choice.name
+        for kind, g in (("decode", self.graphs), ("verify", self.verify_graphs)):
+            for b, cap in ({} if g is None else g.graphs).items():
+                fp[f"graph.{kind}.b{b}"] = cap.dispatch.name
+        return fp
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``[S, vocab]`` of hidden rows ``[S, hidden]`` (under tensor
+        parallelism the workers get the rows first and join the gather)."""
+        if self.mirror is not None:
+            self.mirror.logits(hidden)
+        return self.model.compute_logits(hidden)
+
     def _sync(self) -> None:
         if self.timings.sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _forward(self, batch) -> torch.Tensor:
+    def forward_batch(self, batch) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` of ``batch`` (a ``ForwardBatch``), through the mixed
+        graphs when a bucket fits, else eagerly; kernels that fail fall back (one rank)."""
         mixed = self.mixed_graphs
         if mixed is not None and mixed.bucket_for(batch.input_ids.shape[0]) is None:
             mixed = None  # more tokens than the largest bucket: eager
@@ -258,7 +287,12 @@ class ModelRunner:
                 return self.model(batch.input_ids, batch.positions, self.attn, batch.meta)
             except Exception as e:
                 # Re-running the step rewrites the same K/V slots: the retry is idempotent.
-                if attempt == MAX_FALLBACKS or not self._fall_back(self.attn.culprit(), e):
+                # Under tensor parallelism the other ranks already ran it: no retry.
+                if (
+                    attempt == MAX_FALLBACKS
+                    or self._sharded
+                    or not self._fall_back(self.attn.culprit(), e)
+                ):
                     raise
         raise AssertionError("unreachable")
 
@@ -303,6 +337,8 @@ class ModelRunner:
         give finite states in its place), mark its backend unhealthy, re-select, return True
         (run the step again). Host sync, on this failure path only."""
         a = self.attn
+        if self._sharded:  # a re-run here would leave the other ranks behind
+            return False
         kinds = [k for k in (a.active, a.writer) if k is not None]
         suspects = [
             k for k in kinds if not k.choice.locked and k.choice.spec.backend != REFERENCE_BACKEND
@@ -381,6 +417,8 @@ class ModelRunner:
             if d:
                 ids[i, 1 : 1 + len(d)] = d
                 rows.append(i)
+        if self.mirror is not None:
+            self.mirror.verify(ids.ravel(), pos.ravel(), slots.ravel(), st + q, table)
         logits = g.run(ids.ravel(), pos.ravel(), slots.ravel(), st + q, table)
         flat = np.concatenate([i * q + np.arange(counts[i]) for i in rows])
         self._verify_rows(logits[torch.from_numpy(flat).to(logits.device)], out, rows, results)
@@ -410,7 +448,7 @@ class ModelRunner:
         rows = [i for i, r in enumerate(reqs) if r.request_id in drafts]
         qsl = batch.meta.query_start_loc_cpu
         idx = np.concatenate([np.arange(qsl[i], qsl[i + 1]) for i in rows])
-        logits = self.model.compute_logits(hidden[torch.from_numpy(idx).to(hidden.device)])
+        logits = self.compute_logits(hidden[torch.from_numpy(idx).to(hidden.device)])
         self._verify_rows(logits, out, rows, results)
         verified = set(rows)
         return [i for i in batch.sample_rows if i not in verified]
@@ -422,6 +460,8 @@ class ModelRunner:
         the failures, logprobs and prompt logprobs of the step attached (``StepTokens``)."""
         tm = self.timings
         t0 = time.perf_counter()
+        if self.mirror is not None and out.blocks_to_copy:
+            self.mirror.copy_blocks(out.blocks_to_copy)
         self.kv_cache.copy_blocks(out.blocks_to_copy)
         results = StepTokens([] for _ in out.requests)
         logits = got = None
@@ -443,7 +483,9 @@ class ModelRunner:
             sample_rows = batch.sample_rows
             self._sync()
             t1 = time.perf_counter()
-            hidden = self._forward(batch)
+            if self.mirror is not None:
+                self.mirror.forward(batch.host)
+            hidden = self.forward_batch(batch)
             if speculating:
                 sample_rows = self._verify(out, batch, hidden, results)
             if sample_rows:
@@ -452,10 +494,10 @@ class ModelRunner:
                     keep = set(sample_rows)
                     pos = [j for j, row in enumerate(batch.sample_rows) if row in keep]
                     index = index[torch.tensor(pos, device=index.device)]
-                logits = self.model.compute_logits(hidden[index])
+                logits = self.compute_logits(hidden[index])
             if any_prompt_logprobs(out.requests):
                 qsl = batch.meta.query_start_loc_cpu
-                results.prompt_logprobs = prompt_logprobs(self.model, hidden, out, qsl)
+                results.prompt_logprobs = prompt_logprobs(self, hidden, out, qsl)
         if sample_rows:
             self._sync()
             t2 = time.perf_counter()

@@ -25,7 +25,7 @@ def optimize_model(
     install the RMSNorm/SwiGLU/RoPE kernels the selection engine picks for this device."""
     sel = selector or get_selector()
     dev = probe_device(device)
-    impls = {}
+    impls, names = {}, {}
     for op in (Op.RMSNORM, Op.SWIGLU, Op.ROPE):
         ctx = base_context(
             op,
@@ -37,8 +37,10 @@ def optimize_model(
             graph_mode=True,
         )
         choice, impls[op] = sel.build(op, ctx)
+        names[op.value] = choice.name
         logger.info("%s kernel: %s", op.value, choice.name)
     if hasattr(model, "optimize"):
+        model.layer_kernels = names  # what tensor-parallel ranks compare at start-up
         model.optimize(
             fuse=True, rmsnorm=impls[Op.RMSNORM], swiglu=impls[Op.SWIGLU], rope=impls[Op.ROPE]
         )

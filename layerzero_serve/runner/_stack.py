@@ -20,14 +20,17 @@ def prepare_model(loaded, block_size: int, max_num_seqs: int) -> tuple[ModelShap
     resolved dtype and device) with KV blocks of ``block_size`` tokens; on CUDA the model is
     optimised in place for batches up to ``max_num_seqs`` (``optimize_model``)."""
     mc, dtype, device = loaded.config, loaded.resolved.dtype, loaded.resolved.device
+    # a tensor-parallel rank plans (and caches K/V) for its own heads; sampling sees the
+    # gathered logits, so the vocabulary stays whole
+    heads = getattr(loaded.model, "layout", None) or mc
     shape = ModelShape(
         str(dtype).removeprefix("torch."),
         mc.head_dim,
-        mc.num_heads,
-        mc.num_kv_heads,
+        heads.num_heads,
+        heads.num_kv_heads,
         mc.vocab_size,
     )
-    spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, block_size, dtype)
+    spec = KVCacheSpec(mc.num_layers, heads.num_kv_heads, mc.head_dim, block_size, dtype)
     if torch.device(device).type == "cuda":
         optimize_model(loaded.model, shape, device, block_size, max_num_seqs)
     return shape, spec

@@ -1,0 +1,150 @@
+"""The tensor-parallel group of one engine: torch.distributed process groups and the three
+collectives the sharded model needs.
+
+Two groups over the same ranks:
+
+* the **device group** (NCCL on CUDA, gloo on the CPU) carries the model's all-reduces and the
+  logits' all-gather; its timeout is ``EngineConfig.distributed_timeout_s``, so a hung rank
+  fails a step instead of hanging it;
+* the **host group** (gloo, CPU tensors) carries rank 0's per-step messages to the workers.
+  Workers wait on it between steps for as long as the engine stays idle, so its timeout is long
+  (a dead peer is still seen at once: its sockets close).
+
+:class:`TPGroup` owns both; the model holds it as ``model.tp`` (None at one rank: no collective
+is called, so the single-GPU hot path is unchanged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("layerzero_serve")
+IDLE_TIMEOUT = datetime.timedelta(days=30)  # host group: workers wait this long between steps
+
+
+class TPGroup:
+    """Rank ``rank`` of ``world_size``; collectives over the device group.
+
+    CUDA graphs: ``all_reduce_`` and ``all_gather_rows`` are capturable on NCCL (they run on
+    the current stream); the host-group calls are host only.
+    """
+
+    def __init__(self, rank: int, world_size: int, device: torch.device,
+                 device_group, host_group, owns_default: bool) -> None:  # fmt: skip
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.device_group, self.host_group = device_group, host_group
+        self._owns_default = owns_default  # destroy the default group on close
+        self._nccl = dist.get_backend(device_group) == "nccl"
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    # ---- model collectives (device group) --------------------------------------------------
+    def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the ranks in place; returns ``x``."""
+        dist.all_reduce(x, group=self.device_group)
+        return x
+
+    def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [S, v]`` of every rank -> ``[S, world_size * v]`` (rank order along dim 1)."""
+        n = self.world_size
+        if self._nccl:
+            out = torch.empty((n * x.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
+            dist.all_gather_into_tensor(out, x.contiguous(), group=self.device_group)
+            parts = out.view(n, x.shape[0], x.shape[1]).unbind(0)
+        else:
+            parts = [torch.empty_like(x) for _ in range(n)]
+            dist.all_gather(parts, x.contiguous(), group=self.device_group)
+        return torch.cat(parts, dim=1)
+
+    def broadcast_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``x`` into every rank's ``x`` (same shape and dtype), device group."""
+        dist.broadcast(x, src=0, group=self.device_group)
+        return x
+
+    # ---- host messages (host group) ----------------------------------------------------------
+    def broadcast_host(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's CPU tensor ``x`` into every rank's (same shape and dtype). Host only."""
+        dist.broadcast(x, src=0, group=self.host_group)
+        return x
+
+    def all_gather_objects(self, obj: object) -> list[object]:
+        """Every rank's picklable ``obj``, in rank order (start-up checks only)."""
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.host_group)
+        return out
+
+    def min_int(self, value: int) -> int:
+        """The smallest ``value`` over the ranks (e.g. the KV blocks that fit on all)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.host_group)
+        return int(t.item())
+
+    def close(self) -> None:
+        """Destroy the groups (and the default group when this engine created it)."""
+        if not dist.is_initialized():
+            return
+        # a peer already gone leaves nothing to free: errors here are ignored
+        for g in (self.host_group, self.device_group):
+            if g is not None and g is not dist.GroupMember.WORLD:
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group(g)
+        if self._owns_default:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A free TCP port on this host for the rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_device(device_type: str, local_rank: int) -> torch.device:
+    """Rank ``local_rank``'s device on this host: ``cuda:local_rank`` or the CPU."""
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_group(rank: int, world_size: int, device_type: str, timeout_s: float,
+               init_method: str | None, local_rank: int | None = None) -> TPGroup:  # fmt: skip
+    """Join (``init_method`` given: spawn mode, this engine owns the default group) or reuse
+    (``None``: torchrun already initialised it) the default process group, then make the two
+    groups. Host only."""
+    device = rank_device(device_type, rank if local_rank is None else local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    owns = init_method is not None
+    if owns:
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, init_method=init_method, rank=rank,
+                                world_size=world_size, timeout=timeout, **kwargs)  # fmt: skip
+        device_group = dist.GroupMember.WORLD
+    else:
+        device_group = dist.new_group(backend=backend, timeout=timeout)
+    host_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    logger.info("tensor parallel: rank %d of %d on %s (%s)", rank, world_size, device, backend)
+    return TPGroup(rank, world_size, device, device_group, host_group, owns)
+
+
+def torchrun_rank() -> tuple[int, int, int] | None:
+    """``(rank, world_size, local_rank)`` when this process was started by torchrun (its
+    environment) or already joined a default process group; else None."""
+    if dist.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        return dist.get_rank(), dist.get_world_size(), local
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
+    return None
