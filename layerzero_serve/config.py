@@ -87,8 +87,8 @@ class EngineConfig:
         tensor_parallel_size: ranks the model is sharded over (Megatron style: heads, MLP
             units and vocabulary split; see ``layerzero_serve.distributed``), 1..1024. It must
             divide the attention heads and the MLP width, and divide the KV heads or be a
-            multiple of them; at most the host's CUDA devices (or CPU cores: gloo ranks on the
-            CPU). The engine starts ``N - 1`` worker processes (spawn), or joins the ranks of
+            multiple of them; at most the host's CUDA devices (on the CPU, gloo ranks: 4 per
+            core). The engine starts ``N - 1`` worker processes (spawn), or joins the ranks of
             ``torchrun``. 1 = no process group.
         distributed_timeout_s: seconds a collective may wait for a rank before the step fails
             and every rank is shut down, in (0, 86400]; a rank that dies is seen at once.

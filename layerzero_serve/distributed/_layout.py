@@ -82,11 +82,15 @@ class TPLayout:
         )
 
 
+CPU_RANKS_PER_CORE = 4  # gloo ranks on the CPU share cores (one thread each)
+
+
 def device_count(device_type: str) -> int:
-    """Ranks one host can give: CUDA devices, or CPU cores for gloo ranks on the CPU."""
+    """Ranks one host can give: its CUDA devices, or ``CPU_RANKS_PER_CORE`` gloo ranks per
+    CPU core."""
     if device_type == "cuda":
         return torch.cuda.device_count()
-    return os.cpu_count() or 1
+    return CPU_RANKS_PER_CORE * (os.cpu_count() or 1)
 
 
 def check_tensor_parallel(size: object, mc, device_type: str | None = None) -> int:
@@ -116,7 +120,7 @@ def check_tensor_parallel(size: object, mc, device_type: str | None = None) -> i
     if device_type is not None:
         have = device_count(device_type)
         if n > have:
-            what = "CUDA devices" if device_type == "cuda" else "CPU cores"
+            what = "CUDA devices" if device_type == "cuda" else "CPU cores x 4"
             raise TensorParallelError(
                 "tensor_parallel_size", n, f"at most {have} (the {what} of this host)"
             )

@@ -1,0 +1,183 @@
+"""Tensor parallelism on the CPU (gloo): an engine sharded over 2 or 3 ranks gives the tokens of
+the unsharded engine (float32, greedy and seeded sampling) for the tiny checkpoints of the HF
+parity tests, read slice by slice from safetensors; speculation, prefix hits and preemption
+under TP; a worker killed mid-run; bad sizes. Each sharded engine starts worker interpreters
+(a few seconds each), so the cases share engines where they can."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from hf_checkpoints import make_checkpoint, randomize
+
+from layerzero_serve import Engine, SamplingParams
+from layerzero_serve.distributed import TensorParallelError
+from layerzero_serve.distributed.step_mirror import TensorParallelWorkerError
+from layerzero_serve.errors import ValidationError
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [[5, 17, 3, 99, 42, 7, 7, 7, 7], [250, 1, 2, 3, 4, 5], [8] * 21, [300, 301, 302]]
+
+
+def _params(i: int) -> SamplingParams:
+    """Greedy for even prompts, seeded top-p / top-k sampling for odd ones."""
+    if i % 2 == 0:
+        return SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=1234 + i,
+                          ignore_eos=True)  # fmt: skip
+
+
+def _run(model, prompts=PROMPTS, params=_params, **cfg) -> tuple[dict, dict]:
+    """Tokens per request and the engine's stats (the engine is closed on return)."""
+    cfg = {"num_kv_blocks": 64, "block_size": 4, "max_num_seqs": 8, **cfg}
+    with Engine(model=str(model), **cfg) as eng:
+        ids = [eng.add_request(p, params(i)) for i, p in enumerate(prompts)]
+        assert ids
+        got: dict[str, list[int]] = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        stats = {
+            "preemptions": eng.scheduler.num_preemptions,
+            "prefix_hits": eng.kv_manager.stats.hits,
+            "spec": eng.stats().get("speculative"),
+        }
+    return got, stats
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp_ckpt")
+    names = ["llama-mha-untied-bias", "llama-gqa-tied", "mistral", "qwen2-bias", "qwen3-qknorm",
+             "llama-sharded"]  # fmt: skip
+    return {n: make_checkpoint(n, root / n)[0] for n in names}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["llama-mha-untied-bias", "llama-gqa-tied", "mistral", "qwen2-bias", "qwen3-qknorm",
+     "llama-sharded"],  # fmt: skip
+)
+def test_tp2_tokens_equal_tp1(checkpoints, name):
+    ref, _ = _run(checkpoints[name])
+    got, _ = _run(checkpoints[name], tensor_parallel_size=2)
+    assert got == ref
+    assert all(len(t) == 10 for t in got.values())
+
+
+def _six_heads_one_kv(path):
+    """Qwen2 (q/k/v biases) with 6 query heads and 1 KV head, vocabulary 385 (not a multiple
+    of 3: the vocabulary-parallel pieces are padded)."""
+    torch.manual_seed(7)
+    cfg = transformers.Qwen2Config(
+        vocab_size=385, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=1, rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    randomize(hf)
+    hf.save_pretrained(path)
+    return path
+
+
+def test_tp3_replicates_the_single_kv_head(tmp_path):
+    path = _six_heads_one_kv(tmp_path / "q6kv1")
+    ref, _ = _run(path)
+    got, _ = _run(path, tensor_parallel_size=3)
+    assert got == ref
+
+
+def test_speculation_prefix_hits_and_preemption_under_tp(checkpoints):
+    """n-gram drafts verified on the sharded model, a KV pool small enough to preempt, and
+    repeated prompts (prefix-cache hits): the tokens of the plain unsharded engine."""
+    path = checkpoints["llama-gqa-tied"]
+    prompts = [[5, 6, 7, 8] * 5, [9, 10, 11] * 6, [5, 6, 7, 8] * 5, [1, 2] * 9]
+    kw = {"num_kv_blocks": 18, "max_num_batched_tokens": 64, "max_prefill_chunk": 7}
+    ref, _ = _run(path, prompts, **kw)
+    got, stats = _run(path, prompts, tensor_parallel_size=2, speculative_method="ngram",
+                      num_speculative_tokens=3, adaptive_speculation=False, **kw)  # fmt: skip
+    assert got == ref
+    assert stats["preemptions"] > 0 and stats["prefix_hits"] > 0
+    assert stats["spec"]["drafted_tokens"] > 0
+
+
+def test_n_samples_under_tp(checkpoints):
+    """n > 1 seeded siblings: the unsharded engine's tokens."""
+    path = checkpoints["qwen2-bias"]
+
+    def params(i):
+        return SamplingParams(max_tokens=6, n=3, temperature=1.0, seed=99 + i, ignore_eos=True)
+
+    ref, _ = _run(path, [[3, 4, 5, 6, 7, 8, 9]], params)
+    got, _ = _run(path, [[3, 4, 5, 6, 7, 8, 9]], params, tensor_parallel_size=2)
+    assert got == ref and len(got) == 3
+
+
+def test_killed_worker_fails_the_next_step_and_leaves_no_process(checkpoints):
+    eng = Engine(model=str(checkpoints["llama-gqa-tied"]), tensor_parallel_size=2,
+                 num_kv_blocks=32, block_size=4, distributed_timeout_s=20)  # fmt: skip
+    eng.add_request([1, 2, 3, 4], SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.step()
+    procs = eng._tp.workers.procs
+    os.kill(procs[0].pid, signal.SIGKILL)
+    procs[0].wait(10)
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelWorkerError, match="rank 1"):
+        for _ in range(5):
+            eng.step()
+    assert time.monotonic() - t0 < 20
+    assert all(p.poll() is not None for p in procs)
+    with pytest.raises(TensorParallelWorkerError):  # the engine stays failed
+        eng.step()
+    eng.close()  # idempotent after the failure
+
+
+def test_close_ends_the_workers(checkpoints):
+    eng = Engine(model=str(checkpoints["llama-gqa-tied"]), tensor_parallel_size=2,
+                 num_kv_blocks=16)  # fmt: skip
+    procs = list(eng._tp.workers.procs)
+    eng.close()
+    assert all(p.poll() == 0 for p in procs)
+    eng.close()
+
+
+@pytest.mark.parametrize("size", [3, 0, -2, "2", 2.0, True, None])
+def test_bad_tensor_parallel_size(size):
+    """3 does not divide 4 heads; the others are not ints >= 1: a ValidationError naming the
+    field, before any process starts."""
+    with pytest.raises(ValidationError, match="tensor_parallel_size"):
+        Engine(model="dummy:tiny", tensor_parallel_size=size)
+
+
+def test_size_not_splitting_the_heads_says_which(checkpoints):
+    with pytest.raises(TensorParallelError, match="attention heads") as e:
+        Engine(model=str(checkpoints["qwen3-qknorm"]), tensor_parallel_size=3)
+    assert e.value.param == "tensor_parallel_size" and "[1, 2, 4]" in e.value.allowed
+
+
+def test_size_above_the_device_count(monkeypatch, tmp_path):
+    """On the CPU a host gives 4 gloo ranks per core: 6 ranks on one core are refused."""
+    path = _six_heads_one_kv(tmp_path / "q6kv1")
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    with pytest.raises(TensorParallelError, match="at most 4"):
+        Engine(model=str(path), tensor_parallel_size=6, device="cpu")
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), "5", 10**6])
+def test_bad_distributed_timeout(timeout):
+    with pytest.raises(ValidationError, match="distributed_timeout_s"):
+        Engine(model="dummy:tiny", distributed_timeout_s=timeout)
+
