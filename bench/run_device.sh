@@ -2,7 +2,7 @@
 # One device call: unpack the GPU bundle, install the package (regular install: the device
 # image's setuptools does not map package-dir folders in editable mode), run the gpu-marked
 # tests, doctor, and the GPU benchmarks, writing everything under $OUT.
-#   bash bench/run_device.sh [tests|kernels|bench|sampling|spec|mixed|all|ab]
+#   bash bench/run_device.sh [tests|kernels|bench|sampling|spec|mixed|mixedtests|tp|all|ab|none]
 # "ab": .device/before.tar.gz (git archive of the commit to compare with) and this checkout are
 # installed side by side and timed alternately (bench/commit_ab_gpu.py, AB_ROUNDS rounds).
 # "tests" (~4 min) and "bench" (~5 min) each fit one 10-minute device call; "all" runs both.
@@ -63,6 +63,15 @@ if [ "$what" = mixed ]; then  # piecewise graphs for prefill / mixed steps; meas
   timeout 300 python3 "$REPO/bench/bench_mixed_graphs_gpu.py" --out "$OUT" \
     > "$OUT/bench_mixed.log" 2>&1
   grep -v "^INFO\|capture" "$OUT/bench_mixed.log" | tail -14
+fi
+if [ "$what" = tp ]; then  # tensor parallelism: NCCL at world size 1 (and TP=2 with 2 GPUs)
+  timeout 280 python3 -m pytest "$REPO/tests/gpu/test_tensor_parallel_gpu.py" -q -p no:cacheprovider \
+    -o addopts="" -rs 2>&1 | tail -25 | tee "$OUT/gpu_tests_tp.txt"
+fi
+if [ "$what" = mixedtests ]; then  # the mixed-step graphs' and sampler-kernel GPU tests only
+  timeout 240 python3 -m pytest "$REPO/tests/gpu/test_mixed_graphs.py" \
+    "$REPO/tests/gpu/test_sampler_kernel_choice.py" "$REPO/tests/gpu/test_cuda_graphs.py" \
+    -q -p no:cacheprovider -o addopts="" 2>&1 | tail -25 | tee "$OUT/gpu_tests_mixed.txt"
 fi
 if [ "$what" = sampling ]; then  # the sampler's GPU tests, kernels and benchmarks only
   python3 -m pytest "$REPO/tests/gpu/test_sampling_gpu.py" "$REPO/tests/gpu/test_cuda_graphs.py" \
