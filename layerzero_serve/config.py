@@ -83,7 +83,7 @@ class EngineConfig:
         async_scheduling: with CUDA graphs, launch the next pure decode step before the host
             processes this step's tokens (its input ids come from this step's sampler on the
             device), so the host's per-step work overlaps the GPU's. Same tokens as without.
-            Under tensor parallelism steps run synchronously (this switch is ignored).
+            Under tensor parallelism the launched-ahead ids reach the workers on the device.
         tensor_parallel_size: ranks the model is sharded over (Megatron style: heads, MLP
             units and vocabulary split; see ``layerzero_serve.distributed``), 1..1024. It must
             divide the attention heads and the MLP width, and divide the KV heads or be a

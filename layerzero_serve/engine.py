@@ -194,7 +194,7 @@ class Engine:
         self._setup_mixed_graphs()
         if self.spec is not None:
             self.runner.enable_verify_graphs(small, graph_len, cfg.num_speculative_tokens + 1)
-        if cfg.async_scheduling and self._tp is None:
+        if cfg.async_scheduling:
             self._execution = AsyncScheduling(self.runner, self.scheduler)
 
     def _setup_mixed_graphs(self) -> None:

@@ -11,7 +11,8 @@ command    payload (int64, host group)              the worker runs
 FORWARD    token ids, positions, query starts,      the same eager (or piecewise-graph)
            sequence lengths, block table, slots     forward
 LOGITS     (rows broadcast on the device group)     ``compute_logits`` on the same rows
-DECODE     ids, starts, slots, block table          the same decode-graph bucket
+DECODE     ids, starts, slots, block table (async   the same decode-graph bucket
+           scheduling: the ids on the device group)
 VERIFY     ids, positions, slots, lengths, table    the same verification-graph bucket
 COPY       (src, dst) block pairs                   the same KV block copies
 STOP       -                                        leaves its loop
@@ -122,8 +123,14 @@ class StepMirror:
         self._send(LOGITS, (hidden.shape[0], hidden.shape[1], code), None)
         self.guard(self.group.broadcast_device, hidden.contiguous())
 
-    def decode(self, ids, starts, slots, table: np.ndarray) -> None:
-        self._send(DECODE, (len(ids), table.shape[1]), _flat(ids, starts, slots, table))
+    def decode(self, ids, starts, slots, table: np.ndarray, device_ids=None) -> None:
+        """A decode-graph step; ``device_ids`` (int64 on the device, async scheduling's
+        launched-ahead inputs) replace ``ids`` and are broadcast on the device group."""
+        n = len(ids)
+        self._send(DECODE, (n, table.shape[1], int(device_ids is not None)),
+                   _flat(ids, starts, slots, table))  # fmt: skip
+        if device_ids is not None:
+            self.guard(self.group.broadcast_device, device_ids[:n].contiguous())
 
     def verify(self, ids, positions, slots, seq_lens, table: np.ndarray) -> None:
         n = len(seq_lens)
@@ -174,10 +181,13 @@ def serve_steps(runner, group: TPGroup) -> None:
             hidden = torch.empty((rows, width), dtype=_FLOAT_DTYPES[code], device=device)
             runner.model.compute_logits(group.broadcast_device(hidden))
         elif cmd == DECODE:
-            n, w = h[1:3]
+            n, w, on_device = h[1:4]
             ids, starts, slots, table = _split(p, [n, n, n, n * w])
             table = table.reshape(n, w).astype(np.int32)
-            runner.graphs.run(ids, starts, slots, starts + 1, table)
+            dev_ids = None
+            if on_device:  # async scheduling: rank 0's sampled ids, still on its device
+                dev_ids = group.broadcast_device(torch.empty(n, dtype=torch.int64, device=device))
+            runner.graphs.run(ids, starts, slots, starts + 1, table, device_ids=dev_ids)
         elif cmd == VERIFY:
             n, w, q = h[1:4]
             ids, pos, slots, lens, table = _split(p, [n * q, n * q, n * q, n, n * w])

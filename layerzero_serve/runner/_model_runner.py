@@ -19,11 +19,10 @@ import torch
 from layerzero_serve.kernels.spec import Op
 from layerzero_serve.kv_cache import BlockTableCache, KVCache
 from layerzero_serve.runner._input_batch import prepare_batch
+from layerzero_serve.runner._non_finite import REFERENCE_BACKEND, blame_non_finite
 from layerzero_serve.runner._sampler_graphs import SamplerGraphs
 from layerzero_serve.runner.attention import (
     AttentionDispatch,
-    PhaseKernel,
-    WriterKernel,
     select_dispatch,
 )
 from layerzero_serve.runner.cuda_graph import DecodeGraphRunner
@@ -34,7 +33,6 @@ from layerzero_serve.selection.plans import ModelShape, base_context
 from layerzero_serve.types import SchedulerOutput, StepTokens
 
 logger = logging.getLogger("layerzero_serve")
-REFERENCE_BACKEND = "torch"
 MAX_FALLBACKS = 16  # kernel failures one step may fall back from (each one a new backend)
 
 
@@ -332,57 +330,14 @@ class ModelRunner:
 
     # ---- kernels that return NaN / inf -------------------------------------------------------
     def _blame_non_finite(self, batch, hidden: torch.Tensor, rows) -> bool:
-        """Rows of an eager step failed. When their hidden states are not finite and the step's
-        automatic, non-reference attention or KV-write kernel is the cause (the torch kernels
-        give finite states in its place), mark its backend unhealthy, re-select, return True
-        (run the step again). Host sync, on this failure path only."""
-        a = self.attn
+        """Rows of an eager step failed: True when a kernel was blamed and replaced (run the
+        step again); see ``runner/_non_finite.py``."""
         if self._sharded:  # a re-run here would leave the other ranks behind
             return False
-        kinds = [k for k in (a.active, a.writer) if k is not None]
-        suspects = [
-            k for k in kinds if not k.choice.locked and k.choice.spec.backend != REFERENCE_BACKEND
-        ]
-        qsl = batch.meta.query_start_loc_cpu
-        idx = np.concatenate([np.arange(qsl[i], qsl[i + 1]) for i in rows])
-        idx = torch.from_numpy(idx).to(hidden.device)
-        if not suspects or bool(torch.isfinite(hidden[idx]).all()):
-            return False  # not a kernel's NaN (degenerate logits of the request itself)
-        ref = self._reference_dispatch()
-        trials = [[k] for k in suspects] + ([suspects] if len(suspects) > 1 else [])
-        for swap in trials:
-            phase = ref if any(k is a.active for k in swap) else a
-            writer = ref.writer if any(k is a.writer for k in swap) else a.writer
-            d = AttentionDispatch(self.kv_cache, phase.decode, phase.prefill, writer)
-            d.begin_step(batch.meta)
-            h = self.model(batch.input_ids, batch.positions, d, batch.meta)
-            if bool(torch.isfinite(h[idx]).all()):
-                for k in swap:
-                    err = f"{k.choice.name} returned non-finite values (the torch kernel did not)"
-                    self.selector.mark_unhealthy(k.choice.spec.backend, err)
-                self.attn = self._select_kernels()
-                return True
-        return False
-
-    def _reference_dispatch(self) -> AttentionDispatch:
-        """The torch reference kernels of the eager plans (built on the failure path only)."""
-        kernels = {}
-        for op, ctx in self.plans.items():
-            if op in (Op.ATTN_DECODE, Op.ATTN_PREFILL, Op.KV_WRITE):
-                ok = [
-                    s
-                    for s in self.selector.kernels(op)
-                    if s.backend == REFERENCE_BACKEND and s.supports(ctx) is None
-                ]
-                spec = max(ok, key=lambda s: (s.priority, s.name))
-                choice = KernelChoice(op, ctx, spec, float(spec.priority), False, ())
-                kernels[op] = (choice, spec.factory(ctx))
-        return AttentionDispatch(
-            self.kv_cache,
-            PhaseKernel(*kernels[Op.ATTN_DECODE]),
-            PhaseKernel(*kernels[Op.ATTN_PREFILL]),
-            WriterKernel(*kernels[Op.KV_WRITE]),
-        )
+        if not blame_non_finite(self, batch, hidden, rows):
+            return False
+        self.attn = self._select_kernels()
+        return True
 
     # ---- speculative verification ------------------------------------------------------------
     def _graph_verify(self, out: SchedulerOutput, results) -> tuple | None:

@@ -126,6 +126,66 @@ def test_n_samples_under_tp(checkpoints):
     assert got == ref and len(got) == 3
 
 
+_TORCHRUN_SCRIPT = """
+import json, sys
+from layerzero_serve import Engine, SamplingParams
+eng = Engine(model=sys.argv[1], tensor_parallel_size=2, num_kv_blocks=64, block_size=4)
+if eng.is_driver:  # rank 0 drives; rank 1's Engine() returns once rank 0 closes
+    sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    ids = [eng.add_request(p, sp) for p in json.loads(sys.argv[2])]
+    got = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    eng.close()
+    print("RESULT " + json.dumps([got[i] for i in ids]))
+else:
+    try:
+        eng.step()
+    except RuntimeError as e:
+        assert "rank 1" in str(e), e
+        print("WORKER-DONE")
+"""
+
+
+def test_torchrun_ranks(checkpoints, tmp_path):
+    """One process per rank under torchrun: rank 0 drives, rank 1 serves its steps and its
+    Engine returns when rank 0 closes; the tokens equal the unsharded engine's."""
+    import json
+    import subprocess
+    import sys
+
+    from layerzero_serve.distributed import free_port
+
+    path = str(checkpoints["mistral"])
+    prompts = PROMPTS[:2]
+    ref, _ = _run(path, prompts, lambda i: SamplingParams(max_tokens=10, temperature=0.0,
+                                                          ignore_eos=True))  # fmt: skip
+    script = tmp_path / "tp_script.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(free_port()), str(script), path, json.dumps(prompts)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert json.loads(result[0][7:]) == list(ref.values())
+    assert "WORKER-DONE" in proc.stdout
+
+
+def test_draft_model_speculation_under_tp(checkpoints):
+    """The draft model runs whole on rank 0; the target is sharded: greedy tokens unchanged."""
+    path = str(checkpoints["llama-gqa-tied"])
+    ref, _ = _run(path, PROMPTS[:2], lambda i: _params(0))
+    got, stats = _run(path, PROMPTS[:2], lambda i: _params(0), tensor_parallel_size=2,
+                      speculative_method="draft_model", speculative_model=path,
+                      num_speculative_tokens=3, adaptive_speculation=False)  # fmt: skip
+    assert got == ref
+    assert stats["spec"]["accepted_tokens"] > 0
+
+
 def test_killed_worker_fails_the_next_step_and_leaves_no_process(checkpoints):
     eng = Engine(model=str(checkpoints["llama-gqa-tied"]), tensor_parallel_size=2,
                  num_kv_blocks=32, block_size=4, distributed_timeout_s=20)  # fmt: skip
