@@ -145,8 +145,10 @@ def main() -> None:
         floor = runs[args.tp]["weight_bytes_per_rank"] / bw * 1e3
         res[key] = {"tp1": runs[1][key], f"tp{args.tp}": runs[args.tp][key],
                     "speedup": one / many, "roofline_fraction": floor / many}  # fmt: skip
-        print(f"b{batch} ctx{ctx}: TP1 {one:.2f} ms, TP{args.tp} {many:.2f} ms "
-              f"({one / many:.2f}x), {100 * floor / many:.0f}% of the {args.tp}-GPU roofline")
+        print(
+            f"b{batch} ctx{ctx}: TP1 {one:.2f} ms, TP{args.tp} {many:.2f} ms "
+            f"({one / many:.2f}x), {100 * floor / many:.0f}% of the {args.tp}-GPU roofline"
+        )
     write_result(f"tp{args.tp}_gpu", res, Path(args.out))
 
 

@@ -68,8 +68,14 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "name",
-    ["llama-mha-untied-bias", "llama-gqa-tied", "mistral", "qwen2-bias", "qwen3-qknorm",
-     "llama-sharded"],  # fmt: skip
+    [
+        "llama-mha-untied-bias",
+        "llama-gqa-tied",
+        "mistral",
+        "qwen2-bias",
+        "qwen3-qknorm",
+        "llama-sharded",
+    ],  # fmt: skip
 )
 def test_tp2_tokens_equal_tp1(checkpoints, name):
     ref, _ = _run(checkpoints[name])
@@ -240,4 +246,3 @@ def test_size_above_the_device_count(monkeypatch, tmp_path):
 def test_bad_distributed_timeout(timeout):
     with pytest.raises(ValidationError, match="distributed_timeout_s"):
         Engine(model="dummy:tiny", distributed_timeout_s=timeout)
-
