@@ -211,6 +211,38 @@ def test_killed_worker_fails_the_next_step_and_leaves_no_process(checkpoints):
     eng.close()  # idempotent after the failure
 
 
+def test_ranks_with_different_kernels_fail_at_start(checkpoints, monkeypatch):
+    """Rank 0 reports another prefill kernel than rank 1: start-up fails naming the op, and
+    no worker is left running."""
+    from layerzero_serve.distributed.workers import PlanMismatchError
+    from layerzero_serve.runner import ModelRunner
+
+    real = ModelRunner.plan_fingerprint
+    monkeypatch.setattr(
+        ModelRunner, "plan_fingerprint", lambda self: {**real(self), "eager.prefill": "other"}
+    )
+    before = set(_children())
+    with pytest.raises(PlanMismatchError, match="eager.prefill"):
+        Engine(model=str(checkpoints["llama-gqa-tied"]), tensor_parallel_size=2,
+               num_kv_blocks=16)  # fmt: skip
+    assert not set(_children()) - before
+
+
+def _children() -> list[int]:
+    """Live child processes of this one (Linux)."""
+    me = str(os.getpid())
+    kids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            kids.append(int(pid))
+    return kids
+
+
 def test_close_ends_the_workers(checkpoints):
     eng = Engine(model=str(checkpoints["llama-gqa-tied"]), tensor_parallel_size=2,
                  num_kv_blocks=16)  # fmt: skip
