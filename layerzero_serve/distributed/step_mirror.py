@@ -103,8 +103,6 @@ class StepMirror:
         try:
             return fn(*args)
         except Exception as e:
-            if isinstance(e, ValueError) and self.broken is None:
-                raise  # a validation error raised before any collective
             self.fail(e)
             raise self._error(e) from e
 
