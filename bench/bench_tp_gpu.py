@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode_gpu import copy_bandwidth  # noqa: E402
 from common import write_result  # noqa: E402
 
 MODEL = "dummy:llama3-8b"
@@ -82,22 +83,6 @@ if rank == 0:
     print("RESULT " + __import__("json").dumps(out))
 dist.destroy_process_group()
 """
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty_like(a)
-    ts = []
-    for _ in range(12):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * (2 << 30) / statistics.median(ts[2:])
 
 
 def _result(cmd: list[str]) -> dict:

@@ -99,6 +99,13 @@ def kv_pool(
     return kv_cache
 
 
+def mixed_graph_tokens(cfg: EngineConfig) -> int:
+    """Largest token count of a prefill / mixed step captured piecewise (0: none):
+    ``max_mixed_graph_tokens``, default min(max_num_batched_tokens, 2048)."""
+    limit = cfg.max_mixed_graph_tokens
+    return min(cfg.max_num_batched_tokens, 2048) if limit is None else limit
+
+
 def scheduler_config(cfg: EngineConfig, max_model_len: int, speculating: bool):
     return SchedulerConfig(
         max_num_seqs=cfg.max_num_seqs,

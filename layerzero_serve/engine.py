@@ -14,6 +14,7 @@ from layerzero_serve._async_scheduling import AsyncScheduling
 from layerzero_serve._engine_setup import (
     build_model_side,
     freeze_startup_objects,
+    mixed_graph_tokens,
     scheduler_config,
     sibling_seed,
 )
@@ -200,10 +201,7 @@ class Engine:
     def _setup_mixed_graphs(self) -> None:
         """Piecewise graphs for prefill / mixed steps (``max_mixed_graph_tokens``). A capture
         that fails leaves those steps eager, with a warning: they were eager before."""
-        cfg = self.config
-        limit = cfg.max_mixed_graph_tokens
-        if limit is None:
-            limit = min(cfg.max_num_batched_tokens, 2048)
+        limit = mixed_graph_tokens(self.config)
         if limit == 0:
             return
         try:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from layerzero_serve._models.llama import LlamaForCausalLM, set_parameter
 from layerzero_serve.distributed import shard
 
@@ -30,8 +28,3 @@ def shard_model(full: LlamaForCausalLM, layout: TPLayout) -> LlamaForCausalLM:
     if leftover:  # pragma: no cover - every parameter of the full model was cut above
         raise RuntimeError(f"not sharded: {leftover}")
     return local.eval()
-
-
-def local_parameter_names(model: LlamaForCausalLM) -> dict[str, torch.nn.Parameter]:
-    """The parameters a rank holds (names as in the checkpoint)."""
-    return dict(model.named_parameters())

@@ -80,8 +80,9 @@ def apply_graph_setup(runner, buckets: list[int], setup: GraphSetup, cfg) -> Non
     if not setup.use_graphs:
         return
     runner.enable_graphs(buckets, setup.graph_len, progress=False)
-    limit = cfg.max_mixed_graph_tokens
-    limit = min(cfg.max_num_batched_tokens, 2048) if limit is None else limit
+    from layerzero_serve._engine_setup import mixed_graph_tokens
+
+    limit = mixed_graph_tokens(cfg)
     if limit:
         runner.enable_mixed_graphs(limit, progress=False)
     if setup.verify_q:
