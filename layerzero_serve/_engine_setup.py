@@ -99,11 +99,48 @@ def kv_pool(
     return kv_cache
 
 
+@dataclass(frozen=True, slots=True)
+class GraphSetup:
+    """Rank 0's graph decisions (sent to tensor-parallel workers before any capture): the
+    decode buckets' sequence length, the verification buckets and tokens per row
+    (``verify_q`` 0: no speculation) and whether graphs are captured at all."""
+
+    graph_len: int
+    verify_buckets: tuple[int, ...]
+    verify_q: int
+    use_graphs: bool
+
+
 def mixed_graph_tokens(cfg: EngineConfig) -> int:
     """Largest token count of a prefill / mixed step captured piecewise (0: none):
     ``max_mixed_graph_tokens``, default min(max_num_batched_tokens, 2048)."""
     limit = cfg.max_mixed_graph_tokens
     return min(cfg.max_num_batched_tokens, 2048) if limit is None else limit
+
+
+def capture_graphs(runner, buckets: list[int], setup: GraphSetup, cfg: EngineConfig,
+                   lenient: bool, progress: bool = True) -> None:  # fmt: skip
+    """Decode buckets (graphs on or off: the same split-KV rule), then with graphs the decode
+    graphs, the prefill / mixed-step graphs and the verification graphs, in this order on
+    every tensor-parallel rank (their collectives must match). ``lenient`` (one rank): a
+    mixed-step capture that fails leaves those steps eager, with a warning."""
+    runner.set_decode_buckets(buckets, setup.graph_len)
+    if not setup.use_graphs:
+        return
+    runner.enable_graphs(buckets, setup.graph_len, progress=progress)
+    limit = mixed_graph_tokens(cfg)
+    if limit:
+        try:
+            runner.enable_mixed_graphs(limit, progress=progress)
+        except Exception as e:  # noqa: BLE001 - any capture failure: stay eager
+            if not lenient:  # the other ranks captured: they cannot stay in step
+                raise
+            runner.mixed_graphs = None
+            logger.warning("mixed-step graphs not captured, prefill runs eagerly: %r", e)
+    if setup.verify_q:
+        runner.enable_verify_graphs(
+            list(setup.verify_buckets), setup.graph_len, setup.verify_q, progress=progress
+        )
 
 
 def scheduler_config(cfg: EngineConfig, max_model_len: int, speculating: bool):

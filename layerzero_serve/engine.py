@@ -12,9 +12,10 @@ from pathlib import Path
 
 from layerzero_serve._async_scheduling import AsyncScheduling
 from layerzero_serve._engine_setup import (
+    GraphSetup,
     build_model_side,
+    capture_graphs,
     freeze_startup_objects,
-    mixed_graph_tokens,
     scheduler_config,
     sibling_seed,
 )
@@ -25,7 +26,7 @@ from layerzero_serve._prompts import parse_prompt
 from layerzero_serve._step_execution import SyncExecution
 from layerzero_serve._tensor_parallel import start_tensor_parallel
 from layerzero_serve.config import EngineConfig, engine_config_of
-from layerzero_serve.distributed.workers import GraphSetup, check_same_plans, run_worker
+from layerzero_serve.distributed.workers import check_same_plans, run_worker
 from layerzero_serve.errors import RequestRejectedError, ValidationError, check_int
 from layerzero_serve.kernels.spec import Op
 from layerzero_serve.kv_cache import KVCacheManager
@@ -144,12 +145,12 @@ class Engine:
             verifier=None if self.spec is None else self.spec.verifier,
             mirror=None if tp is None else tp.mirror,
         )
+        q = cfg.num_speculative_tokens + 1 if self.spec is not None else 0
         graph_len = min(max_len, self.scheduler.max_seq_len)
+        setup = GraphSetup(graph_len, tuple(small), q, use_graphs)
         if tp is not None:  # the workers capture the same graphs (collectives match)
-            q = cfg.num_speculative_tokens + 1 if self.spec is not None else 0
-            setup = GraphSetup(graph_len, tuple(small), q if use_graphs else 0, use_graphs)
             tp.group.all_gather_objects(setup)
-        self._setup_graphs(buckets, small, graph_len, use_graphs)
+        self._setup_graphs(buckets, setup)
         if tp is not None:
             check_same_plans(tp.group, self.runner.plan_fingerprint())
         self._speculation = NoSpeculation() if self.spec is None else SpeculationHooks(self.spec)
@@ -180,37 +181,14 @@ class Engine:
         self._releases.append(self._outputs.release)
         freeze_startup_objects()
 
-    def _setup_graphs(
-        self, buckets: list[int], small: list[int], graph_len: int, use_graphs: bool
-    ) -> None:
-        """Decode buckets (graphs on or off: the same split-KV rule), then on CUDA the decode
-        graphs, the verification graphs (k + 1 tokens per row, ``small`` buckets) and async
-        scheduling (decode steps through the graphs without drafts)."""
-        self.runner.set_decode_buckets(buckets, graph_len)
+    def _setup_graphs(self, buckets: list[int], setup: GraphSetup) -> None:
+        """The runner's graphs (``capture_graphs``: the same on every tensor-parallel rank),
+        then the step execution: async scheduling (decode steps through the graphs without
+        drafts) when the graphs are on and it is enabled."""
+        capture_graphs(self.runner, buckets, setup, self.config, lenient=self._tp is None)
         self._execution = SyncExecution(self.runner, self.scheduler)
-        if not use_graphs:
-            return
-        cfg = self.config
-        self.runner.enable_graphs(buckets, graph_len)
-        self._setup_mixed_graphs()
-        if self.spec is not None:
-            self.runner.enable_verify_graphs(small, graph_len, cfg.num_speculative_tokens + 1)
-        if cfg.async_scheduling:
+        if setup.use_graphs and self.config.async_scheduling:
             self._execution = AsyncScheduling(self.runner, self.scheduler)
-
-    def _setup_mixed_graphs(self) -> None:
-        """Piecewise graphs for prefill / mixed steps (``max_mixed_graph_tokens``). A capture
-        that fails leaves those steps eager, with a warning: they were eager before."""
-        limit = mixed_graph_tokens(self.config)
-        if limit == 0:
-            return
-        try:
-            self.runner.enable_mixed_graphs(limit)
-        except Exception as e:  # noqa: BLE001 - any capture failure: stay eager
-            if self._tp is not None:  # the other ranks captured: they cannot stay in step
-                raise
-            self.runner.mixed_graphs = None
-            logger.warning("mixed-step graphs not captured, prefill runs eagerly: %r", e)
 
     def _speculation(
         self, cfg, loaded: LoadedModel, shape, kv_cache, selector, sampler, graph_buckets

@@ -25,18 +25,6 @@ logger = logging.getLogger("layerzero_serve")
 _PR_SET_PDEATHSIG = 1
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class GraphSetup:
-    """Rank 0's graph decisions, sent to the workers before any capture: the decode buckets'
-    sequence length, the verification buckets and tokens per row (``verify_q`` 0: none) and
-    whether the graphs are on."""
-
-    graph_len: int
-    verify_buckets: tuple[int, ...]
-    verify_q: int
-    use_graphs: bool
-
-
 class PlanMismatchError(RuntimeError):
     """Tensor-parallel ranks selected different kernels for the same plan (names the op)."""
 
@@ -58,7 +46,7 @@ def check_same_plans(group: TPGroup, fingerprint: dict[str, str]) -> None:
 
 def run_worker(cfg, group: TPGroup) -> None:
     """Everything a worker rank does, from loading its share to rank 0's STOP. Host loop."""
-    from layerzero_serve._engine_setup import build_model_side
+    from layerzero_serve._engine_setup import build_model_side, capture_graphs
     from layerzero_serve.runner import ModelRunner
     from layerzero_serve.sampling import Sampler
 
@@ -68,26 +56,10 @@ def run_worker(cfg, group: TPGroup) -> None:
         side.loaded.model, side.shape, side.kv_cache, Sampler(seed=cfg.seed), device,
         cfg.max_num_seqs, selector=side.selector,
     )  # fmt: skip
-    setup: GraphSetup = group.all_gather_objects(None)[0]
-    apply_graph_setup(runner, side.buckets, setup, cfg)
+    setup = group.all_gather_objects(None)[0]  # rank 0's GraphSetup
+    capture_graphs(runner, side.buckets, setup, cfg, lenient=False, progress=False)
     check_same_plans(group, runner.plan_fingerprint())
     serve_steps(runner, group)
-
-
-def apply_graph_setup(runner, buckets: list[int], setup: GraphSetup, cfg) -> None:
-    """Capture (on every rank alike) the graphs rank 0 decided on."""
-    runner.set_decode_buckets(buckets, setup.graph_len)
-    if not setup.use_graphs:
-        return
-    runner.enable_graphs(buckets, setup.graph_len, progress=False)
-    from layerzero_serve._engine_setup import mixed_graph_tokens
-
-    limit = mixed_graph_tokens(cfg)
-    if limit:
-        runner.enable_mixed_graphs(limit, progress=False)
-    if setup.verify_q:
-        runner.enable_verify_graphs(list(setup.verify_buckets), setup.graph_len, setup.verify_q,
-                                    progress=False)  # fmt: skip
 
 
 def _die_with_parent() -> None:

@@ -43,14 +43,11 @@ def launch_decode(runner, out: SchedulerOutput, prev: PendingDecode | None = Non
     if g is None or sampler_graphs is None or not 0 < n <= g.max_batch:
         return None
     t0 = time.perf_counter()
-    mirror = runner.mirror  # tensor parallelism: the workers replay the same bucket
-    if mirror is not None and out.blocks_to_copy:
-        mirror.copy_blocks(out.blocks_to_copy)
-    runner.kv_cache.copy_blocks(out.blocks_to_copy)
+    runner.copy_blocks(out.blocks_to_copy)
     ids, starts, slots, table = runner.decode_inputs(out, ids_known=prev is None)
     device_ids = None if prev is None else prev.tokens
-    if mirror is not None:  # the launched-ahead ids go to the workers on the device
-        mirror.decode(ids, starts, slots, table, device_ids)
+    if runner.mirror is not None:  # tensor parallelism: the workers replay the same bucket,
+        runner.mirror.decode(ids, starts, slots, table, device_ids)  # ids on the device
     g.run(ids, starts, slots, starts + 1, table, device_ids=device_ids)
     sample = sampler_graphs.launch(out.requests, g.bucket_for(n), ahead=int(prev is not None))
     pending = PendingDecode(out, sample.tokens, sample.to_host_async())

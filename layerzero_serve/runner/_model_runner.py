@@ -267,6 +267,14 @@ class ModelRunner:
             self.mirror.logits(hidden)
         return self.model.compute_logits(hidden)
 
+    def copy_blocks(self, pairs) -> None:
+        """The step's copy-on-write block copies ``(src, dst)``, on every rank."""
+        if not pairs:
+            return
+        if self.mirror is not None:
+            self.mirror.copy_blocks(pairs)
+        self.kv_cache.copy_blocks(pairs)
+
     def _sync(self) -> None:
         if self.timings.sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -415,9 +423,7 @@ class ModelRunner:
         the failures, logprobs and prompt logprobs of the step attached (``StepTokens``)."""
         tm = self.timings
         t0 = time.perf_counter()
-        if self.mirror is not None and out.blocks_to_copy:
-            self.mirror.copy_blocks(out.blocks_to_copy)
-        self.kv_cache.copy_blocks(out.blocks_to_copy)
+        self.copy_blocks(out.blocks_to_copy)
         results = StepTokens([] for _ in out.requests)
         logits = got = None
         sample_bucket = None  # set when the step's sampling can replay a sampler graph
