@@ -18,10 +18,16 @@ from layerzero_serve.distributed import (
     check_tensor_parallel,
     free_port,
     init_group,
+    owned_group_open,
     torchrun_rank,
 )
 from layerzero_serve.distributed.step_mirror import StepMirror
-from layerzero_serve.distributed.workers import WorkerSet, start_workers
+from layerzero_serve.distributed.workers import (
+    WorkerSet,
+    join_store,
+    start_workers,
+    wait_for_workers,
+)
 from layerzero_serve.errors import ValidationError
 
 logger = logging.getLogger("layerzero_serve")
@@ -85,9 +91,14 @@ def start_tensor_parallel(cfg: EngineConfig) -> TPSession | None:
         ValidationError: the size differs from torchrun's world size.
     """
     n = cfg.tensor_parallel_size
+    if n > 1 and owned_group_open():
+        raise RuntimeError(
+            "another tensor-parallel Engine of this process is still open: close it first "
+            "(Engine.close(), or build it in a `with` block); one process drives one at a time"
+        )
     launched = torchrun_rank()
-    if launched is None and n == 1:
-        return None
+    if n == 1 and (launched is None or launched[1] != 1):
+        return None  # one rank (under torchrun with several: an independent replica)
     device_type = _device_type(cfg)
     mc = peek_model_config(cfg)
     timeout = cfg.distributed_timeout_s
@@ -95,11 +106,12 @@ def start_tensor_parallel(cfg: EngineConfig) -> TPSession | None:
         rank, world, local = launched
         if world != n:
             raise ValidationError(
-                "tensor_parallel_size", n, f"{world} (the world size of this torchrun job)"
+                "tensor_parallel_size", n, f"1 or {world} (the world size of this torchrun job)"
             )
         check_tensor_parallel(n, mc)
-        init = None if dist.is_initialized() else "env://"
-        return TPSession(init_group(rank, world, device_type, timeout, init, local), None)
+        group = init_group(rank, world, device_type, timeout, local_rank=local,
+                           env_init=not dist.is_initialized())  # fmt: skip
+        return TPSession(group, None)
     check_tensor_parallel(n, mc, device_type)
     if cfg.device.startswith("cuda:") and torch.device(cfg.device).index != 0:
         raise ValidationError(
@@ -107,10 +119,12 @@ def start_tensor_parallel(cfg: EngineConfig) -> TPSession | None:
             cfg.device,
             "'cuda' or 'auto' with tensor_parallel_size > 1 (rank r runs on cuda:r)",
         )
-    init = f"tcp://127.0.0.1:{free_port()}"
-    workers = start_workers(cfg, n, device_type, init, timeout)
+    port = free_port()
+    store = join_store(port, n, timeout, master=True)
+    workers = start_workers(cfg, n, device_type, port, timeout)
     try:
-        group = init_group(0, n, device_type, timeout, init)
+        wait_for_workers(store, workers, timeout)
+        group = init_group(0, n, device_type, timeout, store=store)
     except BaseException:
         workers.shutdown(0.0)
         raise

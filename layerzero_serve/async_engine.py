@@ -87,6 +87,7 @@ class AsyncEngine:
             self.engine = engine
         else:
             self.engine = Engine(engine, **config)
+        self._owns_engine = not isinstance(engine, Engine)  # close() closes what it built
         self._streams: dict[str, tuple[_Stream, int]] = {}  # sample name -> (stream, index)
         # (request id, the stream it was asked for): applied between steps only while that
         # stream still owns the id, so a late abort never hits a new request reusing the id
@@ -140,6 +141,8 @@ class AsyncEngine:
             self._aborts.append((stream.result.request_id, stream))
         if self._task is not None and not self._task.done():
             await self._task
+        if self._owns_engine:  # built here: its tensor-parallel workers end with it
+            self.engine.close()
 
     # ---- the background task -------------------------------------------------------------
     async def _add(self, prompt, sampling_params, request_id) -> _Stream:

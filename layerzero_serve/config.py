@@ -90,8 +90,9 @@ class EngineConfig:
             multiple of them; at most the host's CUDA devices (on the CPU, gloo ranks: 4 per
             core). The engine starts ``N - 1`` worker processes (spawn), or joins the ranks of
             ``torchrun``. 1 = no process group.
-        distributed_timeout_s: seconds a collective may wait for a rank before the step fails
-            and every rank is shut down, in (0, 86400]; a rank that dies is seen at once.
+        distributed_timeout_s: seconds a collective (and the start-up rendezvous) may wait for
+            a rank before the step fails and every rank is shut down, in [1, 86400]; a rank
+            that dies is seen at once.
 
     CUDA graphs: a host object; ``enforce_eager``, ``max_graph_batch`` and ``async_scheduling``
     decide what the engine captures and replays.
@@ -200,9 +201,10 @@ class EngineConfig:
         if (
             isinstance(t, bool)
             or not isinstance(t, numbers.Real)
-            or not 0 < t <= 86400  # also rejects nan
+            or not 1 <= t <= 86400  # also rejects nan
         ):
-            raise ValidationError("distributed_timeout_s", t, "seconds in (0, 86400]")
+            raise ValidationError("distributed_timeout_s", t, "seconds in [1, 86400]")
+        object.__setattr__(self, "distributed_timeout_s", float(t))  # numpy / Fraction too
 
     def _check_speculation(self) -> None:
         """The proposer (method, draft checkpoint), k and the n-gram lengths."""

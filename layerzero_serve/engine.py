@@ -26,6 +26,7 @@ from layerzero_serve._prompts import parse_prompt
 from layerzero_serve._step_execution import SyncExecution
 from layerzero_serve._tensor_parallel import start_tensor_parallel
 from layerzero_serve.config import EngineConfig, engine_config_of
+from layerzero_serve.distributed.step_mirror import TensorParallelWorkerError
 from layerzero_serve.distributed.workers import check_same_plans, run_worker
 from layerzero_serve.errors import RequestRejectedError, ValidationError, check_int
 from layerzero_serve.kernels.spec import Op
@@ -77,7 +78,14 @@ class Engine:
         # tensor parallelism: the process groups and workers (None at one rank)
         self._tp = start_tensor_parallel(cfg)
         self.is_driver = self._tp is None or self._tp.group.is_driver
-        if not self.is_driver:  # a torchrun rank > 0: serve rank 0's steps until it closes
+        # why requests and steps are refused (None: they are not): a closed engine, or a
+        # torchrun rank > 0, which serves rank 0's steps inside this constructor
+        self._refusal: RuntimeError | None = None
+        if not self.is_driver:
+            self._refusal = RuntimeError(
+                f"this process is tensor-parallel rank {self._tp.group.rank}: only rank 0 "
+                "takes requests and steps (its Engine returned once rank 0 closed)"
+            )
             try:
                 run_worker(cfg, self._tp.group)
             finally:
@@ -91,8 +99,11 @@ class Engine:
             raise
 
     def close(self) -> None:
-        """End the tensor-parallel workers and free the process groups (nothing to do at one
-        rank). Idempotent; also run by ``with Engine(...)`` and at interpreter exit."""
+        """End the tensor-parallel workers and free the process groups; afterwards requests
+        and steps raise. Idempotent; also run by ``with Engine(...)``, when the engine is
+        collected and at interpreter exit."""
+        if self._refusal is None:
+            self._refusal = RuntimeError("this Engine is closed")
         if self._tp is not None:
             self._tp.close()
 
@@ -102,11 +113,10 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _not_driver(self) -> RuntimeError:
-        return RuntimeError(
-            f"this process is tensor-parallel rank {self._tp.group.rank}: only rank 0 takes "
-            "requests and steps (its Engine returned once rank 0 closed)"
-        )
+    def __del__(self) -> None:
+        tp = getattr(self, "_tp", None)
+        if tp is not None:
+            tp.close()
 
     def _build(self, cfg: EngineConfig) -> None:
         tp = self._tp
@@ -295,8 +305,8 @@ class Engine:
         never fit, bad params, a ``request_id`` that is not a str or is in use, a ``priority``
         outside ``[-(2**31 - 1), 2**31 - 1]`` (lower runs first under the priority policy), or
         a ``cache_salt`` that is not a str."""
-        if not self.is_driver:
-            raise self._not_driver()
+        if self._refusal is not None:
+            raise self._refusal
         params = params if params is not None else self.default_sampling_params
         self._validate_params(params)
         ids = self._prompt_ids(prompt)[1]
@@ -373,14 +383,30 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step; returns the outputs of every request that got tokens or ended
+        (``_step``). Under tensor parallelism anything that escapes a step tears every rank down
+        and raises :class:`TensorParallelWorkerError`: the workers may be mid-step."""
+        if self._refusal is not None:
+            raise self._refusal
+        if self._tp is None:
+            return self._step()
+        try:
+            return self._step()
+        except TensorParallelWorkerError:
+            raise
+        except BaseException as e:
+            self._tp.mirror.fail(e)
+            raise TensorParallelWorkerError(
+                f"rank 0 failed mid-step ({type(e).__name__}: {e}); every rank was shut down"
+            ) from e
+
+    def _step(self) -> list[RequestOutput]:
         """Run one step; returns the outputs of every request that got tokens or ended.
 
         schedule -> execute -> update. Launching ahead (``_execution``) and speculation
         (``_speculation``) are strategies plugged in at construction: a step launched by the
         previous call is collected instead of scheduled, and speculation's hooks draft before
         the schedule and record after the step."""
-        if not self.is_driver:
-            raise self._not_driver()
         hooks = self._speculation
         launched = self._execution.take_launched(hooks)
         if launched is not None:

@@ -49,6 +49,16 @@ class LLM:
             raise ValidationError("config", config["config"], "EngineConfig fields as keywords")
         self.engine = Engine(model, **config)
 
+    def close(self) -> None:
+        """Close the engine (ends tensor-parallel workers); also ``with LLM(...) as llm``."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer

@@ -7,7 +7,13 @@ per-step messages to them.
 ``torchrun`` (one process per rank) every rank constructs the Engine and rank 0 drives it.
 """
 
-from layerzero_serve.distributed._group import TPGroup, free_port, init_group, torchrun_rank
+from layerzero_serve.distributed._group import (
+    TPGroup,
+    free_port,
+    init_group,
+    owned_group_open,
+    torchrun_rank,
+)
 from layerzero_serve.distributed._layout import (
     MAX_TENSOR_PARALLEL,
     TensorParallelError,
@@ -25,6 +31,7 @@ __all__ = [
     "check_tensor_parallel",
     "free_port",
     "init_group",
+    "owned_group_open",
     "shard",
     "shard_range",
     "torchrun_rank",

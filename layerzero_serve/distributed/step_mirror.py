@@ -18,8 +18,9 @@ COPY       (src, dst) block pairs                   the same KV block copies
 STOP       -                                        leaves its loop
 ========== ======================================== =========================================
 
-A message is a fixed 8-int header then one flat int64 payload: two host broadcasts per
-command, a few microseconds each.
+A message is a fixed 8-int header (on the idle group: workers wait there between steps) then
+one flat int64 payload (on the step group, within ``distributed_timeout_s``): two host
+broadcasts per command, a few microseconds each.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class StepMirror:
             size = 0 if payload is None else len(payload)
             h[1 : 1 + len(fields)] = torch.tensor(fields, dtype=torch.int64)
             h[HEADER - 1] = size
-            self.group.broadcast_host(h)
+            self.group.broadcast_header(h)
             if size:
                 self.group.broadcast_host(torch.from_numpy(payload))
         except BaseException as e:
@@ -163,7 +164,7 @@ def serve_steps(runner, group: TPGroup) -> None:
     bs = runner.kv_cache.spec.block_size
     device = runner.device
     while True:
-        h = group.broadcast_host(header).tolist()
+        h = group.broadcast_header(header).tolist()
         cmd, size = h[0], h[HEADER - 1]
         if cmd == STOP:
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import logging
 import os
 import pickle
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 import traceback
+
+import torch.distributed as dist
 
 from layerzero_serve.distributed._group import TPGroup, init_group
 from layerzero_serve.distributed.step_mirror import TensorParallelWorkerError, serve_steps
@@ -73,11 +76,14 @@ def worker_main() -> None:
     its settings come pickled on stdin, so the user's ``__main__`` is never re-imported (no
     ``if __name__ == "__main__"`` guard is needed in scripts that build an Engine)."""
     _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle
     logging.basicConfig(level=logging.WARNING)
-    cfg, rank, world_size, device_type, init_method, timeout_s = pickle.load(sys.stdin.buffer)
+    cfg, rank, world_size, device_type, port, timeout_s = pickle.load(sys.stdin.buffer)
     group = None
     try:
-        group = init_group(rank, world_size, device_type, timeout_s, init_method)
+        store = join_store(port, world_size, timeout_s)
+        store.set(f"lz_ready_{rank}", "1")
+        group = init_group(rank, world_size, device_type, timeout_s, store=store)
         run_worker(cfg, group)
     except BaseException:  # noqa: BLE001 - report, then exit non-zero: rank 0 sees the code
         print(f"layerzero_serve tensor-parallel worker {rank} failed:", file=sys.stderr)
@@ -121,11 +127,33 @@ class WorkerSet:
                 p.wait(2.0)
 
 
-def start_workers(cfg, world_size: int, device_type: str, init_method: str,
+def join_store(port: int, world_size: int, timeout_s: float, master: bool = False):
+    """The rendezvous store on this host's ``port`` (rank 0 serves it)."""
+    return dist.TCPStore("127.0.0.1", port, world_size, is_master=master,
+                         timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)  # fmt: skip
+
+
+def wait_for_workers(store, workers: WorkerSet, timeout_s: float) -> None:
+    """Wait until every worker joined ``store``, polling their processes: a worker that exits
+    first raises :class:`TensorParallelWorkerError` at once (not after the timeout)."""
+    keys = [f"lz_ready_{r}" for r in range(1, len(workers.procs) + 1)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        workers.check()
+        if time.monotonic() > deadline:
+            raise TensorParallelWorkerError(
+                f"tensor-parallel workers did not join within distributed_timeout_s={timeout_s}"
+            )
+        time.sleep(0.02)
+
+
+def start_workers(cfg, world_size: int, device_type: str, port: int,
                   timeout_s: float) -> WorkerSet:  # fmt: skip
-    """Start ranks 1..world_size-1 as fresh interpreters (each builds its own share; the
-    rendezvous is ``init_method``). ``cfg`` is sent without a speculation proposer: drafts
-    are rank 0's."""
+    """Start ranks 1..world_size-1 as fresh interpreters in their own session (Ctrl-C at a
+    terminal reaches rank 0 only); each builds its own share and joins the store rank 0
+    serves on ``port``. ``cfg`` is sent without a speculation proposer: drafts are rank
+    0's."""
     sent = dataclasses.replace(cfg, speculative_method=None, speculative_model=None)
     procs = []
     for rank in range(1, world_size):
@@ -133,8 +161,9 @@ def start_workers(cfg, world_size: int, device_type: str, init_method: str,
             [sys.executable, "-m", "layerzero_serve.distributed.workers"],
             stdin=subprocess.PIPE,
             cwd=os.getcwd(),
+            start_new_session=True,
         )
-        p.stdin.write(pickle.dumps((sent, rank, world_size, device_type, init_method, timeout_s)))
+        p.stdin.write(pickle.dumps((sent, rank, world_size, device_type, port, timeout_s)))
         p.stdin.close()
         procs.append(p)
     return WorkerSet(procs)

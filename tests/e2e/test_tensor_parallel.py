@@ -10,6 +10,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 from hf_checkpoints import make_checkpoint, randomize
@@ -274,7 +275,98 @@ def test_size_above_the_device_count(monkeypatch, tmp_path):
         Engine(model=str(path), tensor_parallel_size=6, device="cpu")
 
 
-@pytest.mark.parametrize("timeout", [0, -1, float("nan"), "5", 10**6])
+@pytest.mark.parametrize("timeout", [0, 0.5, -1, float("nan"), "5", True, 10**6])
 def test_bad_distributed_timeout(timeout):
     with pytest.raises(ValidationError, match="distributed_timeout_s"):
         Engine(model="dummy:tiny", distributed_timeout_s=timeout)
+
+
+def test_numpy_timeout_is_stored_as_float():
+    from layerzero_serve.config import EngineConfig
+
+    cfg = EngineConfig(model="dummy:tiny", distributed_timeout_s=np.int64(30))
+    assert type(cfg.distributed_timeout_s) is float and cfg.distributed_timeout_s == 30.0
+
+
+def _tiny_tp(**kw) -> Engine:
+    return Engine(model="dummy:tiny", device="cpu", tensor_parallel_size=2, num_kv_blocks=32,
+                  **kw)  # fmt: skip
+
+
+def _one_step(eng) -> None:
+    eng.add_request([1, 2, 3], SamplingParams(max_tokens=30, ignore_eos=True))
+    eng.step()
+
+
+def test_hung_worker_fails_the_step_within_the_timeout():
+    eng = _tiny_tp(distributed_timeout_s=3)
+    _one_step(eng)
+    procs = eng._tp.workers.procs
+    os.kill(procs[0].pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelWorkerError):
+        for _ in range(3):
+            eng.step()
+    assert time.monotonic() - t0 < 30
+    assert all(p.poll() is not None for p in procs)
+
+
+def test_rank0_failure_mid_step_tears_the_group_down(monkeypatch):
+    """An exception on rank 0 after the workers got the step: raised at once as a
+    TensorParallelWorkerError, the workers end (no wait for a collective timeout)."""
+    eng = _tiny_tp(distributed_timeout_s=60)
+    _one_step(eng)
+    layer = eng.runner.model.model.layers[1]
+
+    def boom(*_):
+        raise RuntimeError("injected")
+
+    handle = layer.register_forward_pre_hook(boom)
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelWorkerError, match="injected"):
+        eng.step()
+    handle.remove()
+    assert time.monotonic() - t0 < 30
+    procs = eng._tp.workers.procs
+    assert all(p.poll() is not None for p in procs)
+    with pytest.raises(TensorParallelWorkerError):
+        eng.step()
+
+
+def test_ctrl_c_reaches_rank_0_only():
+    with _tiny_tp() as eng:
+        _one_step(eng)
+        os.kill(eng._tp.workers.procs[0].pid, signal.SIGINT)
+        time.sleep(0.5)
+        eng.step()  # the worker ignored it
+        assert eng._tp.workers.procs[0].poll() is None
+
+
+def test_worker_dying_before_the_rendezvous_is_seen_at_once(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    t0 = time.monotonic()
+    with pytest.raises(TensorParallelWorkerError, match="exited with code 1"):
+        _tiny_tp(distributed_timeout_s=120)
+    assert time.monotonic() - t0 < 30
+
+
+def test_second_open_tp_engine_is_refused_and_one_rank_engines_still_work():
+    with _tiny_tp() as eng:
+        with pytest.raises(RuntimeError, match="still open"):
+            _tiny_tp()
+        plain = Engine(model="dummy:tiny", device="cpu", num_kv_blocks=16)
+        assert plain._tp is None
+        _one_step(eng)
+    with _tiny_tp() as again:  # once closed, a new one starts
+        _one_step(again)
+
+
+def test_closed_engine_refuses_requests_and_steps():
+    eng = _tiny_tp()
+    eng.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.add_request([1, 2], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.step()
