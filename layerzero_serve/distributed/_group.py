@@ -7,8 +7,8 @@ Three groups over the same ranks:
   logits' all-gather; its timeout is ``EngineConfig.distributed_timeout_s``, so a hung rank
   fails a step instead of hanging it;
 * the **idle group** (gloo) carries only the 8-int header of rank 0's next message: workers
-  wait on it between steps for as long as the engine stays idle, so its timeout is long (a
-  dead peer is still seen at once: its sockets close);
+  wait on it between steps for as long as the engine stays idle, so their timeout on it is
+  long (a dead peer is still seen at once: its sockets close); rank 0's is the step timeout;
 * the **step group** (gloo, the short timeout) carries the rest of each message, so a worker
   that stops answering fails rank 0's step after ``distributed_timeout_s``.
 
@@ -148,7 +148,10 @@ def init_group(rank: int, world_size: int, device_type: str, timeout_s: float,
         device_group = dist.GroupMember.WORLD
     else:
         device_group = dist.new_group(backend=backend, timeout=timeout)
-    idle_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    # a gloo timeout is each process's own: workers wait for rank 0's next header as long as
+    # it stays idle, rank 0 waits for a worker (the broadcast may need it to be receiving)
+    # no longer than the step timeout
+    idle_group = dist.new_group(backend="gloo", timeout=timeout if rank == 0 else IDLE_TIMEOUT)
     step_group = dist.new_group(backend="gloo", timeout=timeout)
     logger.info("tensor parallel: rank %d of %d on %s (%s)", rank, world_size, device, backend)
     return TPGroup(rank, world_size, device, device_group, idle_group, step_group, owns)
