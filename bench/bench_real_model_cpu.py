@@ -2,8 +2,10 @@
 the engine against transformers ``generate`` in the same run, one thread each.
 
 * throughput: greedy, 64 new tokens (EOS ignored), batch 1 and 8, chat prompts of 30-50 tokens;
-  medians of ``--repeats`` runs after a warm-up; the engine's host time split into its phases
-  (schedule / prepare / forward / sample / update). Prefix caching is off so repeats redo the
+  the engine and transformers alternate round by round (a shared machine's slow patches hit
+  both), medians of ``--repeats`` rounds after a warm-up round, and the median per-round
+  ratio; the engine's host time split into its phases (schedule / prepare / forward / sample /
+  update). Prefix caching is off so repeats redo the
   prefill, as transformers does.
 * bfloat16 vs float32 parity (engine): greedy agreement over the prompts, and at each prompt's
   first divergence the float32 run's top-2 logprob gap there (a small gap = a near tie that
@@ -75,8 +77,8 @@ def engine_run(eng: Engine, prompts: list[list[int]], new_tokens: int, **extra) 
     return wall, [toks[r] for r in rids], [lps[r] for r in rids]
 
 
-def bench_engine(path: Path, prompts, batch: int, new_tokens: int, repeats: int) -> dict:
-    eng = Engine(
+def make_engine(path: Path) -> Engine:
+    return Engine(
         model=str(path),
         device="cpu",
         dtype="float32",
@@ -85,22 +87,14 @@ def bench_engine(path: Path, prompts, batch: int, new_tokens: int, repeats: int)
         num_kv_blocks=256,
         enable_prefix_caching=False,
     )
-    walls, splits = [], []
-    for rep in range(repeats + 1):  # the first run warms up
-        before = eng.runner.timings.as_dict()
-        wall, toks, _ = engine_run(eng, prompts[:batch], new_tokens)
-        after = eng.runner.timings.as_dict()
-        if rep:
-            walls.append(wall)
-            splits.append({k: after[k] - before[k] for k in after})
-    wall = statistics.median(walls)
-    split = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
-    return {
-        "wall_s_median": wall,
-        "tokens_per_s": batch * new_tokens / wall,
-        "time_split_s": split,
-        "tokens": toks,
-    }
+
+
+def engine_round(eng: Engine, prompts, new_tokens: int) -> dict:
+    """One timed engine run: wall seconds, the runner's time split, the tokens."""
+    before = eng.runner.timings.as_dict()
+    wall, toks, _ = engine_run(eng, prompts, new_tokens)
+    after = eng.runner.timings.as_dict()
+    return {"wall": wall, "split": {k: after[k] - before[k] for k in after}, "tokens": toks}
 
 
 def hf_model(path: Path):
@@ -122,30 +116,54 @@ def hf_model(path: Path):
     return model.eval()
 
 
-def bench_hf(model, prompts, batch: int, new_tokens: int, repeats: int) -> dict:
-    rows = prompts[:batch]
-    width = max(len(p) for p in rows)
+def hf_round(model, prompts, new_tokens: int) -> dict:
+    """One timed ``generate`` (left padding, greedy): wall seconds and the new tokens."""
+    width = max(len(p) for p in prompts)
     pad = 2  # <|im_end|>, the file's padding id; left padding for generation
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
-    walls = []
-    for rep in range(repeats + 1):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-        if rep:
-            walls.append(time.perf_counter() - t0)
-    wall = statistics.median(walls)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return {"wall": time.perf_counter() - t0, "tokens": out[:, width:].tolist()}
+
+
+def race(eng: Engine, hf, prompts, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Engine and transformers alternate round by round (the first round of each warms up),
+    so a slow patch of a shared machine hits both; medians of the rest, and the median of
+    each round's ratio."""
+    rows = prompts[:batch]
+    ours, ref = [], []
+    for _ in range(repeats + 1):
+        ours.append(engine_round(eng, rows, new_tokens))
+        ref.append(hf_round(hf, rows, new_tokens))
+    ours, ref = ours[1:], ref[1:]
+    e_wall = statistics.median(r["wall"] for r in ours)
+    h_wall = statistics.median(r["wall"] for r in ref)
+    split = {k: statistics.median(r["split"][k] for r in ours) for k in ours[0]["split"]}
+    same = sum(a == b for a, b in zip(ours[-1]["tokens"], ref[-1]["tokens"], strict=True))
     return {
-        "wall_s_median": wall,
-        "tokens_per_s": batch * new_tokens / wall,
-        "tokens": out[:, width:].tolist(),
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "prompt_lens": [len(p) for p in rows],
+        "rounds": repeats,
+        "engine": {
+            "wall_s_median": e_wall,
+            "tokens_per_s": batch * new_tokens / e_wall,
+            "time_split_s": split,
+        },
+        "transformers": {"wall_s_median": h_wall, "tokens_per_s": batch * new_tokens / h_wall},
+        "engine_over_transformers": h_wall / e_wall,
+        "per_round_ratio_median": statistics.median(
+            h["wall"] / e["wall"] for e, h in zip(ours, ref, strict=True)
+        ),
+        "greedy_identical_rows": f"{same}/{batch}",
     }
 
 
@@ -179,7 +197,7 @@ def parity_bf16(path: Path, prompts, new_tokens: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
@@ -188,28 +206,19 @@ def main() -> None:
     path = gguf_path()
     prompts = chat_prompts(path)
     hf = hf_model(path)
+    eng = make_engine(path)
     cases = []
     for batch in (1, 8):
-        ours = bench_engine(path, prompts, batch, args.new_tokens, args.repeats)
-        ref = bench_hf(hf, prompts, batch, args.new_tokens, args.repeats)
-        same = sum(a == b for a, b in zip(ours.pop("tokens"), ref.pop("tokens"), strict=True))
-        ratio = ours["tokens_per_s"] / ref["tokens_per_s"]
-        split = ", ".join(f"{k} {v:.2f}s" for k, v in ours["time_split_s"].items())
+        case = race(eng, hf, prompts, batch, args.new_tokens, args.repeats)
+        split = ", ".join(f"{k} {v:.2f}s" for k, v in case["engine"]["time_split_s"].items())
         print(
-            f"batch {batch}: engine {ours['tokens_per_s']:.1f} tok/s, transformers "
-            f"{ref['tokens_per_s']:.1f} tok/s ({ratio:.2f}x); identical {same}/{batch} ({split})"
+            f"batch {batch}: engine {case['engine']['tokens_per_s']:.1f} tok/s, transformers "
+            f"{case['transformers']['tokens_per_s']:.1f} tok/s "
+            f"({case['engine_over_transformers']:.2f}x, per round "
+            f"{case['per_round_ratio_median']:.2f}x); identical {case['greedy_identical_rows']} "
+            f"({split})"
         )
-        cases.append(
-            {
-                "batch": batch,
-                "new_tokens": args.new_tokens,
-                "prompt_lens": [len(p) for p in prompts[:batch]],
-                "engine": ours,
-                "transformers": ref,
-                "engine_over_transformers": ratio,
-                "greedy_identical_rows": f"{same}/{batch}",
-            }
-        )
+        cases.append(case)
     payload = {"model": GGUF, "dtype": "float32", "threads": 1, "cases": cases}
     if not args.skip_parity:
         payload["bf16_vs_fp32"] = parity_bf16(path, prompts, 32)

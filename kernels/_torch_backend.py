@@ -8,9 +8,10 @@ import torch
 
 from layerzero_serve.kernels import torch_ref
 from layerzero_serve.kernels.attention_api import ScatterKVWrite, SlotKVWrite
+from layerzero_serve.kernels.cpu_kv_write import cpu_write_kv, write_rows
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.sampling_api import TorchSamplingKernel
-from layerzero_serve.kernels.sdpa_decode import sdpa_paged_decode
+from layerzero_serve.kernels.sdpa_decode import decode_gather, sdpa_paged_decode
 from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
 
 ANY_DEVICE = frozenset({"cpu", "cuda"})
@@ -21,6 +22,15 @@ class TorchPagedAttention(ScatterKVWrite):
 
     def __init__(self, ctx: KernelContext | None = None) -> None:
         self.name = "torch.paged_attention"
+        self._gather: tuple | None = None  # (meta, decode_gather(...)) of the planned CPU step
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        super().plan(meta)
+        self._gather = None
+        if self._decode and meta.block_tables.device.type == "cpu":
+            bs = meta.block_size
+            gather = decode_gather(meta.block_tables, meta.seq_lens, bs)
+            self._gather = (meta, gather, 0 in meta.seq_lens_cpu)
 
     def run(
         self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
@@ -30,19 +40,37 @@ class TorchPagedAttention(ScatterKVWrite):
             # passes; on a GPU the reference stays (it is the fallback every kernel is tested
             # against there, and the GPU backends rank above it anyway).
             if query.device.type == "cpu":
+                planned = self._gather
+                if planned is not None and planned[0] is meta:
+                    return sdpa_paged_decode(
+                        query, kv_cache, meta.block_tables, meta.seq_lens, gather=planned[1],
+                        has_empty=planned[2],
+                    )  # fmt: skip
                 return sdpa_paged_decode(query, kv_cache, meta.block_tables, meta.seq_lens)
             return torch_ref.paged_decode(query, kv_cache, meta.block_tables, meta.seq_lens)
         return torch_ref.paged_attention(query, kv_cache, meta)
 
 
 class TorchKVWrite(SlotKVWrite):
-    """``Op.KV_WRITE`` through ``torch_ref.write_kv`` (index_put_, slot -1 skipped; graph-safe)."""
+    """``Op.KV_WRITE``: ``torch_ref.write_kv`` (index_put_, slot -1 skipped; graph-safe) on a GPU,
+    ``cpu_write_kv`` (two index_copy_ calls, the same result; its rows found once per step in
+    ``plan``) on the CPU."""
 
     name = "torch.kv_write"
-    host_plan_per_step = False  # plan() is a no-op
+    host_plan_per_step = False  # plan() only precomputes rows for eager CPU steps
 
     def __init__(self, ctx: KernelContext | None = None) -> None:
-        super().__init__(torch_ref.write_kv)
+        super().__init__(cpu_write_kv)
+        self._rows: tuple | None = None
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        cpu = meta.slot_mapping.device.type == "cpu"
+        self._rows = (meta, write_rows(meta.slot_mapping, meta.block_size)) if cpu else None
+
+    def write(self, key, value, kv_cache, meta: AttentionMetadata) -> None:
+        planned = self._rows
+        rows = planned[1] if planned is not None and planned[0] is meta else None
+        cpu_write_kv(key, value, kv_cache, meta.slot_mapping, rows)
 
 
 def _attn(ctx: KernelContext) -> TorchPagedAttention:

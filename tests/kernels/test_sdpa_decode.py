@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from layerzero_serve.kernels import torch_ref
-from layerzero_serve.kernels.sdpa_decode import sdpa_paged_decode
+from layerzero_serve.kernels.sdpa_decode import decode_gather, sdpa_paged_decode
 
 
 @pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4), (8, 1)])
@@ -32,3 +32,18 @@ def test_matches_the_float64_reference(hq, hkv, dtype):
     assert torch.equal(got[4], torch.zeros_like(got[4]))  # seq_len 0: a padding row
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
+
+
+def test_a_gather_planned_once_per_step_gives_the_same_bits():
+    """The torch adapter computes ``decode_gather`` once per step and every layer reuses it."""
+    g = torch.Generator().manual_seed(5)
+    n, bs, hkv, d = 32, 8, 2, 16
+    table = torch.tensor([[3, 7, 1], [9, 0, 0], [4, 5, 6]], dtype=torch.int32)
+    lens = torch.tensor([20, 8, 17], dtype=torch.int32)
+    gather = decode_gather(table, lens, bs)
+    for _ in range(3):  # three "layers"
+        kv = torch.randn(n, 2, bs, hkv, d, generator=g)
+        q = torch.randn(3, 4, d, generator=g)
+        a = sdpa_paged_decode(q, kv, table, lens, gather=gather)
+        b = sdpa_paged_decode(q, kv, table, lens)
+        assert torch.equal(a, b)
