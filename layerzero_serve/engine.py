@@ -324,6 +324,9 @@ class Engine:
             raise ValidationError("request_id", rid, "an id not already in use")
         if params.n > 1:
             self._children[rid] = names
+        # samples 1..n-1 fork the prompt's KV from sample 0 once it has prefilled (every
+        # position of it is computed when prompt logprobs are asked for: no sharing then)
+        leader = names[0] if params.n > 1 and params.prompt_logprobs is None else None
         for k, name in enumerate(names):
             salt = cache_salt
             if params.prompt_logprobs is not None:
@@ -342,6 +345,7 @@ class Engine:
                 cache_salt=salt,
                 sampling_params=params,
                 seed=sibling_seed(params.seed, k, params.n),
+                prompt_leader=leader if k else None,
             )
             if params.prompt_logprobs is not None:
                 self._prompt_lp[name] = [None] * len(ids)
@@ -485,6 +489,8 @@ class Engine:
         return {
             "prefix_cache_hit_rate": kv.stats.hit_rate,
             "prefix_cache_hit_tokens": kv.stats.hits,
+            # prompt tokens that went through the model (the rest: prefix cache or a fork)
+            "prompt_tokens_computed": self.scheduler.num_prompt_tokens_computed,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_generated_tokens": self.num_generated_tokens,
             "kernels": {

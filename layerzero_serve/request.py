@@ -101,7 +101,10 @@ class RequestDescription:
     ``eos_token_ids`` further EOS ids of the model (its generation config may list several);
     ``ignore_eos`` a bool; ``priority`` in ``[-(2**31 - 1), 2**31 - 1]`` (lower runs first);
     ``cache_salt`` None or a str; ``adapter_id`` None or an int64; ``seed`` None or the
-    sequence's own sampling seed (n > 1 siblings get distinct ones; None: the params' seed).
+    sequence's own sampling seed (n > 1 siblings get distinct ones; None: the params' seed);
+    ``prompt_leader`` None or the id of a sibling with the same prompt that computes it for
+    both (the scheduler defers this request until the leader has prefilled, then forks the
+    leader's KV blocks instead of recomputing them).
 
     ``stop_set`` is derived here, once (:func:`stop_set_of`): the stop ids plus the EOS ids
     unless ``ignore_eos``.
@@ -123,6 +126,7 @@ class RequestDescription:
     adapter_id: int | None = None
     sampling_params: SamplingParams | None = None
     seed: int | None = None
+    prompt_leader: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_seq: int = field(default_factory=lambda: next(_request_counter))
     stop_set: frozenset[int] = field(init=False)
@@ -155,6 +159,8 @@ class RequestDescription:
             check_int("adapter_id", self.adapter_id, -(1 << 63), (1 << 63) - 1)
         if self.seed is not None:
             check_int("seed", self.seed, -(1 << 63), (1 << 63) - 1)
+        if self.prompt_leader is not None and not isinstance(self.prompt_leader, str):
+            raise ValidationError("prompt_leader", self.prompt_leader, "None or a request id (str)")
         object.__setattr__(self, "stop_token_ids", stops)
         object.__setattr__(self, "eos_token_ids", more_eos)
         eos_ids = more_eos if eos is None else more_eos | {eos}
@@ -174,6 +180,7 @@ _DESCRIPTION_FIELDS = (
     "adapter_id",
     "sampling_params",
     "seed",
+    "prompt_leader",
     "arrival_time",
     "arrival_seq",
     "stop_set",

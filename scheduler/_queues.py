@@ -43,6 +43,9 @@ class RequestQueue:
     def pop_front(self) -> Request:
         return self._items.pop(0)
 
+    def pop_at(self, index: int) -> Request:
+        return self._items.pop(index)
+
     def pop_back(self) -> Request:
         return self._items.pop()
 

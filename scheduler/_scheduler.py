@@ -24,6 +24,7 @@ from layerzero_serve.errors import ValidationError
 from layerzero_serve.kv_cache.protocol import KVCacheProtocol
 from layerzero_serve.scheduler._checks import check_request, check_request_id, check_update
 from layerzero_serve.scheduler._config import SchedulerConfig
+from layerzero_serve.scheduler._prompt_sharing import WAIT, PromptSharing
 from layerzero_serve.scheduler._queues import RequestQueue, sort_key_for
 from layerzero_serve.types import (
     Request,
@@ -68,6 +69,9 @@ class Scheduler:
         self._finished_unreported: list[Request] = []
         self._step_id = 0
         self.num_preemptions = 0
+        # prompt tokens that went through the model (not served by the prefix cache or a fork)
+        self.num_prompt_tokens_computed = 0
+        self._sharing = PromptSharing(kv, self.requests)
         # Longest sequence a request may reach: the model's limit or the whole pool, whichever
         # is smaller, so a lone request can always make progress.
         pool_tokens = kv.num_usable_blocks * kv.block_size - config.num_lookahead_tokens
@@ -327,22 +331,43 @@ class Scheduler:
                 return ids, freed
 
     def _admit(self, out: SchedulerOutput, used: int, chunk_cap: int, la: int) -> int:
+        """Admit waiting requests in queue order while the token budget, the sequence cap and
+        the pool allow. A request whose prompt another request is prefilling right now is
+        passed over until that prefill ends, then forks its KV (``_prompt_sharing``)."""
         kv, waiting, cfg = self.kv, self.waiting, self.config
         budget = cfg.max_num_batched_tokens - used
-        while waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-            req = waiting.peek()
-            prefix = kv.match_prefix(req, record_stats=False)
-            start = prefix.num_tokens
-            want = req.num_tokens - start
-            if not cfg.enable_chunked_prefill and want > budget:
-                break
-            n = min(want, budget, chunk_cap)
-            ids = kv.allocate_slots(req, n, prefix, _lookahead(la, req, start + n))
-            if ids is None:
-                break
+        items, i = waiting.items, 0
+        while i < len(items) and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            req = items[i]
+            prefix = None
+            leader = self._sharing.for_sample(req)
+            if leader is None:
+                prefix = kv.match_prefix(req, record_stats=False)
+                leader = self._sharing.for_duplicate(req, prefix.num_tokens)
+            if leader is WAIT:
+                i += 1
+                continue
+            if leader is not None:  # fork the prompt's KV; compute its last token only
+                start, n = req.num_tokens - 1, 1
+                kv.fork(leader, req, start)
+                ids = kv.allocate_slots(req, n, None, _lookahead(la, req, start + n))
+                if ids is None:
+                    kv.free(req)
+                    req.num_computed_tokens, req.block_hashes = 0, []
+                    break
+            else:
+                start = prefix.num_tokens
+                want = req.num_tokens - start
+                if not cfg.enable_chunked_prefill and want > budget:
+                    break
+                n = min(want, budget, chunk_cap)
+                ids = kv.allocate_slots(req, n, prefix, _lookahead(la, req, start + n))
+                if ids is None:
+                    break
+                kv.record_prefix_lookup(req.num_tokens, start)
+                self._sharing.note_prefill(req, start, len(self.running))
             req.block_table = ids
-            kv.record_prefix_lookup(req.num_tokens, start)
-            waiting.pop_front()
+            waiting.pop_at(i)
             req.num_computed_tokens = start
             req.num_cached_tokens = start
             req.status = _RUNNING
@@ -388,6 +413,9 @@ class Scheduler:
                 self._update_verified(req, start, toks, rows, finished)
                 continue
             end = req.num_computed_tokens = start + n
+            prompt_len = len(desc.prompt_token_ids)
+            if start < prompt_len:  # prefill (or recompute) rows: count their prompt tokens
+                self.num_prompt_tokens_computed += min(end, prompt_len) - start
             if end // bs > start // bs:  # a block became full: publish it
                 kv.commit(req)
             if not toks:

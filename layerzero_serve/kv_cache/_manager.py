@@ -428,33 +428,39 @@ class KVCacheManager:
             table.capacity = min(table.capacity, keep * self.block_size)
             self.pool.free(reversed(extra))
 
-    def fork(self, parent: Request, child: Request) -> None:
+    def fork(self, parent: Request, child: Request, num_tokens: int | None = None) -> None:
         """Give ``child`` the parent's blocks by reference (parallel sampling). The child must
-        be fresh; it inherits the parent's computed tokens. A shared partial block is copied on
-        the first write by either side."""
+        be fresh; it inherits the parent's first ``num_tokens`` computed tokens (default: all
+        of them; an int in ``[0, parent.num_computed_tokens]``), its tokens there must be the
+        parent's. A shared partial block is copied on the first write by either side."""
         check_request("parent", parent)
         check_request("child", child)
         if child.request_id in self._tables:
             raise ValidationError("child.request_id", child.request_id, "a request with no blocks")
-        pid = parent.request_id
+        have = parent.num_computed_tokens
+        if num_tokens is None:
+            num_tokens = have
+        elif type(num_tokens) is not int or not 0 <= num_tokens <= have:
+            raise ValidationError("num_tokens", num_tokens, f"None or an int in [0, {have}]")
         # Only blocks holding computed tokens are shared: the parent's lookahead blocks past
         # them are unwritten and stay its own (sharing them would let both sides write there).
-        keep = self.blocks_needed(parent.num_computed_tokens)
-        ptable = self._tables.get(pid)
+        bs = self.block_size
+        keep = self.blocks_needed(num_tokens)
+        ptable = self._tables.get(parent.request_id)
         blocks = [] if ptable is None else ptable.blocks[:keep]
         self.pool.touch(blocks)
         table = self._tables[child.request_id] = _Table(child)
         table.blocks.extend(blocks)
         table.extend(b.block_id for b in blocks)
-        table.num_committed = min(0 if ptable is None else ptable.num_committed, keep)
+        # blocks full of the child's tokens that the parent has published
+        table.num_committed = min(0 if ptable is None else ptable.num_committed, num_tokens // bs)
         # A shared partial block must be copied before either side writes into it: cap both
         # at their computed tokens so their next write takes the allocating (copying) path.
-        computed = parent.num_computed_tokens
-        table.capacity = computed
-        if computed % self.block_size and ptable is not None:
-            ptable.capacity = min(ptable.capacity, computed)
-        child.num_computed_tokens = parent.num_computed_tokens
-        child.block_hashes = list(parent.block_hashes)
+        table.capacity = num_tokens
+        if num_tokens % bs and ptable is not None and have < keep * bs:
+            ptable.capacity = min(ptable.capacity, have)
+        child.num_computed_tokens = num_tokens
+        child.block_hashes = list(parent.block_hashes[: num_tokens // bs])
 
     def owned_blocks(self) -> dict[str, list[Block]]:
         """Request id -> its Block objects (for the integrity check and tests). Host only."""

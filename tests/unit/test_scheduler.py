@@ -270,22 +270,26 @@ def test_prefix_hit_never_covers_the_last_prompt_token(prompt_len, start):
     assert b.output_token_ids == reference_output(model, b.prompt_token_ids, 2)
 
 
-def test_uncommitted_blocks_are_not_hits_in_the_same_step():
+def test_an_identical_prompt_waits_for_the_prefill_then_forks_it():
     sched, kv, model = _make()
     base = _prompt(12, 4)
-    a, b = Request("A", base, max_tokens=2), Request("B", base, max_tokens=2)
+    a, b = Request("A", base, max_tokens=4), Request("B", base, max_tokens=2)
     sched.add_request(a)
     sched.add_request(b)
     out, _ = _step(sched, model)
-    # A's KV is not written yet when B is admitted: no hit.
-    assert _spans(out) == [("A", 0, 12), ("B", 0, 12)]
+    # A's KV is not written yet when B would be admitted: B waits instead of recomputing it
+    assert _spans(out) == [("A", 0, 12)]
     c = Request("C", base, max_tokens=2)
     sched.add_request(c)
     out, _ = _step(sched, model)
-    assert _spans(out) == [("A", 12, 1), ("B", 12, 1), ("C", 8, 4)]
+    # B and C fork A's blocks and compute only the last prompt token (their own logits there)
+    assert _spans(out) == [("A", 12, 1), ("B", 11, 1), ("C", 11, 1)]
+    assert kv.block_ids("B")[:2] == kv.block_ids("A")[:2]  # the full blocks, by reference
+    assert sched.num_prompt_tokens_computed == 12 + 1 + 1
     _drain(sched, model)
-    ref = reference_output(model, base, 2)
-    assert a.output_token_ids == b.output_token_ids == c.output_token_ids == ref
+    ref = reference_output(model, base, 4)
+    assert a.output_token_ids == ref and b.output_token_ids == c.output_token_ids == ref[:2]
+    assert kv.num_free_blocks == kv.num_usable_blocks
 
 
 def test_prefix_caching_disabled_computes_everything():
