@@ -618,3 +618,43 @@ def test_trim_of_forked_child_only_drops_its_reference():
     assert [mgr.pool.blocks[i].ref_cnt for i in (1, 2)] == [2, 1]
     assert 2 not in free_ids(mgr)
     mgr.check_integrity()
+
+
+def test_fork_of_a_prefix_shares_its_blocks_and_copies_the_partial_one_on_write():
+    """``fork(parent, child, num_tokens)``: the child gets the blocks of the parent's first
+    ``num_tokens`` computed tokens (prompt sharing forks at prompt_len - 1: the child computes
+    the last prompt token itself); both sides copy the shared partial block on their write."""
+    mgr = make("sha256", num_blocks=16, block_size=4)
+    kv = ShadowKV(mgr)
+    p = req("P", range(7))
+    assert kv.admit(p)[1] == [1, 2]  # 7 prompt tokens computed
+    p.all_token_ids.append(70)
+    c = req("C", range(7))
+    mgr.fork(p, c, 6)
+    assert mgr.block_ids("C") == [1, 2] and c.num_computed_tokens == 6
+    assert c.block_hashes == p.block_hashes[:1]  # only the full block's hash
+    mgr.check_integrity()
+    assert [mgr.pool.blocks[i].ref_cnt for i in (1, 2)] == [2, 2]
+    assert kv.step(c, 1) == [1, 3]  # writes position 6 into a private copy of block 2
+    assert [mgr.pool.blocks[i].ref_cnt for i in (1, 2, 3)] == [2, 1, 1]
+    kv.check_request(c)  # the copy carried positions 4, 5 (the shadow copies what it is told)
+    assert kv.step(p, 1) == [1, 2]  # block 2 is P's alone again: no copy
+    kv.check_request(p)
+    mgr.free(p)
+    mgr.free(c)
+    mgr.check_integrity()
+    assert mgr.block_usage()["used"] == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 8, 2.0, "3", True])
+def test_fork_num_tokens_is_validated(bad):
+    mgr = make("sha256", num_blocks=16, block_size=4)
+    kv = ShadowKV(mgr)
+    p = req("P", range(7))
+    kv.admit(p)
+    c = req("C", range(7))
+    with pytest.raises(ValidationError) as ei:
+        mgr.fork(p, c, bad)
+    assert ei.value.param == "num_tokens"
+    assert mgr.block_ids("C") == []
+    mgr.check_integrity()
