@@ -12,7 +12,7 @@ from layerzero_serve.kernels.cpu_kv_write import cpu_write_kv, write_rows
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.sampling_api import TorchSamplingKernel
 from layerzero_serve.kernels.sdpa_decode import decode_gather, sdpa_paged_decode
-from layerzero_serve.kernels.spec import KernelContext, KernelSpec, Op
+from layerzero_serve.kernels.spec import KV_DTYPES, KernelContext, KernelSpec, Op
 
 ANY_DEVICE = frozenset({"cpu", "cuda"})
 
@@ -93,6 +93,7 @@ SPECS = [
         priority=0,
         graph_safe=True,
         device_types=ANY_DEVICE,
+        kv_dtypes=KV_DTYPES,  # an FP8 cache is cast to the compute dtype
         factory=_attn,
         doc="CPU: kernels/sdpa_decode.py (one gather, fused SDPA); GPU: kernels/torch_ref.py "
         "(vectorised gather over the block table); no host sync",
@@ -104,6 +105,7 @@ SPECS = [
         priority=0,
         graph_safe=False,
         device_types=ANY_DEVICE,
+        kv_dtypes=KV_DTYPES,  # an FP8 cache is cast to the compute dtype
         factory=_attn,
         doc="per-sequence loop over host lengths",
     ),
@@ -114,6 +116,7 @@ SPECS = [
         priority=0,
         graph_safe=False,
         device_types=ANY_DEVICE,
+        kv_dtypes=KV_DTYPES,  # an FP8 cache is cast to the compute dtype
         factory=_attn,
     ),
     KernelSpec(

@@ -62,7 +62,8 @@ def sdpa_paged_decode(
             padding rows).
 
     Returns:
-        ``[S, Hq, D]`` in ``query.dtype``.
+        ``[S, Hq, D]`` in ``query.dtype``. An FP8 cache is read as its stored values cast to
+        ``query.dtype`` (scales are the caller's: ``AttentionDispatch`` folds them in).
 
     CUDA-graph safe (shapes come from ``block_tables``; no host synchronisation).
     """
@@ -71,10 +72,13 @@ def sdpa_paged_decode(
     rows, valid = decode_gather(block_tables, seq_lens, bs) if gather is None else gather
     length = rows.shape[1]
     flat = kv_cache.reshape(n * 2 * bs, hkv * d)  # a view of the contiguous cache
-    k = flat.index_select(0, rows.view(-1)).view(s, length, hkv, d).transpose(1, 2)
-    v = flat.index_select(0, (rows + bs).view(-1)).view(s, length, hkv, d).transpose(1, 2)
+    # an FP8 cache is cast to the query's dtype (its scales are folded into query and output)
+    k = flat.index_select(0, rows.view(-1)).to(query.dtype)
+    v = flat.index_select(0, (rows + bs).view(-1)).to(query.dtype)
+    k = k.view(s, length, hkv, d).transpose(1, 2)
+    v = v.view(s, length, hkv, d).transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        query[:, :, None].to(k.dtype), k, v, attn_mask=valid[:, None, None, :], scale=scale,
+        query[:, :, None], k, v, attn_mask=valid[:, None, None, :], scale=scale,
         enable_gqa=hq != hkv,
     )  # fmt: skip
     out = out[:, :, 0]

@@ -37,6 +37,10 @@ class Op(str, enum.Enum):
 GENERATIONS = ("cpu", "turing", "ampere", "ada", "hopper", "blackwell", "unknown")
 DEVICE_TYPES = ("cuda", "cpu")
 DTYPES = ("float32", "bfloat16", "float16")
+#: KV cache storage: "auto" (the model's dtype) or FP8 with per-tensor scales.
+KV_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
+#: Ops that read the paged KV cache, and so must know how it is stored.
+KV_READ_OPS = frozenset({Op.ATTN_PREFILL, Op.ATTN_DECODE, Op.ATTN_VERIFY})
 
 
 class Reason(str, enum.Enum):
@@ -48,6 +52,7 @@ class Reason(str, enum.Enum):
     SM_TOO_OLD = "sm_too_old"
     GENERATION = "generation"
     DTYPE = "dtype"
+    KV_DTYPE = "kv_dtype"
     HEAD_DIM = "head_dim"
     BLOCK_SIZE = "block_size"
     GQA_RATIO = "gqa_ratio"
@@ -139,6 +144,7 @@ class KernelContext:
         q_len: tokens per request (1 decode, k+1 verify, 0 = variable, prefill).
         graph_mode: the kernel will be replayed inside a captured CUDA graph.
         vocab_size: for sampling ops (0 otherwise).
+        kv_dtype: one of KV_DTYPES, how the paged KV cache is stored ("auto": in ``dtype``).
 
     CUDA graphs: a host object; ``graph_mode`` asks the selection engine for kernels that may be
     captured.
@@ -157,11 +163,13 @@ class KernelContext:
     q_len: int = 1
     graph_mode: bool = False
     vocab_size: int = 0
+    kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.op, Op):
             object.__setattr__(self, "op", _enum(Op, "KernelContext.op", self.op))
         _choice("KernelContext.device_type", self.device_type, DEVICE_TYPES)
+        _choice("KernelContext.kv_dtype", self.kv_dtype, KV_DTYPES)
         object.__setattr__(self, "sm", check_int("KernelContext.sm", self.sm, 0))
         _choice("KernelContext.generation", self.generation, GENERATIONS)
         _choice("KernelContext.dtype", self.dtype, DTYPES)
@@ -195,6 +203,10 @@ class KernelSpec:
         generations: allowed GPU generations.
         max_batch: largest batch bucket.
         q_lens: allowed tokens per request (0 = variable-length prefill).
+        kv_dtypes: KV cache storages (``KV_DTYPES``) the kernel reads, for the ops in
+            ``KV_READ_OPS``; None: "auto" only (the model's dtype). An FP8 cache reaches the
+            kernel with the per-tensor scales folded into the query and the output, so a
+            kernel that declares FP8 only casts the stored values to its compute dtype.
         check: extra predicate returning a Rejection or None (for rules the fields cannot say);
             one that raises or returns anything else rejects the kernel (``Reason.CUSTOM``).
         factory: builds the implementation (``factory(ctx) -> object``), imported lazily.
@@ -218,6 +230,7 @@ class KernelSpec:
     generations: frozenset[str] | None = None
     max_batch: int | None = None
     q_lens: frozenset[int] | None = None
+    kv_dtypes: frozenset[str] | None = None
     check: Callable[[KernelContext], Rejection | None] | None = field(default=None, compare=False)
     factory: Callable[[KernelContext], object] | None = field(default=None, compare=False)
     doc: str = ""
@@ -283,6 +296,13 @@ class KernelSpec:
             )
         if self.q_lens is not None and ctx.q_len not in self.q_lens:
             return Rejection(Reason.Q_LEN, f"q_len {ctx.q_len} not in {sorted(self.q_lens)}")
+        if ctx.kv_dtype != "auto" and self.op in KV_READ_OPS:
+            kv = self.kv_dtypes or frozenset({"auto"})  # None: reads the model's dtype only
+            if ctx.kv_dtype not in kv:
+                return Rejection(
+                    Reason.KV_DTYPE,
+                    f"does not read a {ctx.kv_dtype} KV cache (reads {sorted(kv)})",
+                )
         if ctx.graph_mode and not self.graph_safe:
             return Rejection(Reason.NOT_GRAPH_SAFE, "cannot run inside a captured CUDA graph")
         if self.check is not None:
@@ -320,4 +340,5 @@ _SPEC_SETS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("gqa_ratios", None),
     ("generations", GENERATIONS),
     ("q_lens", None),
+    ("kv_dtypes", KV_DTYPES),
 )

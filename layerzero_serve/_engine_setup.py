@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from layerzero_serve._model_source import LoadedModel, load_model_source
+from layerzero_serve._models.kv_scales import DEFAULT_KV_SCALE, read_kv_scales
 from layerzero_serve.config import EngineConfig, kv_budget_bytes
 from layerzero_serve.kv_cache import KVCache, KVCacheSpec
 from layerzero_serve.runner import choose_cpu_threads, measure_graph_memory, prepare_model
@@ -54,7 +55,7 @@ def build_model_side(cfg: EngineConfig, tp=None) -> ModelSide:
             choose_cpu_threads(loaded.config.hidden_size, cfg.cpu_threads)
         else:  # ranks share the host's cores
             torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // tp.world_size))
-    shape, spec = prepare_model(loaded, cfg.block_size, cfg.max_num_seqs)
+    shape, spec = prepare_model(loaded, cfg.block_size, cfg.max_num_seqs, cfg.kv_cache_dtype)
     use_graphs = device.type == "cuda" and not cfg.enforce_eager
     buckets = batch_buckets(cfg.max_graph_batch or min(cfg.max_num_seqs, 256))
     selector = get_selector()
@@ -91,12 +92,33 @@ def kv_pool(
             blocks = tp.min_int(spec.num_blocks_for_budget(budget))
             kv_cache = KVCache(spec, num_blocks=blocks, device=device)
     logger.info(
-        "KV pool: %d blocks of %d tokens, %.2f GiB",
+        "KV pool: %d blocks of %d tokens, %.2f GiB (%s)",
         kv_cache.num_blocks,
         cfg.block_size,
         kv_cache.nbytes / 2**30,
+        str(spec.storage_dtype).removeprefix("torch."),
     )
+    if spec.is_fp8:
+        set_fp8_scales(kv_cache, loaded)
     return kv_cache
+
+
+def set_fp8_scales(kv_cache: KVCache, loaded: LoadedModel) -> None:
+    """The FP8 cache's per-layer scales: the checkpoint's, else the default (logged)."""
+    scales = read_kv_scales(loaded.path, kv_cache.spec.num_layers)
+    if scales is None:
+        logger.info(
+            "KV cache %s: the checkpoint has no k_scale/v_scale tensors; scale %.1f for K and V",
+            kv_cache.spec.kv_dtype,
+            DEFAULT_KV_SCALE,
+        )
+        return
+    kv_cache.set_scales(*scales)
+    logger.info(
+        "KV cache %s: scales from the checkpoint (K %.3g..%.3g, V %.3g..%.3g)",
+        kv_cache.spec.kv_dtype,
+        min(scales[0]), max(scales[0]), min(scales[1]), max(scales[1]),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import torch
 
 from layerzero_serve.distributed import MAX_TENSOR_PARALLEL
 from layerzero_serve.errors import ValidationError, check_int
-from layerzero_serve.kv_cache import HASH_ALGORITHMS, MAX_NUM_BLOCKS
+from layerzero_serve.kv_cache import HASH_ALGORITHMS, KV_CACHE_DTYPES, MAX_NUM_BLOCKS
 from layerzero_serve.runner import MAX_CPU_THREADS
 from layerzero_serve.scheduler import check_admission
 from layerzero_serve.spec_decode import Proposer
@@ -54,6 +54,9 @@ class EngineConfig:
             budget (1..2**50; a budget worth more than 2**24 blocks is not used up) (at most
             one; default: 512 MiB on CPU, ``gpu_memory_utilization`` of the GPU).
         gpu_memory_utilization: fraction of GPU memory the engine may use, in (0, 1].
+        kv_cache_dtype: ``auto`` (K/V in the model's dtype), ``fp8_e4m3`` or ``fp8_e5m2`` (one
+            byte per value, twice the tokens per byte of a 16-bit cache; per-layer scales from
+            the checkpoint's ``self_attn.k_scale`` / ``v_scale`` tensors, else 1.0).
         max_model_len: longest sequence (prompt + output), 2..2**31-1; None = the model's limit.
         max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, max_prefill_chunk, policy:
             scheduler budgets and policy (see SchedulerConfig); max_num_seqs in 1..65536, token
@@ -105,6 +108,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     kv_cache_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -159,6 +163,9 @@ class EngineConfig:
         """block_size and the KV pool's size (blocks, bytes or a share of the GPU)."""
         self._int("block_size", 1, 256)
         self._int("num_kv_blocks", 2, MAX_NUM_BLOCKS, optional=True)
+        if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            allowed = f"one of {list(KV_CACHE_DTYPES)}"
+            raise ValidationError("kv_cache_dtype", self.kv_cache_dtype, allowed)
         kv_bytes = self.kv_cache_bytes
         if kv_bytes is not None:
             allowed = f"None or a number of bytes in [1, {MAX_KV_CACHE_BYTES}] (2**50)"

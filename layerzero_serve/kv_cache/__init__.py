@@ -5,6 +5,7 @@ from layerzero_serve.kv_cache._hashing import HASH_ALGORITHMS
 from layerzero_serve.kv_cache._integrity import IntegrityError
 from layerzero_serve.kv_cache._manager import KVCacheManager, PrefixMatch
 from layerzero_serve.kv_cache._storage import (
+    KV_CACHE_DTYPES,
     BlockTableCache,
     KVCache,
     KVCacheSpec,
@@ -19,6 +20,7 @@ __all__ = [
     "BlockTableCache",
     "HASH_ALGORITHMS",
     "IntegrityError",
+    "KV_CACHE_DTYPES",
     "KVCache",
     "KVCacheManager",
     "KVCacheSpec",

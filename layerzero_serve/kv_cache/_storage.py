@@ -39,11 +39,21 @@ __all__ = [
 ]
 
 
+#: ``kv_cache_dtype`` values: "auto" stores K/V in the model's dtype; the FP8 formats store one
+#: byte per value with a per-tensor (per layer, K and V apart) scale: ``stored = x / scale``.
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class KVCacheSpec:
     """Geometry and dtype of a paged KV cache: ``num_layers`` tensors of
-    ``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` in ``dtype`` (K at index 0 of the
-    second axis, V at 1). Every integer field is >= 1; ``dtype`` a ``torch.dtype``.
+    ``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` (K at index 0 of the second axis,
+    V at 1) in ``storage_dtype``: ``dtype`` (the model's, a ``torch.dtype``) when ``kv_dtype``
+    is "auto", else the FP8 format it names (``KV_CACHE_DTYPES``). Every integer field is >= 1.
 
     CUDA graphs: a host-side description.
     """
@@ -53,17 +63,30 @@ class KVCacheSpec:
     head_dim: int
     block_size: int = 16
     dtype: torch.dtype = torch.float16
+    kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
             object.__setattr__(self, name, check_int(name, getattr(self, name), 1))
         if not isinstance(self.dtype, torch.dtype):
             raise ValidationError("dtype", self.dtype, "a torch.dtype")
+        if not isinstance(self.kv_dtype, str) or self.kv_dtype not in KV_CACHE_DTYPES:
+            allowed = f"one of {list(KV_CACHE_DTYPES)}"
+            raise ValidationError("kv_cache_dtype", self.kv_dtype, allowed)
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype of the cache tensors."""
+        return KV_CACHE_DTYPES[self.kv_dtype] or self.dtype
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.kv_dtype != "auto"
 
     @property
     def bytes_per_block(self) -> int:
         """Bytes one block takes across all layers (K and V)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.storage_dtype).element_size()
         return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
 
     def num_blocks_for_budget(self, budget_bytes: int) -> int:
@@ -115,8 +138,33 @@ class KVCache:
         self.num_blocks = num_blocks
         shape = (num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.tensors = [
-            torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+            torch.zeros(shape, dtype=spec.storage_dtype, device=device)
+            for _ in range(spec.num_layers)
         ]
+        # FP8: per-layer scales (stored = value / scale), 1.0 until set_scales; and byte views
+        # of the tensors, through which writers and block copies move FP8 values unchanged
+        # (several torch ops have no FP8 kernel on the CPU).
+        self.k_scales = [1.0] * spec.num_layers
+        self.v_scales = [1.0] * spec.num_layers
+        self.byte_views = [t.view(torch.uint8) for t in self.tensors] if spec.is_fp8 else None
+
+    def set_scales(self, k_scales: Sequence[float], v_scales: Sequence[float]) -> None:
+        """Per-layer FP8 scales (one per layer each; finite and > 0, else a ValidationError
+        naming the layer). Set before the first write and before any CUDA graph is captured
+        (graphs bake the scales in). Host only."""
+        for name, scales in (("k_scale", k_scales), ("v_scale", v_scales)):
+            vals = list(scales)
+            if len(vals) != self.spec.num_layers:
+                n = self.spec.num_layers
+                raise ValidationError(name, len(vals), f"{n} values (one per layer)")
+            for i, x in enumerate(vals):
+                ok = isinstance(x, numbers.Real) and not isinstance(x, bool)
+                if not ok or not math.isfinite(x) or x <= 0:
+                    raise ValidationError(
+                        f"model.layers.{i}.self_attn.{name}", x, "a finite scale > 0"
+                    )
+        self.k_scales = [float(x) for x in k_scales]
+        self.v_scales = [float(x) for x in v_scales]
 
     @property
     def nbytes(self) -> int:
@@ -139,7 +187,7 @@ class KVCache:
         dev = self.tensors[0].device
         src = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=dev)
         dst = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dev)
-        for t in self.tensors:
+        for t in self.byte_views or self.tensors:  # bytes: index_copy_ has no CPU FP8 kernel
             t.index_copy_(0, dst, t.index_select(0, src))
 
 

@@ -15,10 +15,13 @@ from layerzero_serve.runner._optimize import optimize_model
 from layerzero_serve.selection.plans import ModelShape
 
 
-def prepare_model(loaded, block_size: int, max_num_seqs: int) -> tuple[ModelShape, KVCacheSpec]:
+def prepare_model(
+    loaded, block_size: int, max_num_seqs: int, kv_dtype: str = "auto"
+) -> tuple[ModelShape, KVCacheSpec]:
     """(kernel shape, KV spec) of ``loaded`` (``_model_source.LoadedModel``: its config,
-    resolved dtype and device) with KV blocks of ``block_size`` tokens; on CUDA the model is
-    optimised in place for batches up to ``max_num_seqs`` (``optimize_model``)."""
+    resolved dtype and device) with KV blocks of ``block_size`` tokens stored as ``kv_dtype``
+    (``kv_cache.KV_CACHE_DTYPES``); on CUDA the model is optimised in place for batches up to
+    ``max_num_seqs`` (``optimize_model``)."""
     mc, dtype, device = loaded.config, loaded.resolved.dtype, loaded.resolved.device
     # a tensor-parallel rank plans (and caches K/V) for its own heads; sampling sees the
     # gathered logits, so the vocabulary stays whole
@@ -29,8 +32,9 @@ def prepare_model(loaded, block_size: int, max_num_seqs: int) -> tuple[ModelShap
         heads.num_heads,
         heads.num_kv_heads,
         mc.vocab_size,
+        kv_dtype,
     )
-    spec = KVCacheSpec(mc.num_layers, heads.num_kv_heads, mc.head_dim, block_size, dtype)
+    spec = KVCacheSpec(mc.num_layers, heads.num_kv_heads, mc.head_dim, block_size, dtype, kv_dtype)
     if torch.device(device).type == "cuda":
         optimize_model(loaded.model, shape, device, block_size, max_num_seqs)
     return shape, spec

@@ -26,6 +26,7 @@ from layerzero_serve.kernels.attention_api import KVWriter, PagedAttentionImpl
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.spec import KernelContext
 from layerzero_serve.kv_cache import KVCache
+from layerzero_serve.runner._kv_fp8 import FP8KVScaling
 from layerzero_serve.selection import KernelChoice
 
 
@@ -94,7 +95,12 @@ def build_attention(
     if not ok or num_q_heads < 1 or num_q_heads % hkv:
         raise ValidationError("num_q_heads", num_q_heads, f"a positive multiple of {hkv}")
     shape = ModelShape(
-        str(spec.dtype).removeprefix("torch."), spec.head_dim, num_q_heads, spec.num_kv_heads, 0
+        str(spec.dtype).removeprefix("torch."),
+        spec.head_dim,
+        num_q_heads,
+        spec.num_kv_heads,
+        0,
+        spec.kv_dtype,
     )
     dev = probe_device(torch.device(device))
     graph = graph_batch is not None
@@ -147,6 +153,8 @@ class AttentionDispatch:
         self._write = None if writer is None else writer.impl.write
         self.failed: KernelChoice | None = None  # the kernel that raised (``culprit``)
         self._planned: AttentionMetadata | None = None
+        # FP8 cache: the scales go around the kernels (None: the model's dtype, no extra work)
+        self._fp8 = FP8KVScaling(kv_cache) if kv_cache.spec.is_fp8 else None
 
     @property
     def name(self) -> str:
@@ -200,13 +208,16 @@ class AttentionDispatch:
                 "layers run (the kernels were planned for another step)"
             )
         phase = self._active
-        cache = self.kv_cache.tensors[layer_idx]
+        cache = wcache = self.kv_cache.tensors[layer_idx]
+        fp8 = self._fp8
+        if fp8 is not None:  # K/V as FP8 bytes, the query scaled by s_k (see _kv_fp8)
+            q, k, v, wcache = fp8.before(layer_idx, q, k, v)
         try:  # zero-cost unless it raises
             if self._write is None:
-                phase.impl.write_kv(k, v, cache, meta)
+                phase.impl.write_kv(k, v, wcache, meta)
             else:
                 try:
-                    self._write(k, v, cache, meta)
+                    self._write(k, v, wcache, meta)
                 except Exception:
                     self.failed = self.writer.choice
                     raise
@@ -233,4 +244,4 @@ class AttentionDispatch:
                 f"attention kernel {phase.choice.name} returned {got}; expected "
                 f"{q.dtype} {tuple(q.shape)} on {q.device} (the query's)"
             )
-        return out
+        return out if fp8 is None else fp8.after(layer_idx, out)

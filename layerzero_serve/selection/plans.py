@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from layerzero_serve.kernels.spec import KernelContext, Op
+from layerzero_serve.kernels.spec import KV_READ_OPS, KernelContext, Op
 from layerzero_serve.selection._device import DeviceInfo
 from layerzero_serve.selection._selector import KernelChoice, Selector, get_selector
 
@@ -28,13 +28,15 @@ def batch_buckets(max_batch: int, step: int = 8) -> list[int]:
 
 @dataclass(frozen=True, slots=True)
 class ModelShape:
-    """What the plans need to know about a model."""
+    """What the plans need to know about a model (``kv_dtype``: how its KV cache is stored,
+    one of ``kernels.spec.KV_DTYPES``; it reaches the plans of the ops that read the cache)."""
 
     dtype: str
     head_dim: int
     num_q_heads: int
     num_kv_heads: int
     vocab_size: int
+    kv_dtype: str = "auto"
 
 
 def base_context(
@@ -65,6 +67,7 @@ def base_context(
         q_len=q_len,
         graph_mode=graph_mode,
         vocab_size=shape.vocab_size,
+        kv_dtype=shape.kv_dtype if op in KV_READ_OPS else "auto",
     )
 
 
