@@ -82,7 +82,8 @@ def test_fp8_greedy_runs_and_frees_everything(checkpoint):
         assert eng.stats()["kv_cache"]["used"] == 0
         outs[kv_dtype] = res
     assert all(len(v) == 8 for v in outs["fp8_e4m3"].values())
-    pairs = [p for i in outs["auto"] for p in zip(outs["auto"][i], outs["fp8_e4m3"][i], strict=True)]
+    auto, fp8 = outs["auto"], outs["fp8_e4m3"]
+    pairs = [p for i in auto for p in zip(auto[i], fp8[i], strict=True)]
     agree = sum(a == b for a, b in pairs)
     assert agree >= 8  # the first tokens at least: the error is small, not random
 
