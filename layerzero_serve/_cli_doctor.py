@@ -72,14 +72,24 @@ def _model_config(model: str):
         raise ValidationError("--model", model, MODEL_ALLOWED, detail) from None
 
 
-def _shape(model: str, dtype: str | None, device_type: str):
+def _shape(model: str, dtype: str | None, device_type: str, kv_dtype: str = "auto"):
     from layerzero_serve.selection.plans import ModelShape
 
     mc = _model_config(model)
     if dtype in (None, "auto"):
         dtype = "float32" if device_type == "cpu" else str(mc.torch_dtype or "bfloat16")
     dtype = dtype.removeprefix("torch.")
-    return ModelShape(dtype, mc.head_dim, mc.num_heads, mc.num_kv_heads, mc.vocab_size)
+    return ModelShape(dtype, mc.head_dim, mc.num_heads, mc.num_kv_heads, mc.vocab_size, kv_dtype)
+
+
+def fp8_kv_line(dev) -> str:
+    """What an FP8 KV cache means on ``dev``: the formats, which kernels read them, and
+    whether the hardware has FP8 arithmetic (it is storage either way: values are cast)."""
+    native = "yes" if dev.type == "cuda" and dev.fp8 else "no"
+    return (
+        "FP8 KV cache: kv_cache_dtype fp8_e4m3 / fp8_e5m2 supported (stored as FP8, cast to "
+        f"the compute dtype by the torch attention kernels); native FP8 arithmetic: {native}"
+    )
 
 
 def _host() -> dict:
@@ -120,7 +130,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from layerzero_serve.selection.plans import batch_buckets, model_plans
 
     dev = _device(args)
-    shape = _shape(args.model, args.dtype, dev.type)
+    shape = _shape(args.model, args.dtype, dev.type, args.kv_cache_dtype)
     backends = _backends(args, dev)
     buckets = batch_buckets(args.max_num_seqs) if dev.type == "cuda" else None
     plans = model_plans(dev, shape, args.block_size, args.max_num_seqs, buckets)
@@ -136,6 +146,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                     "backends": {k: asdict(v) for k, v in backends.items()},
                     "model": args.model,
                     "shape": asdict(shape),
+                    "fp8_kv_cache": fp8_kv_line(dev),
                     "plans": [r.to_dict() for r in reports],
                 },
                 indent=2,
@@ -149,6 +160,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             "installed here but unusable only for lack of a GPU are assumed available, missing "
             "ones stay unavailable; no local timings are applied"
         )
+    print(fp8_kv_line(dev))
     print("backends:" if not args.fake_device else f"backends (as on {args.fake_device}):")
     for name, st in backends.items():
         state = "available" if st.available else "unavailable"
@@ -222,6 +234,7 @@ def add_parsers(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None
     """Add ``doctor`` and ``explain`` through ``add(name, help, description)``."""
     from layerzero_serve._cli import int_in
     from layerzero_serve.config import DTYPES, INT32_MAX, MAX_NUM_SEQS
+    from layerzero_serve.kv_cache import KV_CACHE_DTYPES
 
     dtypes = ["auto", *DTYPES]
     model_help = "a local checkpoint directory, dummy:<preset> or 'default' (config.json only)"
@@ -235,6 +248,12 @@ def add_parsers(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None
     )
     doc.add_argument("--model", default=DEFAULT_DOCTOR_MODEL, help=model_help)
     doc.add_argument("--dtype", default="auto", choices=dtypes, help=dtype_help)
+    doc.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=list(KV_CACHE_DTYPES),
+        help="how the KV cache is stored (the attention plans must read it)",
+    )
     doc.add_argument(
         "--block-size", type=int_in(1, BLOCK_SIZE_MAX), default=16, help="tokens per KV block"
     )
