@@ -66,7 +66,7 @@ def reference(prompt: list[int], max_tokens: int) -> list[int]:
 
 
 def main() -> dict:
-    num_blocks = 24  # small on purpose: the requests below do not all fit at once
+    num_blocks = 16  # small on purpose: the requests below do not all fit at once
     kv = KVCacheManager(num_blocks, BLOCK, enable_prefix_caching=True)
     config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64)
     sched = Scheduler(config, kv)
