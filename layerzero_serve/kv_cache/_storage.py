@@ -171,7 +171,8 @@ class KVCache:
         return self.num_blocks * self.spec.bytes_per_block
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
-        """Copy whole blocks ``src -> dst`` in every layer (copy-on-write after a fork)."""
+        """Copy whole blocks ``src -> dst`` in every layer (copy-on-write after a fork), in the
+        order given: a pair may copy a block that an earlier pair of the same call wrote."""
         if not pairs:
             return
         n = self.num_blocks
@@ -184,10 +185,19 @@ class KVCache:
                 raise ValidationError(
                     "pairs", pair, f"(src, dst) pairs of block ids, integers in [0, {n - 1}]"
                 )
+        tensors = self.byte_views or self.tensors  # bytes: index_copy_ has no CPU FP8 kernel
+        srcs, dsts = [p[0] for p in pairs], [p[1] for p in pairs]
+        if not set(srcs).isdisjoint(dsts):
+            # a chain (a fork of a fork in one step: A -> B, then B -> C): in order, one by one,
+            # so every copy reads its source after the copies before it have written it
+            for s, d in zip(srcs, dsts, strict=True):
+                for t in tensors:
+                    t[d].copy_(t[s])
+            return
         dev = self.tensors[0].device
-        src = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=dev)
-        dst = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dev)
-        for t in self.byte_views or self.tensors:  # bytes: index_copy_ has no CPU FP8 kernel
+        src = torch.tensor(srcs, dtype=torch.long, device=dev)
+        dst = torch.tensor(dsts, dtype=torch.long, device=dev)
+        for t in tensors:
             t.index_copy_(0, dst, t.index_select(0, src))
 
 

@@ -110,3 +110,22 @@ def test_sharing_survives_a_short_pool(lz_cache, one_thread):
     stats = eng.stats()
     assert stats["num_preemptions"] > 0
     assert stats["kv_cache"]["used"] == 0
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_forks_of_forks_in_one_step(lz_cache, one_thread, block_size):
+    """A sample forks from a leader that itself forked in the same step (its partial block
+    still a pending copy): the copies run in order, so the second copy reads the first's
+    result. Two shapes: an identical prompt with n = 2, and a prompt that is a strict prefix
+    of a running one with n = 2."""
+    base = [(i * 37 + 101) % 500 + 5 for i in range(13)]
+    greedy = lambda n, m: SamplingParams(temperature=0.0, n=n, max_tokens=m, ignore_eos=True)  # noqa: E731
+    for reqs in (
+        [("a", base[:8], greedy(1, 6)), ("b", base[:8], greedy(2, 6))],
+        [("long", base, greedy(1, 2)), ("short", base[:8], greedy(2, 7))],
+    ):
+        eng = Engine(device="cpu", block_size=block_size)
+        got = _run(eng, reqs)
+        ref = _run(Engine(device="cpu", block_size=block_size, enable_prefix_caching=False), reqs)
+        assert got == ref
+        assert eng.stats()["kv_cache"]["used"] == 0

@@ -118,3 +118,16 @@ def test_unknown_kv_dtype(bad):
     with pytest.raises(ValidationError) as ei:
         KVCacheSpec(1, HKV, D, BS, torch.float32, bad)
     assert ei.value.param == "kv_cache_dtype"
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
+def test_chained_block_copies_run_in_order(kv_dtype):
+    """(1 -> 2) then (2 -> 3) in one call: block 3 gets block 1's contents, not block 2's old
+    ones (a fork of a fork in one step)."""
+    cache = KVCache(KVCacheSpec(2, HKV, D, BS, torch.float32, kv_dtype), num_blocks=5)
+    for t in cache.tensors:
+        for b in range(5):
+            t[b] = torch.full((2, BS, HKV, D), float(b)).to(t.dtype)
+    cache.copy_blocks([(1, 2), (2, 3)])
+    for t in cache.tensors:
+        assert [float(t[b].float().mean()) for b in range(5)] == [0.0, 1.0, 1.0, 1.0, 4.0]
