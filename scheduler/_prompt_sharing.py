@@ -87,6 +87,9 @@ class PromptSharing:
             or not self._can_fork
             or leader.status is not _RUNNING
             or req.num_tokens != req.num_prompt_tokens  # a resumed request has its own tokens
+            # the prefix cache's isolation: only the same salt and adapter share KV
+            or leader.desc.cache_salt != req.desc.cache_salt
+            or leader.desc.adapter_id != req.desc.adapter_id
             or leader.all_token_ids[: req.num_tokens] != req.all_token_ids
         ):
             return None

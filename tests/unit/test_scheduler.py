@@ -687,3 +687,19 @@ def test_config_valid_edges():
     assert (cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len) == (1, 2, 2)
     with pytest.raises(AttributeError):
         cfg.max_num_seqs = 5  # frozen
+
+
+def test_a_sample_never_forks_across_cache_salts():
+    """Sharing keeps the prefix cache's isolation: a leader with another salt (its id reused
+    by another tenant) is not forked; the request computes its own prompt."""
+    sched, kv, model = _make()
+    base = _prompt(12, 5)
+    a = Request("A", base, max_tokens=3, cache_salt="tenant-b")
+    b = Request("B", base, max_tokens=3, cache_salt="tenant-a", prompt_leader="A")
+    sched.add_request(a)
+    sched.add_request(b)
+    out, _ = _step(sched, model)
+    assert _spans(out) == [("A", 0, 12), ("B", 0, 12)]  # no wait, no fork, no shared block
+    assert not set(kv.block_ids("A")) & set(kv.block_ids("B"))
+    _drain(sched, model)
+    assert b.output_token_ids == reference_output(model, base, 3)
