@@ -8,13 +8,13 @@ them gets the documented default, 1.0 (stored value = K or V itself). Host only 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from layerzero_serve.errors import ValidationError
+from layerzero_serve.kv_cache import check_kv_scale
 
 DEFAULT_KV_SCALE = 1.0
 
@@ -52,7 +52,4 @@ def read_kv_scales(path: Path | None, num_layers: int) -> tuple[list[float], lis
 def _scalar(key: str, t: torch.Tensor) -> float:
     if t.numel() != 1 or not t.dtype.is_floating_point:
         raise ValidationError(key, f"{t.dtype} {tuple(t.shape)}", "one floating-point value")
-    x = float(t.float().item())
-    if not math.isfinite(x) or x <= 0:
-        raise ValidationError(key, x, "a finite scale > 0")
-    return x
+    return check_kv_scale(key, float(t.double().item()))

@@ -12,6 +12,7 @@ from layerzero_serve.kv_cache._storage import (
     build_block_table,
     build_positions,
     build_slot_mapping,
+    check_kv_scale,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "build_block_table",
     "build_positions",
     "build_slot_mapping",
+    "check_kv_scale",
 ]

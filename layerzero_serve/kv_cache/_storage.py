@@ -108,6 +108,19 @@ class KVCacheSpec:
         return n
 
 
+_SCALE_MIN = torch.finfo(torch.float32).tiny  # 1 / scale stays finite in float32
+_SCALE_MAX = torch.finfo(torch.float32).max
+
+
+def check_kv_scale(param: str, x: object) -> float:
+    """An FP8 KV scale as a float: a real number in ``[2**-126, 3.4e38]`` (finite, > 0, and
+    its reciprocal finite in float32), else a ValidationError naming ``param``."""
+    ok = isinstance(x, numbers.Real) and not isinstance(x, bool)
+    if not ok or not math.isfinite(x) or not _SCALE_MIN <= x <= _SCALE_MAX:
+        raise ValidationError(param, x, f"a finite scale in [{_SCALE_MIN:.3g}, {_SCALE_MAX:.3g}]")
+    return float(x)
+
+
 class KVCache:
     """Per-layer KV tensors on one device.
 
@@ -158,11 +171,7 @@ class KVCache:
                 n = self.spec.num_layers
                 raise ValidationError(name, len(vals), f"{n} values (one per layer)")
             for i, x in enumerate(vals):
-                ok = isinstance(x, numbers.Real) and not isinstance(x, bool)
-                if not ok or not math.isfinite(x) or x <= 0:
-                    raise ValidationError(
-                        f"model.layers.{i}.self_attn.{name}", x, "a finite scale > 0"
-                    )
+                check_kv_scale(f"model.layers.{i}.self_attn.{name}", x)
         self.k_scales = [float(x) for x in k_scales]
         self.v_scales = [float(x) for x in v_scales]
 

@@ -102,7 +102,7 @@ def test_block_copies_move_fp8_bytes():
     assert spec.bytes_per_block * 2 == KVCacheSpec(1, HKV, D, BS, torch.bfloat16).bytes_per_block
 
 
-@pytest.mark.parametrize("bad", [float("nan"), 0.0, -1.0, float("inf"), "1", True])
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -1.0, float("inf"), 1e-39, "1", True])
 def test_bad_scales_name_the_layer(bad):
     cache = KVCache(KVCacheSpec(2, HKV, D, BS, torch.float32, "fp8_e4m3"), num_blocks=4)
     with pytest.raises(ValidationError) as ei:
