@@ -12,7 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from layerzero_serve._model_source import LoadedModel, load_model_source
+from layerzero_serve._model_source import (
+    LoadedModel,
+    load_model_source,
+    peek_model_config,
+    weight_bytes,
+)
 from layerzero_serve._models.kv_scales import DEFAULT_KV_SCALE, read_kv_scales
 from layerzero_serve.config import EngineConfig, kv_budget_bytes
 from layerzero_serve.kv_cache import KVCache, KVCacheSpec
@@ -81,6 +86,11 @@ def kv_pool(
         kv_cache = KVCache(spec, num_blocks=cfg.num_kv_blocks, device=device)
     else:
         budget = kv_budget_bytes(cfg, device)
+        draft_bpb, draft_weights = draft_model_costs(cfg, loaded.resolved.dtype)
+        if draft_weights and device.type == "cuda":  # loaded after the pool: keep its room
+            budget -= draft_weights
+        if draft_bpb:  # the draft's KV pool has as many blocks as the target's: split the budget
+            budget = budget * spec.bytes_per_block // (spec.bytes_per_block + draft_bpb)
         if graph_bucket:  # graph memory is measured first and kept out of the KV budget
             max_len = loaded.resolved.max_model_len
             budget -= measure_graph_memory(
@@ -101,6 +111,17 @@ def kv_pool(
     if spec.is_fp8:
         set_fp8_scales(kv_cache, loaded)
     return kv_cache
+
+
+def draft_model_costs(cfg: EngineConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes of one KV block, bytes of the weights) of the configured draft model in
+    ``dtype``, read from its config before it is loaded; (0, 0) without one. The draft's KV
+    pool has the target's block count (``SpecCoordinator``), so the KV budget covers both."""
+    if cfg.speculative_method != "draft_model" or not cfg.speculative_model:
+        return 0, 0
+    dmc = peek_model_config(EngineConfig(model=str(cfg.speculative_model), device=cfg.device))
+    spec = KVCacheSpec(dmc.num_layers, dmc.num_kv_heads, dmc.head_dim, cfg.block_size, dtype)
+    return spec.bytes_per_block, weight_bytes(dmc, dtype)
 
 
 def set_fp8_scales(kv_cache: KVCache, loaded: LoadedModel) -> None:

@@ -261,3 +261,25 @@ def test_seeded_sampled_output_identical_with_and_without_speculation(k):
     assert spec == plain
     s = eng.stats()["speculative"]
     assert s["drafted_tokens"] > 0  # verification ran (acceptances depend on the draws)
+
+
+def test_the_kv_budget_covers_the_draft_models_pool(two_checkpoints):
+    """``kv_cache_bytes`` is the budget of every KV pool: with a draft model the target's and
+    the draft's pools (the same block count) fit in it together, and use most of it."""
+    target, draft = (str(p) for p in two_checkpoints)
+    budget = 4 << 20
+    eng = Engine(
+        model=target,
+        device="cpu",
+        dtype="float32",
+        kv_cache_bytes=budget,
+        speculative_method="draft_model",
+        speculative_model=draft,
+    )
+    ours, theirs = eng.runner.kv_cache, eng.spec.proposer.kv_cache
+    assert theirs.num_blocks == ours.num_blocks
+    used = ours.nbytes + theirs.nbytes
+    per_block = ours.spec.bytes_per_block + theirs.spec.bytes_per_block
+    assert budget - per_block < used <= budget
+    alone = Engine(model=target, device="cpu", dtype="float32", kv_cache_bytes=budget)
+    assert alone.runner.kv_cache.num_blocks > ours.num_blocks  # without a draft: all of it
