@@ -422,11 +422,13 @@ def _check_op(op: object, ctx: KernelContext) -> None:
 
 
 def context_key(ctx: KernelContext) -> str:
-    """Stable text key of a context for timing tables."""
-    return (
+    """Stable text key of a context for timing tables (an FP8 KV cache's plans get their own
+    keys: timings measured on a cache in the model's dtype do not rank them)."""
+    key = (
         f"{ctx.op.value}|{ctx.dtype}|d{ctx.head_dim}|h{ctx.num_q_heads}/{ctx.num_kv_heads}"
         f"|bs{ctx.block_size}|b{ctx.batch_bucket}|q{ctx.q_len}|g{int(ctx.graph_mode)}"
     )
+    return key if ctx.kv_dtype == "auto" else f"{key}|kv{ctx.kv_dtype}"
 
 
 # The one piece of module state of the selection package: the process-wide selector, which owns

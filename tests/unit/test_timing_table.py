@@ -312,3 +312,13 @@ def test_engine_start_up_reads_the_device_table_and_can_tune(monkeypatch, tmp_pa
     set_selector(None)
     Engine(model="dummy:tiny", device="cpu", max_num_seqs=4)
     assert len(read_table(path)) >= 4
+
+
+def test_fp8_kv_plans_have_their_own_timing_keys():
+    """Timings measured on a cache in the model's dtype never rank an FP8 cache's plans; the
+    keys of "auto" plans keep their format (existing tables stay valid)."""
+    auto = KernelContext(Op.ATTN_DECODE)
+    fp8 = KernelContext(Op.ATTN_DECODE, kv_dtype="fp8_e4m3")
+    assert context_key(auto) == "attention_decode|bfloat16|d128|h32/8|bs16|b1|q1|g0"
+    assert context_key(fp8) == context_key(auto) + "|kvfp8_e4m3"
+    assert context_key(KernelContext(Op.ATTN_DECODE, kv_dtype="fp8_e5m2")) != context_key(fp8)
