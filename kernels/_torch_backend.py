@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from layerzero_serve.kernels import torch_ref
-from layerzero_serve.kernels.attention_api import ScatterKVWrite, SlotKVWrite
-from layerzero_serve.kernels.cpu_kv_write import cpu_write_kv, write_rows
+from layerzero_serve.kernels.attention_api import ScatterKVWrite
+from layerzero_serve.kernels.cpu_kv_write import PlannedKVWrite
 from layerzero_serve.kernels.metadata import AttentionMetadata
 from layerzero_serve.kernels.sampling_api import TorchSamplingKernel
 from layerzero_serve.kernels.sdpa_decode import decode_gather, sdpa_paged_decode
@@ -51,26 +51,19 @@ class TorchPagedAttention(ScatterKVWrite):
         return torch_ref.paged_attention(query, kv_cache, meta)
 
 
-class TorchKVWrite(SlotKVWrite):
+class TorchKVWrite(PlannedKVWrite):
     """``Op.KV_WRITE``: ``torch_ref.write_kv`` (index_put_, slot -1 skipped; graph-safe) on a GPU,
-    ``cpu_write_kv`` (two index_copy_ calls, the same result; its rows found once per step in
-    ``plan``) on the CPU."""
+    ``cpu_write_kv`` (two index_copy_ calls, the same result; rows found once per step) on the
+    CPU."""
 
     name = "torch.kv_write"
-    host_plan_per_step = False  # plan() only precomputes rows for eager CPU steps
+    host_plan_per_step = False  # plan() is a no-op
 
     def __init__(self, ctx: KernelContext | None = None) -> None:
-        super().__init__(cpu_write_kv)
-        self._rows: tuple | None = None
+        pass
 
     def plan(self, meta: AttentionMetadata) -> None:
-        cpu = meta.slot_mapping.device.type == "cpu"
-        self._rows = (meta, write_rows(meta.slot_mapping, meta.block_size)) if cpu else None
-
-    def write(self, key, value, kv_cache, meta: AttentionMetadata) -> None:
-        planned = self._rows
-        rows = planned[1] if planned is not None and planned[0] is meta else None
-        cpu_write_kv(key, value, kv_cache, meta.slot_mapping, rows)
+        pass
 
 
 def _attn(ctx: KernelContext) -> TorchPagedAttention:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from layerzero_serve.kernels.cpu_kv_write import PlannedKVWrite
 from layerzero_serve.kernels.metadata import AttentionMetadata
 
 
@@ -94,20 +95,15 @@ class SlotKVWrite:
         self._fn(key, value, kv_cache, meta.slot_mapping)
 
 
-class ScatterKVWrite:
+class ScatterKVWrite(PlannedKVWrite):
     """Shared ``plan``/``write_kv`` for adapters that write K/V with the torch scatter
-    (graph-safe, skips slot -1; on the CPU ``cpu_write_kv``, its rows found once per step in
-    ``plan``) and branch on whether the step is decode-only."""
+    (graph-safe, skips slot -1; on the CPU ``cpu_write_kv``, see ``PlannedKVWrite``) and
+    branch on whether the step is decode-only."""
 
     _decode: bool = False
-    _rows: tuple | None = None  # (meta, write_rows(...)) of the planned CPU step
 
     def plan(self, meta: AttentionMetadata) -> None:
-        from layerzero_serve.kernels.cpu_kv_write import write_rows
-
         self._decode = meta.is_decode_only and meta.num_tokens == meta.num_seqs
-        cpu = meta.slot_mapping.device.type == "cpu"
-        self._rows = (meta, write_rows(meta.slot_mapping, meta.block_size)) if cpu else None
 
     def write_kv(
         self,
@@ -116,8 +112,4 @@ class ScatterKVWrite:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None:
-        from layerzero_serve.kernels.cpu_kv_write import cpu_write_kv  # torch_ref's on a GPU
-
-        planned = self._rows
-        rows = planned[1] if planned is not None and planned[0] is meta else None
-        cpu_write_kv(key, value, kv_cache, meta.slot_mapping, rows)
+        self.write(key, value, kv_cache, meta)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from layerzero_serve.kernels import torch_ref
+from layerzero_serve.kernels.metadata import AttentionMetadata
 
 #: ``(keep, rows)`` of :func:`write_rows`: the rows to write (None: all) and their K rows.
 WriteRows = tuple[torch.Tensor | None, torch.Tensor]
@@ -64,3 +65,28 @@ def cpu_write_kv(
     flat = kv_cache.view(n * 2 * bs, hkv * d)
     flat.index_copy_(0, krows, key.reshape(-1, hkv * d).to(kv_cache.dtype))
     flat.index_copy_(0, krows + bs, value.reshape(-1, hkv * d).to(kv_cache.dtype))
+
+
+class PlannedKVWrite:
+    """A K/V writer (``write(key, value, kv_cache, meta)``) whose CPU rows are found once per
+    step: at the step's first write (the first layer) and reused by every later layer of the
+    same ``meta``; an adapter that never writes computes nothing. Other devices go to the
+    reference (graph-safe). Host bookkeeping: one identity check per layer."""
+
+    _rows: tuple | None = None  # (meta, write_rows(...)) of the step being written
+
+    def write(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        slots = meta.slot_mapping
+        if slots.device.type != "cpu":
+            torch_ref.write_kv(key, value, kv_cache, slots)
+            return
+        planned = self._rows
+        if planned is None or planned[0] is not meta:
+            planned = self._rows = (meta, write_rows(slots, meta.block_size))
+        cpu_write_kv(key, value, kv_cache, slots, planned[1])

@@ -324,8 +324,7 @@ class Engine:
             raise ValidationError("request_id", rid, "an id not already in use")
         if params.n > 1:
             self._children[rid] = names
-        # samples 1..n-1 fork the prompt's KV from sample 0 once it has prefilled (every
-        # position of it is computed when prompt logprobs are asked for: no sharing then)
+        # samples 1..n-1 fork sample 0's prompt KV (not with prompt logprobs: all positions run)
         leader = names[0] if params.n > 1 and params.prompt_logprobs is None else None
         for k, name in enumerate(names):
             salt = cache_salt

@@ -18,7 +18,7 @@ first sample); every other prompt position is the leader's. Host only.
 
 from __future__ import annotations
 
-from layerzero_serve.kv_cache.protocol import KVCacheProtocol
+from layerzero_serve.kv_cache.protocol import BlockTable, KVCacheProtocol
 from layerzero_serve.types import Request, RequestStatus
 
 _RUNNING = RequestStatus.RUNNING
@@ -80,6 +80,18 @@ class PromptSharing:
         if len(heads) > 4 * num_running + 16:  # drop requests that ended
             self._heads = heads = {h: r for h, r in heads.items() if r.status is _RUNNING}
         heads[hashes[k]] = heads[hashes[-1]] = req
+
+    def fork(self, leader: Request, req: Request, lookahead: int) -> BlockTable | None:
+        """Give ``req`` the leader's KV of all its prompt tokens but the last, and reserve the
+        slot of that one (plus ``lookahead``): ``req``'s block table, or None when the pool
+        is short (then ``req`` holds nothing, as before)."""
+        kv = self._kv
+        kv.fork(leader, req, req.num_tokens - 1)
+        ids = kv.allocate_slots(req, 1, None, lookahead)
+        if ids is None:
+            kv.free(req)
+            req.num_computed_tokens, req.block_hashes = 0, []
+        return ids
 
     def _leader_state(self, leader: Request | None, req: Request) -> Request | str | None:
         if (

@@ -339,7 +339,6 @@ class Scheduler:
         items, i = waiting.items, 0
         while i < len(items) and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = items[i]
-            prefix = None
             leader = self._sharing.for_sample(req)
             if leader is None:
                 prefix = kv.match_prefix(req, record_stats=False)
@@ -349,11 +348,8 @@ class Scheduler:
                 continue
             if leader is not None:  # fork the prompt's KV; compute its last token only
                 start, n = req.num_tokens - 1, 1
-                kv.fork(leader, req, start)
-                ids = kv.allocate_slots(req, n, None, _lookahead(la, req, start + n))
+                ids = self._sharing.fork(leader, req, _lookahead(la, req, start + n))
                 if ids is None:
-                    kv.free(req)
-                    req.num_computed_tokens, req.block_hashes = 0, []
                     break
             else:
                 start = prefix.num_tokens
@@ -368,8 +364,7 @@ class Scheduler:
                 self._sharing.note_prefill(req, start, len(self.running))
             req.block_table = ids
             waiting.pop_at(i)
-            req.num_computed_tokens = start
-            req.num_cached_tokens = start
+            req.num_computed_tokens = req.num_cached_tokens = start
             req.status = _RUNNING
             self.running.add(req)
             out.requests.append(req)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from layerzero_serve._models.loader import checkpoint_files
 from layerzero_serve.errors import ValidationError
 from layerzero_serve.kv_cache import check_kv_scale
 
@@ -24,8 +25,9 @@ def _name(layer: int, kind: str) -> str:
 
 
 def read_kv_scales(path: Path | None, num_layers: int) -> tuple[list[float], list[float]] | None:
-    """``(k_scales, v_scales)`` from the safetensors files of checkpoint directory ``path``,
-    or None when it has none (or ``path`` is not a safetensors checkpoint).
+    """``(k_scales, v_scales)`` from the safetensors files of checkpoint directory ``path``
+    (the files the loader reads: ``loader.checkpoint_files``), or None when it has none (or
+    ``path`` is not a safetensors checkpoint).
 
     Raises ValidationError naming the tensor when a scale is not one finite value > 0 (NaN,
     zero, negative, several values), or when only some layers have scales."""
@@ -33,7 +35,7 @@ def read_kv_scales(path: Path | None, num_layers: int) -> tuple[list[float], lis
         return None
     found: dict[str, float] = {}
     wanted = {_name(i, kind) for i in range(num_layers) for kind in ("k", "v")}
-    for file in sorted(Path(path).glob("*.safetensors")):
+    for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in wanted.intersection(f.keys()):
                 found[key] = _scalar(key, f.get_tensor(key))

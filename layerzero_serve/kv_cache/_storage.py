@@ -26,6 +26,7 @@ from layerzero_serve.kernels.block_layout import (  # re-exported: kv_cache's pu
     build_positions,
     build_slot_mapping,
 )
+from layerzero_serve.kernels.spec import KV_DTYPES
 from layerzero_serve.kv_cache._block_pool import MAX_NUM_BLOCKS, check_num_blocks
 
 __all__ = [
@@ -39,13 +40,12 @@ __all__ = [
 ]
 
 
-#: ``kv_cache_dtype`` values: "auto" stores K/V in the model's dtype; the FP8 formats store one
-#: byte per value with a per-tensor (per layer, K and V apart) scale: ``stored = x / scale``.
-KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-}
+#: ``kv_cache_dtype`` values (the selection engine's ``KV_DTYPES``) -> the storage dtype: "auto"
+#: stores K/V in the model's dtype; the FP8 formats store one byte per value with a per-tensor
+#: (per layer, K and V apart) scale: ``stored = x / scale``.
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = dict(
+    zip(KV_DTYPES, (None, torch.float8_e4m3fn, torch.float8_e5m2), strict=True)
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,15 +89,18 @@ def test_fp8_greedy_runs_and_frees_everything(checkpoint):
 
 
 def _with_scales(src, dst, k, v):
+    """A copy of checkpoint ``src`` whose ``model.safetensors`` also holds the scales (where
+    quantization tools put them, next to the weights)."""
     import shutil
 
+    from safetensors.torch import load_file
+
     shutil.copytree(src, dst)
-    n = len(k)
-    tensors = {}
-    for i in range(n):
+    tensors = load_file(str(dst / "model.safetensors"))
+    for i in range(len(k)):
         tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(k[i])
         tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(v[i])
-    save_file(tensors, str(dst / "kv_scales.safetensors"))
+    save_file(tensors, str(dst / "model.safetensors"))
     return dst
 
 
